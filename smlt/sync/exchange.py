@@ -1,0 +1,158 @@
+"""What every store-mediated synchronization scheme shares.
+
+A scheme is one worker's side of an exchange: ``step(t, grad) -> vector of version t + 1``.
+Scatter-reduce (the product) and the two baselines (the benchmark's comparison points) differ
+only in who sends what to whom; sending through the worker's emulated link, counting bytes,
+downloading and decoding a frame, and folding contributions in a fixed order live here so the
+three measure the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import numpy as np
+
+from smlt.sync import codec
+from smlt.sync.keys import JobKeys
+from smlt.sync.link import Link
+from smlt.sync.phases import PhaseTimes
+from smlt.sync.store import (
+    DEFAULT_GRAD_TTL_S,
+    DEFAULT_PARAM_TTL_S,
+    DEFAULT_SHARD_TIMEOUT_S,
+    ParameterStore,
+)
+
+__all__ = ["Exchange", "OrderedFold"]
+
+
+class OrderedFold:
+    """Sum contributions that arrive in any order, in one fixed order.
+
+    Float addition is not associative, so a sum taken in arrival order would differ between a
+    run and its re-execution. Early arrivals wait in ``pending`` until their turn; in the usual
+    case (arrivals in the expected order) nothing waits and the fold overlaps the downloads.
+    """
+
+    def __init__(self, start: np.ndarray, order: Iterable[int]) -> None:
+        self.acc = start
+        self._order = list(order)
+        self._next = 0
+        self._pending: dict[int, np.ndarray] = {}
+
+    def add(self, who: int, value: np.ndarray) -> None:
+        self._pending[who] = value
+        while self._next < len(self._order) and self._order[self._next] in self._pending:
+            np.add(self.acc, self._pending.pop(self._order[self._next]), out=self.acc)
+            self._next += 1
+
+    def mean(self, count: int) -> np.ndarray:
+        """The average over ``count`` contributions (the start value included); in place."""
+        if self._next != len(self._order):
+            raise RuntimeError(f"fold incomplete: {self._order[self._next:]} still missing")
+        if count > 1:
+            np.divide(self.acc, np.float32(count), out=self.acc)
+        return self.acc
+
+
+class Exchange(ABC):
+    """Base of the synchronization schemes: one worker's connection to one job's exchange."""
+
+    scheme: str = ""
+
+    def __init__(
+        self,
+        store: ParameterStore,
+        job: str,
+        *,
+        rank: int,
+        workers: int,
+        num_params: int,
+        link: Link | None = None,
+        timeout_s: float = DEFAULT_SHARD_TIMEOUT_S,
+        grad_ttl_s: int = DEFAULT_GRAD_TTL_S,
+        param_ttl_s: int = DEFAULT_PARAM_TTL_S,
+    ) -> None:
+        if not 0 <= rank < workers:
+            raise ValueError(f"rank {rank} out of range for {workers} workers")
+        self.store = store
+        self.keys = JobKeys(job)
+        self.rank = rank
+        self.workers = workers
+        self.num_params = num_params
+        self.link = link or Link()
+        self.timeout_s = timeout_s
+        self.grad_ttl_s = grad_ttl_s
+        self.param_ttl_s = param_ttl_s
+        self.last_phases = PhaseTimes()
+        self._bytes_up = 0
+        self._bytes_down = 0
+
+    def step(self, t: int, grad: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Average ``grad`` over the workers for iteration ``t``; returns version ``t + 1``.
+
+        ``grad`` (float32, length P) must not change until the call returns. Raises
+        ShardTimeoutError when a peer's contribution does not arrive within ``timeout_s``,
+        StoreUnavailableError when Redis is lost, CodecError for a corrupt frame.
+        """
+        self._check_grad(grad)
+        self._bytes_up = self._bytes_down = 0
+        phases = PhaseTimes()
+        started = time.monotonic()
+        result = self._step(t, grad, out, phases, started)
+        phases.total_s = time.monotonic() - started
+        phases.bytes_up, phases.bytes_down = self._bytes_up, self._bytes_down
+        self.last_phases = phases
+        return result
+
+    @abstractmethod
+    def _step(
+        self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
+    ) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release threads; the store's client is the caller's."""
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared moves --------------------------------------------------------------------------
+
+    def _check_grad(self, grad: np.ndarray) -> None:
+        if grad.dtype != np.float32 or grad.shape != (self.num_params,):
+            raise ValueError(
+                f"gradient must be float32 of shape ({self.num_params},), "
+                f"got {grad.dtype} {grad.shape}"
+            )
+
+    def _send(
+        self,
+        shard: int,
+        key: str,
+        header: codec.FrameHeader,
+        values: np.ndarray,
+        *,
+        ttl_s: int,
+        announce: tuple[str, int] | None,
+        extra: Iterable[tuple[str, bytes]] = (),
+    ) -> None:
+        """Encode, pace through the uplink, write to shard's instance and announce."""
+        frame = codec.encode(header, values)
+        self.link.up.before_send(len(frame))
+        self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s, announce=announce)
+        self._bytes_up += len(frame)
+
+    def _receive(self, shard: int, key: str, header: codec.FrameHeader) -> np.ndarray:
+        """Download ``key`` through the downlink and decode it (a read-only view)."""
+        began = time.monotonic()
+        frame = self.store.get(shard, key)
+        size = len(frame) if frame else 0
+        self.link.down.after_receive(size, began)
+        self._bytes_down += size
+        return codec.decode(frame, header, key)
