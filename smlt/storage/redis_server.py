@@ -212,7 +212,9 @@ class RedisServer:
                 raise RedisServerError(f"redis-server exited with code {self._proc.returncode}")
             try:
                 client = redis.Redis(
-                    host="127.0.0.1", port=self.port, password=self.password,
+                    host="127.0.0.1",
+                    port=self.port,
+                    password=self.password,
                     socket_connect_timeout=0.5,
                 )
                 client.ping()

@@ -47,15 +47,22 @@ class Centralized(Exchange):
         agg = AGGREGATOR_RANK
         if r != agg:
             self._send(
-                agg, keys.full_grad(t, r), codec.FrameHeader("full", job, t, -1, r), grad,
-                ttl_s=self.grad_ttl_s, announce=(keys.full_ready(t), r),
+                agg,
+                keys.full_grad(t, r),
+                codec.FrameHeader("full", job, t, -1, r),
+                grad,
+                ttl_s=self.grad_ttl_s,
+                announce=(keys.full_ready(t), r),
             )
             phases.ul_shard_s = time.monotonic() - started
         else:
             fold = OrderedFold(grad.copy(), [p for p in range(n) if p != agg])
             arrivals = self.store.announcements(
-                agg, keys.full_ready(t), [p for p in range(n) if p != agg],
-                timeout_s=self.timeout_s, what=f"aggregator at iteration {t} waiting for gradients",
+                agg,
+                keys.full_ready(t),
+                [p for p in range(n) if p != agg],
+                timeout_s=self.timeout_s,
+                what=f"aggregator at iteration {t} waiting for gradients",
             )
             for peer in arrivals:
                 key = keys.full_grad(t, peer)
@@ -64,16 +71,25 @@ class Centralized(Exchange):
             phases.dl_shard_s = time.monotonic() - started
             aggr_started = time.monotonic()
             self._send(
-                agg, keys.mean(t), codec.FrameHeader("mean", job, t, -1), mean,
-                ttl_s=self.grad_ttl_s, announce=(keys.mean_ready(t), agg),
+                agg,
+                keys.mean(t),
+                codec.FrameHeader("mean", job, t, -1),
+                mean,
+                ttl_s=self.grad_ttl_s,
+                announce=(keys.mean_ready(t), agg),
             )
             phases.ul_aggr_s = time.monotonic() - aggr_started
             # Everyone has read mean(t-1): they sent gradients of step t after reading it.
             stale = [keys.full_grad(t, p) for p in range(n) if p != agg]
-            self.store.unlink(agg, [*stale, keys.full_ready(t), keys.mean(t - 1), keys.mean_ready(t - 1)])
+            self.store.unlink(
+                agg, [*stale, keys.full_ready(t), keys.mean(t - 1), keys.mean_ready(t - 1)]
+            )
             return _into(out, mean)
         for _ in self.store.announcements(
-            agg, keys.mean_ready(t), [agg], timeout_s=self.timeout_s,
+            agg,
+            keys.mean_ready(t),
+            [agg],
+            timeout_s=self.timeout_s,
             what=f"worker {r} at iteration {t} waiting for the aggregator's mean",
         ):
             pass
@@ -94,8 +110,12 @@ class AllToAll(Exchange):
         n, r, job, keys = self.workers, self.rank, self.keys.job, self.keys
         # Each gradient lives on its writer's instance; the announcements on instance 0.
         self._send(
-            r, keys.full_grad(t, r), codec.FrameHeader("full", job, t, -1, r), grad,
-            ttl_s=self.grad_ttl_s, announce=None,
+            r,
+            keys.full_grad(t, r),
+            codec.FrameHeader("full", job, t, -1, r),
+            grad,
+            ttl_s=self.grad_ttl_s,
+            announce=None,
         )
         self.store.put(0, (), ttl_s=self.grad_ttl_s, announce=(keys.full_ready(t), r))
         phases.ul_shard_s = time.monotonic() - started
@@ -104,8 +124,11 @@ class AllToAll(Exchange):
         fold = OrderedFold(_into(out, np.zeros(self.num_params, np.float32)), range(n))
         fold.add(r, grad)
         arrivals = self.store.announcements(
-            0, keys.full_ready(t), [p for p in range(n) if p != r],
-            timeout_s=self.timeout_s, what=f"worker {r} at iteration {t} waiting for gradients",
+            0,
+            keys.full_ready(t),
+            [p for p in range(n) if p != r],
+            timeout_s=self.timeout_s,
+            what=f"worker {r} at iteration {t} waiting for gradients",
         )
         for peer in arrivals:
             key = keys.full_grad(t, peer)

@@ -49,7 +49,9 @@ def encode(header: FrameHeader, array: np.ndarray) -> bytes:
     arr = np.ascontiguousarray(array)
     dtype_name = next((k for k, v in _DTYPES.items() if v == arr.dtype), None)
     if dtype_name is None or arr.ndim != 1:
-        raise TypeError(f"frames hold 1-D float32/float64/uint8 arrays, got {arr.dtype} {arr.shape}")
+        raise TypeError(
+            f"frames hold 1-D float32/float64/uint8 arrays, got {arr.dtype} {arr.shape}"
+        )
     payload = memoryview(arr).cast("B")
     head = msgpack.packb(
         {
@@ -84,7 +86,9 @@ def decode(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> n
     if not isinstance(head, dict) or head.get("v") != FRAME_VERSION:
         version = head.get("v") if isinstance(head, dict) else None
         raise CodecError(f"{key}: not an smlt frame of version {FRAME_VERSION} (got {version!r})")
-    got = FrameHeader(head.get("kind"), head.get("job"), head.get("t"), head.get("s"), head.get("r"))
+    got = FrameHeader(
+        head.get("kind"), head.get("job"), head.get("t"), head.get("s"), head.get("r")
+    )
     if got != expect:
         raise CodecError(f"{key}: frame belongs to {got}, expected {expect}")
     dtype = _DTYPES.get(head.get("dtype", ""))

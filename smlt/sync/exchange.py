@@ -52,7 +52,7 @@ class OrderedFold:
     def mean(self, count: int) -> np.ndarray:
         """The average over ``count`` contributions (the start value included); in place."""
         if self._next != len(self._order):
-            raise RuntimeError(f"fold incomplete: {self._order[self._next:]} still missing")
+            raise RuntimeError(f"fold incomplete: {self._order[self._next :]} still missing")
         if count > 1:
             np.divide(self.acc, np.float32(count), out=self.acc)
         return self.acc
@@ -113,7 +113,7 @@ class Exchange(ABC):
         self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
     ) -> np.ndarray: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: schemes without threads have nothing to free
         """Release threads; the store's client is the caller's."""
 
     def __enter__(self) -> Exchange:

@@ -92,7 +92,9 @@ class ScatterReduce(Exchange):
         super().__init__(*args, **kwargs)
         self.update = update
         self.slices = [shard_slice(self.num_params, self.workers, s) for s in range(self.workers)]
-        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"smlt-ul-{self.rank}")
+        self._uploader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"smlt-ul-{self.rank}"
+        )
 
     def close(self) -> None:
         self._uploader.shutdown(wait=True)
@@ -125,9 +127,12 @@ class ScatterReduce(Exchange):
         for k in range(1, n):
             s = (r + k) % n
             self._send(
-                s, self.keys.grad(t, s, r), codec.FrameHeader("grad", job, t, s, r),
+                s,
+                self.keys.grad(t, s, r),
+                codec.FrameHeader("grad", job, t, s, r),
                 grad[self.slices[s]],
-                ttl_s=self.grad_ttl_s, announce=(self.keys.grad_ready(t, s), r),
+                ttl_s=self.grad_ttl_s,
+                announce=(self.keys.grad_ready(t, s), r),
             )
         return time.monotonic() - started
 
@@ -136,7 +141,10 @@ class ScatterReduce(Exchange):
         fold_order = [(r - k) % n for k in range(1, n)]  # the order slices usually arrive in
         fold = OrderedFold(np.array(grad[self.slices[r]], dtype=np.float32), fold_order)
         peers = self.store.announcements(
-            r, self.keys.grad_ready(t, r), fold_order, timeout_s=self.timeout_s,
+            r,
+            self.keys.grad_ready(t, r),
+            fold_order,
+            timeout_s=self.timeout_s,
             what=f"owner {r} of {n} at iteration {t} waiting for gradient slices",
         )
         for peer in peers:
@@ -151,8 +159,13 @@ class ScatterReduce(Exchange):
         if params.shape != (size,):
             raise ValueError(f"update hook returned shape {params.shape} for shard {r} of {size}")
         self._send(
-            r, self.keys.param(t + 1, r), codec.FrameHeader("param", self.keys.job, t + 1, r),
-            params, ttl_s=self.param_ttl_s, announce=None, extra=result.extra,
+            r,
+            self.keys.param(t + 1, r),
+            codec.FrameHeader("param", self.keys.job, t + 1, r),
+            params,
+            ttl_s=self.param_ttl_s,
+            announce=None,
+            extra=result.extra,
         )
         _announce_param(self.store, self.keys, t + 1, r, self.param_ttl_s)
         # Everyone has read version t (they uploaded gradients computed from it), and the slices
@@ -168,10 +181,15 @@ class ScatterReduce(Exchange):
         r, n, job = self.rank, self.workers, self.keys.job
         full[self.slices[r]] = own
         announced = self.store.announcements(
-            _PREADY_INSTANCE, self.keys.param_ready(version), [(r + k) % n for k in range(1, n)],
-            timeout_s=self.timeout_s, what=f"worker {r} of {n} gathering parameters v{version}",
+            _PREADY_INSTANCE,
+            self.keys.param_ready(version),
+            [(r + k) % n for k in range(1, n)],
+            timeout_s=self.timeout_s,
+            what=f"worker {r} of {n} gathering parameters v{version}",
         )
         for s in announced:
             key = self.keys.param(version, s)
-            full[self.slices[s]] = self._receive(s, key, codec.FrameHeader("param", job, version, s))
+            full[self.slices[s]] = self._receive(
+                s, key, codec.FrameHeader("param", job, version, s)
+            )
         return full
