@@ -1,0 +1,65 @@
+"""Shared fixtures: a real redis-server per test session (no fakes for the store)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from smlt.storage.redis_server import RedisServer
+from smlt.sync.store import ParameterStore
+
+_job_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server_b() -> Iterator[RedisServer]:
+    """A second instance, for stores sharded over several Redis servers."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def job_id(request: pytest.FixtureRequest) -> str:
+    """A job id unique within the session, so tests sharing one Redis never collide."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return f"{name}-{next(_job_counter)}"
+
+
+def run_ranks(workers: int, fn: Callable[[int], Any], timeout_s: float = 60) -> list[Any]:
+    """Run ``fn(rank)`` for every rank on its own thread; return results, re-raise the first
+    error. Threads (each with its own Redis connection) stand in for worker processes in tests;
+    the benchmark uses real processes."""
+    results: list[Any] = [None] * workers
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(workers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout_s)
+        if th.is_alive():
+            raise TimeoutError(f"a rank did not finish within {timeout_s} s")
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture
+def store_factory(redis_server: RedisServer) -> Callable[[], ParameterStore]:
+    return lambda: ParameterStore.from_urls(redis_server.url)
