@@ -1,0 +1,432 @@
+"""The user's contract: a :class:`Task` says what to train, and smlt decides where and how.
+
+A task is a plain class in a plain ``.py`` file, named on the command line as
+``path/to/file.py:ClassName``. The same file is shipped to every worker through the object store
+and imported there with :func:`load_task`, so a task must be importable on its own: anything it
+needs beside torch, numpy and the installed packages must live in that one file.
+
+Everything the user writes is checked here, once, on the client, before a single worker is paid
+for: :func:`check_task` validates ``data()``, and :func:`check_model`, :func:`check_optimizer` and
+:func:`check_loss` validate the other methods on a tiny batch. Each failure is a
+:class:`~smlt.errors.TaskError` whose message names the file, the method and what was expected,
+because the person reading it did not write smlt and should not have to read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import math
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from smlt.errors import TaskError
+
+__all__ = [
+    "Task",
+    "TaskData",
+    "check_loss",
+    "check_model",
+    "check_optimizer",
+    "check_task",
+    "load_task",
+    "run_evaluate",
+]
+
+#: Methods a Task subclass must override; ``evaluate`` is optional.
+REQUIRED_METHODS = ("data", "model", "optimizer", "loss")
+
+Batch = tuple[torch.Tensor, ...]
+
+
+class Task:
+    """Subclass this and override ``data``, ``model``, ``optimizer`` and ``loss``.
+
+    The methods are called in separate processes, possibly on different machines: the client
+    calls ``data()`` once to package the samples, and every worker calls ``model()``,
+    ``optimizer(model)`` and ``loss(model, batch)`` itself. Keep them deterministic (seed any
+    randomness), because data-parallel training needs every worker to start from the same model.
+    ``__init__`` must take no arguments.
+    """
+
+    def data(self) -> Sequence[torch.Tensor | np.ndarray] | Dataset[Any]:
+        """The training set: a tuple of tensors or arrays with equal first dimension (one row
+        per sample), or a map-style torch ``Dataset`` whose items collate into such a tuple."""
+        raise NotImplementedError
+
+    def model(self) -> torch.nn.Module:
+        """A freshly initialized model; must be identical on every call (seed it)."""
+        raise NotImplementedError
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The optimizer over ``model.parameters()``."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar loss of ``model`` on ``batch``, a tuple of tensors shaped like ``data()``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Optional metrics reported per epoch, e.g. held-out accuracy. Default: none."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The validated training set: CPU, contiguous tensors sharing their first dimension."""
+
+    tensors: tuple[torch.Tensor, ...]
+    num_samples: int
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(t.dtype for t in self.tensors)
+
+    @property
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shape of one sample of each tensor (the shape without the first dimension)."""
+        return tuple(tuple(t.shape[1:]) for t in self.tensors)
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """Bytes one sample occupies across all tensors; what sharding divides by."""
+        return sum(math.prod(t.shape[1:]) * t.element_size() for t in self.tensors)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Samples ``[start, stop)`` of every tensor, as views."""
+        return tuple(t[start:stop] for t in self.tensors)
+
+
+def load_task(spec: str) -> Task:
+    """Import ``path/to/file.py:ClassName`` and return an instance of the class.
+
+    The file is imported under a module name derived from its absolute path, so two task files
+    both called ``task.py`` do not collide, and the module is registered in ``sys.modules`` (so
+    dataclasses and pickling inside it work). The file's folder is on ``sys.path`` only while the
+    file executes: imports of sibling modules at the top of the file work, but nothing leaks into
+    the rest of the process.
+    """
+    path_text, sep, class_name = spec.rpartition(":")
+    if not sep or not path_text or not class_name:
+        raise TaskError(
+            f"task spec {spec!r} must be 'path/to/file.py:ClassName' — a Python file and the "
+            "name of the Task subclass in it, separated by a colon."
+        )
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise TaskError(
+            f"task file {path_text!r} (from spec {spec!r}) does not exist or is not a file; "
+            f"looked at {path}."
+        )
+    module = _import_file(path)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        found = sorted(
+            name
+            for name, value in vars(module).items()
+            if inspect.isclass(value) and issubclass(value, Task) and value is not Task
+        )
+        hint = (
+            f"Task subclasses in the file: {', '.join(found)}."
+            if found
+            else ("The file defines no Task subclass.")
+        )
+        raise TaskError(f"task file {path} has no class {class_name!r}. {hint}")
+    if not (inspect.isclass(cls) and issubclass(cls, Task)):
+        raise TaskError(
+            f"{class_name} in task file {path} is not a subclass of smlt.Task (it is "
+            f"{_describe(cls)}); declare it as 'class {class_name}(smlt.Task):'."
+        )
+    missing = [name for name in REQUIRED_METHODS if getattr(cls, name) is getattr(Task, name)]
+    if missing:
+        raise TaskError(
+            f"{class_name} in task file {path} does not define "
+            f"{', '.join(m + '()' for m in missing)}; a Task must override "
+            f"{', '.join(m + '()' for m in REQUIRED_METHODS)} (evaluate() is optional)."
+        )
+    try:
+        return cls()
+    except Exception as exc:
+        raise TaskError(
+            f"{class_name}() in task file {path} raised {type(exc).__name__}: {exc}. A Task is "
+            f"constructed without arguments on every worker; do heavy work in data() instead."
+            f"{_user_line(exc, path)}"
+        ) from exc
+
+
+def check_task(task: Task) -> TaskData:
+    """Call ``task.data()`` once and validate what it returned.
+
+    Arrays become tensors, a ``Dataset`` is materialized (item by item, then ``default_collate``),
+    and every tensor is detached, moved to the CPU and made contiguous, so the artifact manager
+    can cut raw rows out of it.
+    """
+    where = _where(task, "data")
+    try:
+        raw = task.data()
+    except Exception as exc:
+        raise TaskError(
+            f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, _task_file(task))}"
+        ) from exc
+    if isinstance(raw, TensorDataset):
+        raw = raw.tensors
+    elif isinstance(raw, Dataset):
+        raw = _materialize(raw, where)
+    if isinstance(raw, torch.Tensor | np.ndarray) or not isinstance(raw, tuple | list):
+        raise TaskError(
+            f"{where} returned {_describe(raw)}; expected a tuple of tensors or numpy arrays "
+            "with equal first dimension (e.g. 'return x, y' or 'return (x,)'), or a torch "
+            "Dataset."
+        )
+    if not raw:
+        raise TaskError(f"{where} returned an empty tuple; expected at least one tensor.")
+    tensors = tuple(_as_tensor(item, i, where) for i, item in enumerate(raw))
+    lengths = [t.shape[0] for t in tensors]
+    if len(set(lengths)) != 1:
+        raise TaskError(
+            f"{where} returned tensors of unequal length {lengths} along the first dimension; "
+            "every tensor must hold one row per sample."
+        )
+    if lengths[0] == 0:
+        raise TaskError(
+            f"{where} returned no samples (first dimension 0); there is nothing to train on."
+        )
+    return TaskData(tensors=tensors, num_samples=lengths[0])
+
+
+def check_model(task: Task) -> torch.nn.Module:
+    """Call ``task.model()`` and check it returned an ``nn.Module`` with parameters."""
+    where = _where(task, "model")
+    model = _call(task, "model", where)
+    if not isinstance(model, torch.nn.Module):
+        raise TaskError(f"{where} returned {_describe(model)}; expected a torch.nn.Module.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TaskError(
+            f"{where} returned a model without trainable parameters; there is nothing to train."
+        )
+    return model
+
+
+def check_optimizer(task: Task, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Call ``task.optimizer(model)`` and check it returned a ``torch.optim.Optimizer``."""
+    where = _where(task, "optimizer")
+    optimizer = _call(task, "optimizer", where, model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TaskError(
+            f"{where} returned {_describe(optimizer)}; expected a torch.optim.Optimizer over "
+            "model.parameters(), e.g. torch.optim.SGD(model.parameters(), lr=0.1)."
+        )
+    return optimizer
+
+
+def check_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Run ``task.loss(model, batch)`` once and check it is a differentiable scalar tensor.
+
+    Call it with a tiny batch (a couple of rows of ``check_task(task).tensors``): it runs the
+    user's forward pass, so this is where shape mistakes in the model show up, on the client.
+    """
+    where = _where(task, "loss")
+    loss = _call(task, "loss", where, model, batch)
+    if not isinstance(loss, torch.Tensor):
+        raise TaskError(
+            f"{where} returned {_describe(loss)}; expected a scalar torch.Tensor "
+            "(e.g. torch.nn.functional.cross_entropy(model(x), y))."
+        )
+    if loss.dim() != 0:
+        raise TaskError(
+            f"{where} returned a tensor of shape {tuple(loss.shape)}; expected a scalar (shape "
+            "()). Reduce it, e.g. with .mean()."
+        )
+    if not loss.is_floating_point():
+        raise TaskError(
+            f"{where} returned a {loss.dtype} tensor; expected a floating-point scalar."
+        )
+    if not loss.requires_grad:
+        raise TaskError(
+            f"{where} returned a scalar that does not depend on the model's parameters "
+            "(requires_grad is False); compute it from model(...) and do not detach it."
+        )
+    return loss
+
+
+def run_evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
+    """Call ``task.evaluate(model)`` and return its metrics as ``{str: float}``."""
+    where = _where(task, "evaluate")
+    metrics = _call(task, "evaluate", where, model)
+    if not isinstance(metrics, dict):
+        raise TaskError(
+            f"{where} returned {_describe(metrics)}; expected a dict of metric "
+            "name to number, e.g. {'accuracy': 0.93}."
+        )
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TaskError(
+                f"{where} returned metric {name!r} = {_describe(value)}; expected a number."
+            ) from exc
+        out[str(name)] = number
+    return out
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _import_file(path: Path) -> ModuleType:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    module_name = f"smlt_task_{_identifier(path.stem)}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(
+            f"task file {path} cannot be imported as a Python module; it must be a .py file."
+        )
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.parent)
+    sys.modules[module_name] = module
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(module_name, None)
+        raise TaskError(
+            f"task file {path} has a syntax error at line {exc.lineno}: {exc.msg}. Fix the file "
+            "and run again."
+        ) from exc
+    except ImportError as exc:
+        sys.modules.pop(module_name, None)
+        raise TaskError(
+            f"task file {path} failed to import: {type(exc).__name__}: {exc}"
+            f"{_user_line(exc, path)}. Install the missing package where smlt runs (workers "
+            "too), or move the code into the task file."
+        ) from exc
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise TaskError(
+            f"task file {path} raised {type(exc).__name__} while being imported: {exc}"
+            f"{_user_line(exc, path)}."
+        ) from exc
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:  # the file itself removed it; nothing to undo
+            pass
+    return module
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _materialize(dataset: Dataset[Any], where: str) -> Any:
+    """Turn a map-style Dataset into collated tensors, because shards hold raw rows."""
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TaskError(
+            f"{where} returned a Dataset without __len__; smlt needs a map-style "
+            "Dataset of known length (or return tensors directly)."
+        ) from exc
+    if n == 0:
+        raise TaskError(f"{where} returned an empty Dataset; there is nothing to train on.")
+    try:
+        collated = default_collate([dataset[i] for i in range(n)])
+    except Exception as exc:
+        raise TaskError(
+            f"{where} returned a Dataset whose items could not be stacked ({type(exc).__name__}: "
+            f"{exc}); each item must be a tuple of tensors/numbers of the same shape."
+        ) from exc
+    if isinstance(collated, torch.Tensor):
+        return (collated,)
+    if isinstance(collated, tuple | list):
+        return tuple(collated)
+    raise TaskError(
+        f"{where} returned a Dataset whose items collate to {_describe(collated)}; "
+        "expected each item to be a tensor or a tuple of tensors."
+    )
+
+
+def _as_tensor(item: object, index: int, where: str) -> torch.Tensor:
+    if isinstance(item, np.ndarray):
+        if item.dtype == object or item.dtype.kind in "USV":
+            raise TaskError(
+                f"{where} returned element {index} as a numpy array of dtype "
+                f"{item.dtype}; expected a numeric array."
+            )
+        item = torch.from_numpy(np.ascontiguousarray(item))
+    if not isinstance(item, torch.Tensor):
+        raise TaskError(
+            f"{where} returned element {index} as {_describe(item)}; expected a "
+            "torch.Tensor or numpy array."
+        )
+    if item.layout != torch.strided:
+        raise TaskError(
+            f"{where} returned element {index} with layout {item.layout}; expected "
+            "a dense tensor (call .to_dense())."
+        )
+    if item.dim() == 0:
+        raise TaskError(
+            f"{where} returned element {index} as a 0-dimensional tensor; expected "
+            "one row per sample along the first dimension."
+        )
+    return item.detach().cpu().contiguous()
+
+
+def _call(task: Task, method: str, where: str, *args: Any) -> Any:
+    try:
+        return getattr(task, method)(*args)
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, _task_file(task))}"
+        ) from exc
+
+
+def _task_file(task: Task) -> Path | None:
+    try:
+        source = inspect.getsourcefile(type(task))
+    except TypeError:
+        return None
+    return Path(source) if source else None
+
+
+def _where(task: Task, method: str) -> str:
+    """``Digits.data() in /path/digits.py``: how every message names the culprit."""
+    path = _task_file(task)
+    suffix = f" in task file {path}" if path else ""
+    return f"{type(task).__name__}.{method}(){suffix}"
+
+
+def _user_line(exc: BaseException, path: Path | None) -> str:
+    """`` (line 12)`` of the deepest frame in the user's file, or nothing."""
+    if path is None:
+        return ""
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename and Path(frame.filename) == path
+    ]
+    return f" (at {path.name} line {lines[-1]})" if lines else ""
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {value.shape}"
+    if value is None:
+        return "None"
+    if inspect.isclass(value):
+        return f"the class {value.__qualname__}"
+    return f"a {type(value).__qualname__}"

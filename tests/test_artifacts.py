@@ -1,0 +1,283 @@
+"""The artifact manager: package a task, then rebuild it the way a cold worker does."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smlt.client.artifacts import (
+    MANIFEST_FORMAT,
+    ArtifactManifest,
+    DataReader,
+    artifact_prefix,
+    load_packaged_task,
+    manifest_key,
+    package_task,
+)
+from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError, TaskError
+from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
+from smlt.task import check_task, load_task
+
+pytest_plugins = ["tests.s3_server"]
+
+DIGITS = str(Path(__file__).resolve().parent.parent / "examples" / "digits.py") + ":Digits"
+DIGITS_TRAIN_SAMPLES = 1347
+DIGITS_BYTES_PER_SAMPLE = 64 * 4 + 8  # float32 pixels + int64 label
+SMALL_SHARD_BYTES = 100 * DIGITS_BYTES_PER_SAMPLE + 7  # 100 samples per shard, 14 shards
+
+
+@pytest.fixture(scope="module")
+def digits_data() -> tuple[torch.Tensor, ...]:
+    return check_task(load_task(DIGITS)).tensors
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    if request.param == "local":
+        yield LocalObjectStore(tmp_path / "objects")
+    else:
+        yield open_object_store(f"s3://{request.getfixturevalue('s3_bucket')}/smlt")
+
+
+def test_manifest_fields(store: ObjectStore) -> None:
+    manifest = package_task(DIGITS, store, "job-1", shard_bytes=SMALL_SHARD_BYTES)
+    assert manifest.job_id == "job-1"
+    assert (manifest.source_file, manifest.class_name) == ("digits.py", "Digits")
+    assert manifest.num_samples == DIGITS_TRAIN_SAMPLES
+    assert [(t.dtype, t.sample_shape) for t in manifest.tensors] == [
+        ("float32", (64,)),
+        ("int64", ()),
+    ]
+    assert manifest.bytes_per_sample == DIGITS_BYTES_PER_SAMPLE
+    assert len(manifest.shards) == 14
+    ranges = [(s.start, s.stop) for s in manifest.shards]
+    assert ranges[0] == (0, 100) and ranges[-1] == (1300, DIGITS_TRAIN_SAMPLES)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert all(s.num_bytes <= SMALL_SHARD_BYTES for s in manifest.shards)
+    assert manifest.total_bytes == DIGITS_TRAIN_SAMPLES * DIGITS_BYTES_PER_SAMPLE
+    assert len({s.sha256 for s in manifest.shards}) == 14
+
+    prefix = artifact_prefix("job-1")
+    expected_keys = {manifest_key("job-1"), f"{prefix}source/digits.py"}
+    expected_keys |= {s.key for s in manifest.shards}
+    assert set(store.list(prefix)) == expected_keys
+    assert store.get_bytes(manifest.source_key) == Path(DIGITS.split(":")[0]).read_bytes()
+
+    raw = json.loads(store.get_bytes(manifest_key("job-1")))
+    assert raw["format"] == MANIFEST_FORMAT
+    assert raw["shards"][1] == {
+        "key": f"{prefix}shards/00001.bin",
+        "start": 100,
+        "stop": 200,
+        "num_bytes": 100 * DIGITS_BYTES_PER_SAMPLE,
+        "sha256": manifest.shards[1].sha256,
+    }
+    assert ArtifactManifest.load(store, "job-1") == manifest
+
+
+def test_manifest_is_written_last(tmp_path: Path) -> None:
+    """A reader polling the store must never find a manifest before all shards exist."""
+    written: list[str] = []
+
+    class RecordingStore(LocalObjectStore):
+        def put_bytes(self, key: str, data: bytes) -> None:
+            written.append(key)
+            super().put_bytes(key, data)
+
+    manifest = package_task(DIGITS, RecordingStore(tmp_path), "j", shard_bytes=SMALL_SHARD_BYTES)
+    assert written[-1] == manifest_key("j")
+    assert set(written[:-1]) == {manifest.source_key, *(s.key for s in manifest.shards)}
+
+
+def test_one_sample_per_shard_at_least(tmp_path: Path) -> None:
+    manifest = package_task(DIGITS, LocalObjectStore(tmp_path), "tiny", shard_bytes=1)
+    assert len(manifest.shards) == DIGITS_TRAIN_SAMPLES
+    assert all(s.stop - s.start == 1 for s in manifest.shards)
+
+
+def test_default_shard_size_gives_one_shard(tmp_path: Path) -> None:
+    manifest = package_task(DIGITS, LocalObjectStore(tmp_path), "one")
+    assert [(s.start, s.stop) for s in manifest.shards] == [(0, DIGITS_TRAIN_SAMPLES)]
+
+
+def test_reader_returns_the_original_rows(
+    store: ObjectStore, tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    manifest = package_task(DIGITS, store, "rows", shard_bytes=SMALL_SHARD_BYTES)
+    reader = DataReader(store, manifest, tmp_path / "cache", shards_in_memory=3)
+    rng = np.random.default_rng(0)
+    for size in [1, 7, 256, DIGITS_TRAIN_SAMPLES]:
+        indices = rng.choice(DIGITS_TRAIN_SAMPLES, size=size, replace=size > 500)
+        x, y = reader.rows(indices)
+        assert torch.equal(x, digits_data[0][indices])
+        assert torch.equal(y, digits_data[1][indices])
+    x, y = reader.rows(np.array([], dtype=np.int64))
+    assert x.shape == (0, 64) and y.shape == (0,)
+
+
+def test_reader_downloads_only_needed_shards_once(
+    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = package_task(DIGITS, store, "lazy", shard_bytes=SMALL_SHARD_BYTES)
+    cache = tmp_path / "cache"
+    reader = DataReader(store, manifest, cache, shards_in_memory=1)
+
+    def cached_files() -> list[str]:
+        return sorted(p.name for p in (cache / "shards").iterdir())
+
+    reader.rows(np.array([5, 150, 99]))  # shards 0 and 1
+    assert cached_files() == sorted(f"{manifest.shards[i].sha256}.bin" for i in (0, 1))
+    assert reader.statistics()["downloads"] == 2
+    assert reader.statistics()["bytes_downloaded"] == 200 * DIGITS_BYTES_PER_SAMPLE
+
+    x, _ = reader.rows(np.array([0, 101]))  # same shards: evicted from memory, read from disk
+    assert torch.equal(x, digits_data[0][[0, 101]])
+    stats = reader.statistics()
+    assert stats["downloads"] == 2 and stats["disk_loads"] >= 1
+    assert stats["shards_in_memory"] == 1
+
+    reader.rows(np.array([1346]))  # the last, short shard
+    assert len(cached_files()) == 3
+
+    # A second reader (a re-invoked worker on the same machine) downloads nothing.
+    again = DataReader(store, manifest, cache)
+    again.rows(np.array([5, 150]))
+    assert again.statistics()["downloads"] == 0
+
+
+def test_reader_rejects_bad_indices(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path)
+    reader = DataReader(store, package_task(DIGITS, store, "idx"), tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"sample index 1347 is out of range \[0, 1347\)"):
+        reader.rows(np.array([0, 1347]))
+    with pytest.raises(ConfigError, match="out of range"):
+        reader.rows(np.array([-1]))
+    with pytest.raises(ConfigError, match="1-D integer array"):
+        reader.rows(np.array([0.5]))
+
+
+def test_corrupt_shard_is_a_typed_error(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = package_task(DIGITS, store, "bad", shard_bytes=SMALL_SHARD_BYTES)
+    shard = manifest.shards[2]
+    data = bytearray(store.get_bytes(shard.key))
+    data[10] ^= 0xFF
+    store.put_bytes(shard.key, bytes(data))
+    reader = DataReader(store, manifest, tmp_path / "cache")
+    assert reader.rows(np.array([0]))[1].shape == (1,)  # an intact shard still reads
+    with pytest.raises(ObjectStoreError, match=rf"{shard.key} of job 'bad' .* is corrupt"):
+        reader.rows(np.array([shard.start]))
+    # The bad download is not kept in the cache.
+    assert f"{shard.sha256}.bin" not in {p.name for p in (tmp_path / "cache" / "shards").iterdir()}
+
+
+def test_damaged_cache_file_is_fetched_again(
+    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = package_task(DIGITS, store, "heal", shard_bytes=SMALL_SHARD_BYTES)
+    DataReader(store, manifest, tmp_path / "cache").rows(np.array([3]))
+    cached = tmp_path / "cache" / "shards" / f"{manifest.shards[0].sha256}.bin"
+    cached.write_bytes(b"truncated")
+    reader = DataReader(store, manifest, tmp_path / "cache")
+    assert torch.equal(reader.rows(np.array([3]))[0], digits_data[0][[3]])
+    assert reader.statistics()["downloads"] == 1
+
+
+def test_missing_shard_is_a_typed_error(store: ObjectStore, tmp_path: Path) -> None:
+    manifest = package_task(DIGITS, store, "gone", shard_bytes=SMALL_SHARD_BYTES)
+    store.delete_prefix(manifest.shards[4].key)
+    reader = DataReader(store, manifest, tmp_path / "cache")
+    with pytest.raises(ObjectNotFoundError, match=r"shards/00004\.bin \(samples \[400, 500\)\)"):
+        reader.rows(np.array([450]))
+
+
+def test_missing_manifest_is_a_typed_error(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFoundError, match="job 'never' has no artifact") as info:
+        ArtifactManifest.load(store, "never")
+    assert manifest_key("never") in str(info.value)
+
+
+def test_corrupt_manifest_is_a_typed_error(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path)
+    package_task(DIGITS, store, "m")
+    store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/1", "job_id": "m"}')
+    with pytest.raises(ObjectStoreError, match="not a valid artifact manifest"):
+        ArtifactManifest.load(store, "m")
+    store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/99"}')
+    with pytest.raises(ObjectStoreError, match="smlt-artifact/99"):
+        ArtifactManifest.load(store, "m")
+
+
+def test_worker_cold_start_from_url_and_job_id(
+    store: ObjectStore, tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    """Everything a worker needs, rebuilt from two strings into a fresh cache folder."""
+    package_task(DIGITS, store, "cold", shard_bytes=SMALL_SHARD_BYTES)
+    url = store.url
+    worker_store = open_object_store(url)
+    manifest = ArtifactManifest.load(worker_store, "cold")
+    task = load_packaged_task(worker_store, manifest, tmp_path / "fresh")
+    assert type(task).__name__ == "Digits"
+    module_file = Path(sys.modules[type(task).__module__].__file__ or "")
+    assert module_file.is_relative_to(tmp_path / "fresh")  # imported from the worker's cache
+    reader = DataReader.open(url, "cold", tmp_path / "fresh")
+    batch = reader.rows(np.arange(10, 20))
+    assert torch.equal(batch[0], digits_data[0][10:20])
+    model = task.model()
+    loss = task.loss(model, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_packaged_source_runs_even_after_the_original_moves(
+    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    original = tmp_path / "user" / "digits.py"
+    original.parent.mkdir()
+    shutil.copy(DIGITS.split(":")[0], original)
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = package_task(f"{original}:Digits", store, "moved")
+    original.unlink()
+    task = load_packaged_task(store, manifest, tmp_path / "worker")
+    cached = tmp_path / "worker" / "source" / manifest.source_sha256[:16] / "digits.py"
+    assert cached.is_file()
+    assert torch.equal(check_task(task).tensors[1], digits_data[1])
+
+
+def test_tampered_source_is_refused(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = package_task(DIGITS, store, "tamper")
+    store.put_bytes(manifest.source_key, b"import os\n")
+    with pytest.raises(ObjectStoreError, match="does not match the hash"):
+        load_packaged_task(store, manifest, tmp_path / "worker")
+
+
+def test_repackaging_replaces_old_shards(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path)
+    package_task(DIGITS, store, "re", shard_bytes=SMALL_SHARD_BYTES)
+    manifest = package_task(DIGITS, store, "re")
+    assert len(store.list(artifact_prefix("re") + "shards/")) == len(manifest.shards) == 1
+
+
+def test_package_rejects_bad_input(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    with pytest.raises(ConfigError, match="invalid job id"):
+        package_task(DIGITS, store, "../escape")
+    with pytest.raises(ConfigError, match="shard_bytes must be at least 1"):
+        package_task(DIGITS, store, "j", shard_bytes=0)
+    bad = tmp_path / "bad.py"
+    source = Path(DIGITS.split(":")[0]).read_text()
+    loss_line = "cross_entropy(model(x), y)"
+    bad.write_text(source.replace(loss_line, loss_line + ".detach()"))
+    with pytest.raises(TaskError, match=r"Digits\.loss\(\) .*does not depend on the model"):
+        package_task(f"{bad}:Digits", store, "j")
+    assert store.list("") == []  # nothing written for a task that fails its checks
