@@ -183,7 +183,7 @@ def test_duplicated_rank_changes_nothing(
     client = connect(redis_server.url)
     clean_params = [client.get(JobKeys(job_id + "-clean").param(1, s)) for s in range(workers)]
 
-    ranks_to_run = [0, 1, 2, 3, 1]  # rank 1 twice
+    ranks_to_run = [0, 1, 2, 3, 1]  # rank 1 twice, at about the same time
 
     def invocation(i: int) -> np.ndarray:
         r = ranks_to_run[i]
@@ -193,6 +193,8 @@ def test_duplicated_rank_changes_nothing(
             return ex.step(0, grads[r]).copy()
 
     outputs = run_ranks(len(ranks_to_run), invocation)
+    # A late duplicate, after the whole step finished, also gets the same result.
+    outputs.append(invocation(1))
     for out in outputs:
         np.testing.assert_array_equal(out, clean[0][0])
     # Only the job id in the header differs; the payload bytes are identical.
@@ -227,10 +229,14 @@ def test_two_jobs_on_one_redis_do_not_see_each_other(
     client = connect(redis_server.url)
     keys_a = {k.decode() for k in client.scan_iter(JobKeys(job_id + "-a").pattern())}
     assert keys_a and all(k.startswith(f"smlt:{job_id}-a:") for k in keys_a)
-    # Step t's slices are dropped once folded: only the final version's params (and their
-    # announcements, which a replacement worker reads) remain.
+    # Slices are dropped a step after they are folded: what remains is the final version's
+    # params (and their announcements, which a replacement worker reads) and the last step's
+    # slices, kept for a duplicate owner.
     final = JobKeys(job_id + "-a")
-    assert keys_a == {final.param(3, s) for s in range(workers)} | {final.param_ready(3)}
+    expected = {final.param(3, s) for s in range(workers)} | {final.param_ready(3)}
+    expected |= {final.grad(2, s, r) for s in range(workers) for r in range(workers) if r != s}
+    expected |= {final.grad_ready(2, s) for s in range(workers)}
+    assert keys_a == expected
 
 
 def test_wrong_gradient_shape_is_refused(store_factory: StoreFactory, job_id: str) -> None:

@@ -117,7 +117,7 @@ class AllToAll(Exchange):
             ttl_s=self.grad_ttl_s,
             announce=None,
         )
-        self.store.put(0, (), ttl_s=self.grad_ttl_s, announce=(keys.full_ready(t), r))
+        self.store.announce(0, keys.full_ready(t), r, ttl_s=self.grad_ttl_s)
         phases.ul_shard_s = time.monotonic() - started
         dl_started = time.monotonic()
         # Every worker must end with the same bytes, so all fold in global rank order.

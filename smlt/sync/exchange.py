@@ -142,11 +142,22 @@ class Exchange(ABC):
         announce: tuple[str, int] | None,
         extra: Iterable[tuple[str, bytes]] = (),
     ) -> None:
-        """Encode, pace through the uplink, write to shard's instance and announce."""
+        """Encode, write to shard's instance, hold for the uplink, then announce.
+
+        The value goes to Redis at once but peers only read what is announced, so announcing
+        after the emulated link would have delivered the bytes lets the real transfer hide
+        inside the emulated one instead of adding to it.
+        """
         frame = codec.encode(header, values)
-        self.link.up.before_send(len(frame))
-        self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s, announce=announce)
         self._bytes_up += len(frame)
+        if self.link.up.bytes_per_s is None:  # no emulated link: value and announcement in one trip
+            self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s, announce=announce)
+            return
+        began = time.monotonic()
+        self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s)
+        self.link.up.after_send(len(frame), began)
+        if announce is not None:
+            self.store.announce(shard, *announce, ttl_s=ttl_s)
 
     def _receive(self, shard: int, key: str, header: codec.FrameHeader) -> np.ndarray:
         """Download ``key`` through the downlink and decode it (a read-only view)."""

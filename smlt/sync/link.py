@@ -29,35 +29,25 @@ class Pacer:
         self._lock = threading.Lock()
         self.bytes_total = 0
 
-    def _reserve(self, nbytes: int) -> float:
-        """Book ``nbytes`` on the pipe; returns the monotonic time the transfer completes."""
+    def _book(self, nbytes: int, started_at: float) -> float:
+        """Book ``nbytes`` on the pipe from ``started_at``; the monotonic time they are done."""
         with self._lock:
             self.bytes_total += nbytes
             if self.bytes_per_s is None:
-                return 0.0
-            start = max(time.monotonic(), self._free_at)
+                return started_at
+            start = max(started_at, self._free_at)
             self._free_at = start + nbytes / self.bytes_per_s
             return self._free_at
 
-    def before_send(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` would have left through the link; then the caller sends them.
-
-        Sending after the wait keeps the data invisible to peers until the emulated link has
-        delivered it, so nobody downloads bytes that are still 'in flight'.
-        """
-        _sleep_until(self._reserve(nbytes))
+    def after_send(self, nbytes: int, started_at: float) -> None:
+        """Hold an upload of ``nbytes`` begun at ``started_at`` (monotonic) until the link
+        would have delivered it; only then may the sender tell peers the bytes are there."""
+        _sleep_until(self._book(nbytes, started_at))
 
     def after_receive(self, nbytes: int, started_at: float) -> None:
         """Hold a download of ``nbytes`` begun at ``started_at`` (monotonic) until the link
         would have finished it; the bytes are usable only after that."""
-        with self._lock:
-            self.bytes_total += nbytes
-            if self.bytes_per_s is None:
-                return
-            start = max(started_at, self._free_at)
-            self._free_at = start + nbytes / self.bytes_per_s
-            done_at = self._free_at
-        _sleep_until(done_at)
+        _sleep_until(self._book(nbytes, started_at))
 
 
 def _sleep_until(when: float) -> None:

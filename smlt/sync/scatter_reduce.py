@@ -80,7 +80,7 @@ def publish_params(
 def _announce_param(store: ParameterStore, keys: JobKeys, t: int, shard: int, ttl_s: int) -> None:
     # The value was written on shard's instance before this call returns, so announcing on
     # another instance afterwards cannot overtake it.
-    store.put(_PREADY_INSTANCE, (), ttl_s=ttl_s, announce=(keys.param_ready(t), shard))
+    store.announce(_PREADY_INSTANCE, keys.param_ready(t), shard, ttl_s=ttl_s)
 
 
 class ScatterReduce(Exchange):
@@ -104,14 +104,17 @@ class ScatterReduce(Exchange):
     ) -> np.ndarray:
         uploads = self._uploader.submit(self._upload_slices, t, grad, started)
         try:
-            mean = self._reduce_own_shard(t, grad)
-            phases.dl_shard_s = time.monotonic() - started
-            aggr_started = time.monotonic()
-            result = self.update(t, self.rank, mean) if self.update else ShardUpdate(mean)
-            self._publish_own_shard(t, result)
-            phases.ul_aggr_s = time.monotonic() - aggr_started
+            published = self._already_published(t + 1)
+            if published is None:
+                mean = self._reduce_own_shard(t, grad)
+                phases.dl_shard_s = time.monotonic() - started
+                aggr_started = time.monotonic()
+                result = self.update(t, self.rank, mean) if self.update else ShardUpdate(mean)
+                self._publish_own_shard(t, result)
+                phases.ul_aggr_s = time.monotonic() - aggr_started
+                published = result.params
             gather_started = time.monotonic()
-            full = self._gather(t + 1, result.params, out)
+            full = self._gather(t + 1, published, out)
             phases.dl_grad_s = time.monotonic() - gather_started
         finally:
             # Never leave an upload running behind a failed step. If the step failed, its own
@@ -121,6 +124,21 @@ class ScatterReduce(Exchange):
             raise upload_error
         phases.ul_shard_s = uploads.result()
         return full
+
+    def _already_published(self, version: int) -> np.ndarray | None:
+        """Our shard of ``version`` if an earlier invocation of this rank already published it.
+
+        A duplicate invocation (at-least-once platforms, or a retry racing a slow original)
+        must not redo the owner's update: the optimizer state it would start from is gone, and
+        the result is already in the store. It takes the published shard and only gathers.
+        """
+        key = self.keys.param(version, self.rank)
+        frame = self.store.get(self.rank, key)
+        if frame is None:
+            return None
+        return codec.decode(
+            frame, codec.FrameHeader("param", self.keys.job, version, self.rank), key
+        )
 
     def _upload_slices(self, t: int, grad: np.ndarray, started: float) -> float:
         n, r, job = self.workers, self.rank, self.keys.job
@@ -168,10 +186,11 @@ class ScatterReduce(Exchange):
             extra=result.extra,
         )
         _announce_param(self.store, self.keys, t + 1, r, self.param_ttl_s)
-        # Everyone has read version t (they uploaded gradients computed from it), and the slices
-        # of step t are folded: drop them now rather than hold (3n-2)G per step until the TTL.
-        stale = [self.keys.grad(t, r, p) for p in range(self.workers) if p != r]
-        stale += [self.keys.grad_ready(t, r), self.keys.param(t, r), self.keys.optim(t, r)]
+        # Everyone has read version t (they uploaded gradients computed from it): drop it. The
+        # slices of step t stay one more step, for a duplicate owner racing this one; those of
+        # step t-1 go now rather than hold (3n-2)G per step until the TTL.
+        stale = [self.keys.grad(t - 1, r, p) for p in range(self.workers) if p != r]
+        stale += [self.keys.grad_ready(t - 1, r), self.keys.param(t, r), self.keys.optim(t, r)]
         self.store.unlink(r, stale)
         if r == 0:
             self.store.unlink(_PREADY_INSTANCE, [self.keys.param_ready(t)])

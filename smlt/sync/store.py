@@ -106,6 +106,10 @@ class ParameterStore:
                 pipe.expire(stream, ttl_s)
             pipe.execute()
 
+    def announce(self, shard: int, stream: str, rank: int, *, ttl_s: int) -> None:
+        """Tell waiters on ``stream`` (on shard's instance) that ``rank``'s value is written."""
+        self.put(shard, (), ttl_s=ttl_s, announce=(stream, rank))
+
     def get(self, shard: int, key: str) -> bytes | None:
         with translate_redis_errors(f"reading {key}"):
             value = self.client(shard).get(key)
