@@ -1,0 +1,134 @@
+"""The contract every backend fulfils: ray, aws_lambda, openwhisk, sim.
+
+A backend turns a :class:`~smlt.worker.payload.WorkerPayload` into a running worker and tells
+the scheduler how it ended. It knows its platform's limits and prices; it knows nothing of
+training. The vocabulary is small on purpose (Lithops' lesson): ``deploy``, ``invoke``,
+``clean``, ``aclose``; plus :class:`Invocation` handles whose ``result()`` either returns the
+worker's report or raises one of the typed errors of :mod:`smlt.errors` (``WorkerError``,
+``OutOfMemoryError``, ``FunctionTimeoutError``, ``ThrottledError``, ``BackendAuthError``,
+``CapacityError``). Vendor errors never leak past a backend.
+
+``invoke`` and ``result`` are async (trio): the scheduler fans out n invocations in a nursery.
+Blocking SDK calls belong in ``trio.to_thread.run_sync(..., limiter=...)`` inside the backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from smlt.errors import ConfigError
+from smlt.worker.payload import WorkerPayload, WorkerReport
+
+__all__ = [
+    "LAMBDA_X86_PRICING",
+    "MB_PER_VCPU",
+    "Backend",
+    "BackendLimits",
+    "Invocation",
+    "Pricing",
+]
+
+#: Lambda's memory-to-CPU rule: 1,769 MB buys one vCPU (platform-facts.md).
+MB_PER_VCPU = 1769
+
+
+@dataclass(frozen=True)
+class BackendLimits:
+    """What one function may be given and how many may run at once."""
+
+    min_memory_mb: int
+    max_memory_mb: int
+    max_duration_s: float
+    max_concurrency: int
+    max_payload_bytes: int
+    memory_step_mb: int = 1
+
+    def check_memory(self, memory_mb: int) -> int:
+        if not self.min_memory_mb <= memory_mb <= self.max_memory_mb:
+            raise ConfigError(
+                f"memory {memory_mb} MB is outside this backend's range "
+                f"[{self.min_memory_mb}, {self.max_memory_mb}] MB"
+            )
+        return memory_mb
+
+    def check_workers(self, workers: int) -> int:
+        if not 1 <= workers <= self.max_concurrency:
+            raise ConfigError(
+                f"{workers} workers is outside this backend's range [1, {self.max_concurrency}]"
+            )
+        return workers
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Prices in USD; ``cost_usd`` is the platform's bill for the given usage."""
+
+    name: str
+    usd_per_gb_s: float
+    usd_per_request: float
+    billing_granularity_s: float = 0.001
+
+    def cost_usd(self, memory_mb: int, billed_s: float, requests: int = 1) -> float:
+        """Cost of ``requests`` invocations of ``memory_mb`` running ``billed_s`` in total."""
+        step = self.billing_granularity_s
+        rounded_s = -(-billed_s // step) * step if step > 0 else billed_s
+        return memory_mb / 1024 * rounded_s * self.usd_per_gb_s + requests * self.usd_per_request
+
+
+#: AWS Lambda x86 in us-east-1 (platform-facts.md); the Ray backend is priced like this unless
+#: configured otherwise, so a laptop run says what the same run would cost on Lambda.
+LAMBDA_X86_PRICING = Pricing("aws_lambda_x86", usd_per_gb_s=0.0000166667, usd_per_request=0.2e-6)
+
+
+class Invocation(ABC):
+    """A handle on one running worker."""
+
+    payload: WorkerPayload
+
+    @abstractmethod
+    async def result(self, timeout_s: float) -> WorkerReport:
+        """Wait at most ``timeout_s`` for the worker to end; its report, or a typed error.
+
+        Raises ``FunctionTimeoutError`` if the worker has not ended within ``timeout_s``.
+        """
+
+    @abstractmethod
+    async def cancel(self) -> None:
+        """Stop the worker if the platform can (best effort; a stateless worker is harmless)."""
+
+    @property
+    @abstractmethod
+    def billed_s(self) -> float:
+        """Seconds the platform bills for this invocation so far (0 before it ends)."""
+
+
+class Backend(ABC):
+    """One serverless platform (or Ray) behind the common contract."""
+
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def limits(self) -> BackendLimits: ...
+
+    @property
+    @abstractmethod
+    def pricing(self) -> Pricing: ...
+
+    @abstractmethod
+    async def deploy(self, job_id: str, workers: int, memory_mb: int) -> None:
+        """Make ``workers`` functions of ``memory_mb`` ready for ``job_id`` (create or update
+        the function, reserve capacity). Raises CapacityError if they cannot run at once."""
+
+    @abstractmethod
+    async def invoke(self, payload: WorkerPayload) -> Invocation:
+        """Start one worker; returns at once with a handle."""
+
+    @abstractmethod
+    async def clean(self) -> None:
+        """Release what ``deploy`` took (functions, reservations). Safe to call twice."""
+
+    async def aclose(self) -> None:
+        """Release the backend's own resources (clients, connections)."""
+        await self.clean()
