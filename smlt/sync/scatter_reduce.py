@@ -195,14 +195,20 @@ class ScatterReduce(Exchange):
         if r == 0:
             self.store.unlink(_PREADY_INSTANCE, [self.keys.param_ready(t)])
 
-    def _gather(self, version: int, own: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    def gather(self, version: int, out: np.ndarray | None = None) -> np.ndarray:
+        """All ``n`` shards of ``version`` from the store (a worker's start, or a resume)."""
+        return self._gather(version, None, out)
+
+    def _gather(self, version: int, own: np.ndarray | None, out: np.ndarray | None) -> np.ndarray:
         full = out if out is not None else np.empty(self.num_params, dtype=np.float32)
         r, n, job = self.rank, self.workers, self.keys.job
-        full[self.slices[r]] = own
+        if own is not None:
+            full[self.slices[r]] = own
+        wanted = [(r + k) % n for k in range(0 if own is None else 1, n)]
         announced = self.store.announcements(
             _PREADY_INSTANCE,
             self.keys.param_ready(version),
-            [(r + k) % n for k in range(1, n)],
+            wanted,
             timeout_s=self.timeout_s,
             what=f"worker {r} of {n} gathering parameters v{version}",
         )
