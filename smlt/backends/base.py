@@ -116,6 +116,12 @@ class Backend(ABC):
     @abstractmethod
     def pricing(self) -> Pricing: ...
 
+    def default_memory_mb(self, workers: int) -> int:
+        """Memory per worker when the user gives none: one vCPU's worth (1,769 MB) within the
+        backend's range. Backends with a finite cluster override this with what fits."""
+        limits = self.limits
+        return min(max(MB_PER_VCPU, limits.min_memory_mb), limits.max_memory_mb)
+
     @abstractmethod
     async def deploy(self, job_id: str, workers: int, memory_mb: int) -> None:
         """Make ``workers`` functions of ``memory_mb`` ready for ``job_id`` (create or update

@@ -1,0 +1,5 @@
+"""``python -m smlt`` is the ``smlt`` command."""
+
+from smlt.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""Where the actors become Ray actors (``ray.remote`` is applied here, at the launch site).
+
+The scheduler and resource manager are plain classes, testable without Ray; in a run they live
+in a Ray actor so that the driver can die or disconnect without killing the job's control loop
+on a cluster. The scheduler's actor is *threaded* (``max_concurrency``): trio needs a thread of
+its own (Ray's async actors own an asyncio loop), and ``status()`` must answer while ``run()``
+works. It asks for no CPU, so it never takes a worker's place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from smlt.actors.resource_manager import Config
+from smlt.actors.scheduler import JobSpec, TaskScheduler
+from smlt.backends import get_backend
+
+__all__ = ["SchedulerHost", "launch_scheduler"]
+
+
+class SchedulerHost:
+    """Builds the backend inside the actor's process (backends hold clients and threads that
+    do not travel), then delegates to :class:`TaskScheduler`."""
+
+    def __init__(
+        self, backend: str, backend_options: dict[str, Any], spec: JobSpec, config: Config
+    ) -> None:
+        self.scheduler = TaskScheduler(get_backend(backend, **backend_options), spec, config)
+
+    def run(self) -> dict[str, Any]:
+        return self.scheduler.run()
+
+    def status(self) -> dict[str, Any]:
+        return self.scheduler.status()
+
+
+def launch_scheduler(
+    backend: str, backend_options: dict[str, Any], spec: JobSpec, config: Config
+) -> Any:
+    """Start the scheduler actor; returns its handle."""
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)(SchedulerHost)
+    return actor_cls.remote(backend, backend_options, spec, config)
