@@ -1,11 +1,30 @@
 """smlt: train PyTorch models data-parallel on serverless functions.
 
-The public API is re-exported here; see README.md for a tour.
+>>> import smlt                                                     # doctest: +SKIP
+>>> result = smlt.train("examples/digits.py:Digits", epochs=10, batch_size=256, workers=4)
+>>> result.final_metrics, result.cost_usd
+
+See README.md for a tour.
 """
 
 from __future__ import annotations
 
-from smlt import errors
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["errors"]
+from smlt import errors
+from smlt.task import Task
+
+if TYPE_CHECKING:
+    from smlt.client.driver import TrainResult, train
+
+__all__ = ["Task", "TrainResult", "errors", "train"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The driver pulls in Ray and the actors; a worker importing smlt.task should not pay for it.
+    if name in ("train", "TrainResult"):
+        from smlt.client import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'smlt' has no attribute {name!r}")
