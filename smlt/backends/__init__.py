@@ -1,0 +1,44 @@
+"""Backends by name: ``get_backend("ray", address=...)``.
+
+The registry holds import paths, not classes, so choosing a backend imports only that backend's
+SDK (Ray takes a second to import; boto3 is not installed everywhere). Every backend takes its
+options as keyword arguments and validates them at construction.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from smlt.backends.base import Backend
+from smlt.errors import ConfigError
+
+__all__ = ["BACKENDS", "PLANNED_BACKENDS", "get_backend"]
+
+#: Backend name -> "module:Class".
+BACKENDS: dict[str, str] = {
+    "ray": "smlt.backends.ray_backend:RayBackend",
+}
+#: Names that are part of the design but not built yet: asking for one says so.
+PLANNED_BACKENDS = ("aws_lambda", "openwhisk", "sim")
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """A new backend ``name`` built with ``options``; ``ConfigError`` for an unknown name or a
+    bad option."""
+    target = BACKENDS.get(name)
+    known = ", ".join(sorted(BACKENDS))
+    if target is None:
+        if name in PLANNED_BACKENDS:
+            raise ConfigError(f"backend {name!r} is not available yet; available: {known}")
+        raise ConfigError(
+            f"unknown backend {name!r}; known backends: {known} "
+            f"(planned: {', '.join(PLANNED_BACKENDS)})"
+        )
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        backend: Backend = cls(**options)
+    except TypeError as exc:  # an option the backend does not take
+        raise ConfigError(f"bad option for backend {name!r}: {exc}") from exc
+    return backend
