@@ -27,6 +27,8 @@ app = typer.Typer(
     help="Train PyTorch models data-parallel on serverless functions.",
 )
 console = Console(stderr=True)
+# Fields of an epoch entry that are not the task's own metrics.
+_EPOCH_FIELDS = ("epoch", "iteration", "train_loss", "samples_per_s")
 
 
 @app.callback()
@@ -115,7 +117,7 @@ class _ProgressDisplay:
             transient=False,
         )
         self._task: Any = None
-        self._last_epoch = -1
+        self._epochs_printed = 0
 
     def __enter__(self) -> _ProgressDisplay:
         if self.live:
@@ -130,24 +132,38 @@ class _ProgressDisplay:
         total = status["total_iterations"]
         done = status["iteration"]
         per_epoch = status["iterations_per_epoch"]
-        epoch = min(done // per_epoch + 1, max(1, total // per_epoch))
-        last = status["last"] or {}
-        metrics = status["last_metrics"] or {}
-        shown = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration", "loss")}
-        info = (
-            f"it {done}/{total}  loss {last.get('loss', float('nan')):.4f}  "
-            f"{last.get('samples_per_s', 0.0):,.0f} samples/s  "
-            f"{status['workers']} x {status['memory_mb']} MB  ${status['cost_usd']:.5f}"
-            + "".join(f"  {k} {v:.4f}" for k, v in shown.items())
-        )
-        description = f"epoch {epoch}/{max(1, total // per_epoch)} [{status['state']}]"
+        epochs_total = max(1, total // per_epoch)
+        epochs = status["epochs"]
+        description = f"epoch {min(done // per_epoch + 1, epochs_total)}/{epochs_total}"
         if self.live:
+            info = self._info(status, status["last"] or {}, epochs[-1] if epochs else {})
             if self._task is None:
                 self._task = self.progress.add_task(description, total=total, info=info)
             self.progress.update(self._task, completed=done, description=description, info=info)
-        elif metrics and metrics.get("epoch", -1) != self._last_epoch:
-            self._last_epoch = int(metrics["epoch"])
-            print(f"epoch {self._last_epoch + 1}: {info}", file=sys.stderr, flush=True)
+            return
+        for entry in epochs[self._epochs_printed :]:
+            record = {
+                "iteration": entry["iteration"],
+                "loss": entry["train_loss"],
+                "samples_per_s": entry["samples_per_s"],
+            }
+            print(
+                f"epoch {entry['epoch'] + 1}/{epochs_total}: {self._info(status, record, entry)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._epochs_printed = len(epochs)
+
+    @staticmethod
+    def _info(status: dict[str, Any], last: dict[str, Any], metrics: dict[str, Any]) -> str:
+        shown = {k: v for k, v in metrics.items() if k not in _EPOCH_FIELDS}
+        return (
+            f"it {last.get('iteration', -1) + 1}/{status['total_iterations']}  "
+            f"loss {last.get('loss', float('nan')):.4f}  "
+            f"{last.get('samples_per_s', 0.0):,.0f} samples/s  "
+            f"{status['workers']} x {status['memory_mb']} MB  ${status['cost_usd']:.5f}"
+            + "".join(f"  held-out {k} {v:.4f}" for k, v in shown.items())
+        )
 
 
 def _print_summary(result: Any) -> None:

@@ -95,7 +95,7 @@ class TaskScheduler:
                 "total_iterations": self.spec.total_iterations,
                 "iterations_per_epoch": self.spec.iterations_per_epoch,
                 "last": last,
-                "last_metrics": self._epochs[-1] if self._epochs else None,
+                "epochs": list(self._epochs),
                 "workers": self.config.workers,
                 "memory_mb": self.config.memory_mb,
                 "cost_usd": self._cost_so_far(),
@@ -288,5 +288,11 @@ class TaskScheduler:
             metrics = next((r["metrics"] for r in reports if "metrics" in r), None)
             if metrics is not None:
                 self._epochs.append(
-                    {"epoch": record["epoch"], "iteration": t, "loss": loss, **json.loads(metrics)}
+                    {
+                        "epoch": record["epoch"],
+                        "iteration": t,
+                        "train_loss": loss,
+                        "samples_per_s": record["samples_per_s"],
+                        **json.loads(metrics),
+                    }
                 )

@@ -100,7 +100,7 @@ class Invocation(ABC):
     @property
     @abstractmethod
     def billed_s(self) -> float:
-        """Seconds the platform bills for this invocation so far (0 before it ends)."""
+        """Seconds the platform bills for this invocation so far (while it runs: until now)."""
 
 
 class Backend(ABC):

@@ -130,8 +130,10 @@ class RayInvocation(Invocation):
 
     @property
     def billed_s(self) -> float:
-        """Wall seconds from ``invoke`` to the end (the Pricing rounds them like Lambda)."""
-        return 0.0 if self._ended_s is None else self._ended_s - self._started_s
+        """Wall seconds from ``invoke`` to the end, or to now while it runs (the Pricing rounds
+        them like Lambda); the running figure is what "cost so far" displays."""
+        end_s = time.monotonic() if self._ended_s is None else self._ended_s
+        return end_s - self._started_s
 
     async def result(self, timeout_s: float) -> WorkerReport:
         """The worker's report, or its typed error.

@@ -286,4 +286,3 @@ def _unwrap(ref: Any) -> dict[str, Any]:
         if cause is not None:
             raise cause from None
         raise
-

@@ -52,14 +52,15 @@ def plot_run(
     if epochs:
         ax.plot(
             [e["iteration"] for e in epochs],
-            [e["loss"] for e in epochs],
+            [e["train_loss"] for e in epochs],
             "o",
             ms=4,
-            label="at epoch end",
+            label="training loss at epoch end",
         )
     ax.set(xlabel="iteration", ylabel="loss", title="Loss")
     ax.set_yscale("log" if min(h["loss"] for h in history) > 0 else "linear")
-    metric_names = sorted({k for e in epochs for k in e} - {"epoch", "iteration", "loss"})
+    not_metrics = {"epoch", "iteration", "train_loss", "samples_per_s"}
+    metric_names = sorted({k for e in epochs for k in e} - not_metrics)
     if metric_names:
         twin = ax.twinx()
         for name in metric_names:
@@ -69,7 +70,6 @@ def plot_run(
                 "s--",
                 ms=4,
                 label=f"held-out {name}",
-                color="tab:green",
             )
         twin.set_ylabel(", ".join(metric_names))
         twin.legend(loc="center right")

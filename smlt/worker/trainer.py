@@ -186,6 +186,7 @@ class Trainer:
             self._replicated_step(t, grad)
         phases = self.exchange.last_phases
 
+        iter_s = time.monotonic() - started  # evaluation below is not part of the iteration
         metrics: dict[str, float] = {}
         last = t + 1 == p.total_iterations
         if p.rank == 0 and p.eval_every_epoch and (self.sampler.is_epoch_end(t) or last):
@@ -201,7 +202,7 @@ class Trainer:
             "data_s": timing.data_s,
             "compute_s": timing.compute_s,
             "sync_s": phases.total_s,
-            "iter_s": time.monotonic() - started,
+            "iter_s": iter_s,
             "bytes_up": phases.bytes_up,
             "bytes_down": phases.bytes_down,
             **{k: v for k, v in phases.as_dict().items() if k.endswith("_s") and k != "total_s"},
