@@ -94,7 +94,7 @@ def train(
                 progress=display.update,
             )
     except SmltError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopped the workers and the embedded Redis[/]")

@@ -117,7 +117,11 @@ class TaskScheduler:
     def run(self) -> dict[str, Any]:
         """Run the job to its end; returns the summary (history, generations, cost, ...)."""
         try:
-            trio.run(self._run)
+            try:
+                trio.run(self._run)
+            except BaseExceptionGroup as group:
+                # Nurseries wrap errors in groups; the caller wants the one that ended the run.
+                raise _primary_error(group) from None
         except BaseException as exc:
             with self._lock:
                 self._state = "failed"
@@ -296,3 +300,18 @@ class TaskScheduler:
                         **json.loads(metrics),
                     }
                 )
+
+
+def _primary_error(group: BaseExceptionGroup) -> BaseException:
+    """The first smlt error in a (nested) exception group, else its first leaf."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, SmltError)), leaves[0])
