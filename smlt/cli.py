@@ -68,31 +68,84 @@ def train(
         float, typer.Option(help="seconds a worker waits for a peer's shard")
     ] = 120.0,
     function_timeout: Annotated[
-        float | None, typer.Option(help="function time limit in seconds")
+        float | None,
+        typer.Option(help="function time limit in seconds (workers hand over before it)"),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(help="checkpoint every K iterations (default: every epoch)"),
+    ] = None,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="seconds without a heartbeat before a worker is replaced")
+    ] = 15.0,
+    rescale: Annotated[
+        list[str] | None,
+        typer.Option(help="AT:WORKERS[:MEMORY_MB]: from iteration AT on (repeatable)"),
     ] = None,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
     from smlt.client.driver import train as run_training
 
+    _run(
+        lambda progress: run_training(
+            task,
+            epochs=epochs,
+            batch_size=batch_size,
+            workers=workers,
+            memory_mb=memory_mb,
+            backend=backend,
+            seed=seed,
+            output=output,
+            redis_url=redis_url,
+            object_store=object_store,
+            ray_address=ray_address,
+            shard_timeout_s=shard_timeout,
+            function_timeout_s=function_timeout,
+            checkpoint_every=checkpoint_every,
+            heartbeat_timeout_s=heartbeat_timeout,
+            rescales=_rescales(rescale or []),
+            progress=progress,
+        )
+    )
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="the output folder of the run (has run.json)")],
+    redis_url: Annotated[str | None, typer.Option(envvar="SMLT_REDIS_URL")] = None,
+    ray_address: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Finish a run whose driver died, from its last committed checkpoint."""
+    from smlt.client.driver import resume as resume_run
+
+    _run(
+        lambda progress: resume_run(
+            run_dir, redis_url=redis_url, ray_address=ray_address, progress=progress
+        )
+    )
+
+
+def _rescales(specs: list[str]) -> tuple[tuple[int, int, int | None], ...]:
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise typer.BadParameter(
+                f"--rescale {spec!r}: expected AT:WORKERS[:MEMORY_MB]"
+            ) from None
+        out.append((numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None))
+    return tuple(out)
+
+
+def _run(start: Any) -> None:
     display = _ProgressDisplay(console)
     try:
         with display:
-            result = run_training(
-                task,
-                epochs=epochs,
-                batch_size=batch_size,
-                workers=workers,
-                memory_mb=memory_mb,
-                backend=backend,
-                seed=seed,
-                output=output,
-                redis_url=redis_url,
-                object_store=object_store,
-                ray_address=ray_address,
-                shard_timeout_s=shard_timeout,
-                function_timeout_s=function_timeout,
-                progress=display.update,
-            )
+            result = start(display.update)
     except SmltError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

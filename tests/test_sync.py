@@ -229,11 +229,12 @@ def test_two_jobs_on_one_redis_do_not_see_each_other(
     client = connect(redis_server.url)
     keys_a = {k.decode() for k in client.scan_iter(JobKeys(job_id + "-a").pattern())}
     assert keys_a and all(k.startswith(f"smlt:{job_id}-a:") for k in keys_a)
-    # Slices are dropped a step after they are folded: what remains is the final version's
-    # params (and their announcements, which a replacement worker reads) and the last step's
-    # slices, kept for a duplicate owner.
+    # What a step wrote is dropped one step later: what remains is the last two versions of
+    # the params (and their announcements, which a replacement worker reads) and the last
+    # step's slices, kept for a replacement or duplicate owner.
     final = JobKeys(job_id + "-a")
-    expected = {final.param(3, s) for s in range(workers)} | {final.param_ready(3)}
+    expected = {final.param(v, s) for v in (2, 3) for s in range(workers)}
+    expected |= {final.param_ready(2), final.param_ready(3)}
     expected |= {final.grad(2, s, r) for s in range(workers) for r in range(workers) if r != s}
     expected |= {final.grad_ready(2, s) for s in range(workers)}
     assert keys_a == expected

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from smlt.actors.resource_manager import Config
+from smlt.actors.resource_manager import ResourceManager
 from smlt.actors.scheduler import JobSpec, TaskScheduler
 from smlt.backends import get_backend
 
@@ -21,13 +21,21 @@ __all__ = ["SchedulerHost", "launch_scheduler"]
 
 
 class SchedulerHost:
-    """Builds the backend inside the actor's process (backends hold clients and threads that
-    do not travel), then delegates to :class:`TaskScheduler`."""
+    """Builds the backend and the resource manager inside the actor's process (backends hold
+    clients and threads that do not travel), then delegates to :class:`TaskScheduler`."""
 
     def __init__(
-        self, backend: str, backend_options: dict[str, Any], spec: JobSpec, config: Config
+        self,
+        backend: str,
+        backend_options: dict[str, Any],
+        spec: JobSpec,
+        manager_settings: dict[str, Any],
     ) -> None:
-        self.scheduler = TaskScheduler(get_backend(backend, **backend_options), spec, config)
+        target = get_backend(backend, **backend_options)
+        manager = ResourceManager(
+            target.limits, fit_memory_mb=target.default_memory_mb, **manager_settings
+        )
+        self.scheduler = TaskScheduler(target, spec, manager)
 
     def run(self) -> dict[str, Any]:
         return self.scheduler.run()
@@ -37,8 +45,8 @@ class SchedulerHost:
 
 
 def launch_scheduler(
-    backend: str, backend_options: dict[str, Any], spec: JobSpec, config: Config
+    backend: str, backend_options: dict[str, Any], spec: JobSpec, manager: ResourceManager
 ) -> Any:
     """Start the scheduler actor; returns its handle."""
     actor_cls = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)(SchedulerHost)
-    return actor_cls.remote(backend, backend_options, spec, config)
+    return actor_cls.remote(backend, backend_options, spec, manager.settings())

@@ -1,43 +1,69 @@
-"""The task scheduler (paper component 1c): invokes the workers and follows their progress.
+"""The task scheduler (paper component 1c): runs a job as generations of stateless workers.
 
-A plain class with a small state machine (``pending -> deploying -> running -> finished |
-failed``), run inside a threaded Ray actor so that :meth:`TaskScheduler.status` answers while
+A plain class with a small state machine (``pending -> running -> finished | failed``), run
+inside a threaded Ray actor so that :meth:`TaskScheduler.status` answers while
 :meth:`TaskScheduler.run` works. ``run`` drives one trio loop:
 
-- the n invocations of a generation are started in one nursery, each awaited with a bound;
-- a follower reads the job's progress stream (``XREAD BLOCK``, in a worker thread: redis-py is
-  synchronous) and folds the n per-rank reports of each iteration into one history entry;
-- the first worker that fails cancels its peers (they would otherwise wait out their shard
-  timeouts) and ends the run with a :class:`~smlt.errors.TrainingError` naming rank and cause.
+- **generations**: n invocations of fixed memory start together from one iteration and stop
+  together at an agreed boundary (:mod:`smlt.worker.control`): the job's end, a function about
+  to hit its time limit, or the resource manager re-scaling. At each boundary the checkpoint is
+  committed and, if the worker count changes, parameters and optimizer state are re-sharded;
+- **failures**: a worker that raises, dies, or stops its heartbeat is re-invoked for the same
+  rank at the iteration it had not finished; it resumes from the parameters and its optimizer
+  shard in the store while its peers wait (bounded by their shard timeout). The same cause twice
+  for one rank, or running out of attempts, ends the run with a TrainingError naming both;
+- **progress**: a follower folds the workers' reports into the history
+  (:class:`~smlt.actors.progress.ProgressLog`) and commits periodic checkpoints when every rank
+  has written its shard.
 
-The decisions (how many workers, how much memory) come from the resource manager; the scheduler
-only executes them.
+Decisions (how many workers, how much memory, when to re-scale) come from the resource
+manager; the scheduler only executes them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
+import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from smlt.actors.resource_manager import Config
+from smlt.actors.progress import ProgressLog
+from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
+from smlt.client.checkpoint import CheckpointStore
 from smlt.errors import SmltError, TrainingError
+from smlt.storage.objects import open_object_store
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
+from smlt.worker.control import request_stop
 from smlt.worker.payload import WorkerPayload, WorkerReport
+from smlt.worker.reshard import reshard_store
 
-__all__ = ["DEFAULT_WORKER_TIMEOUT_S", "JobSpec", "TaskScheduler"]
+__all__ = ["DEFAULT_WORKER_TIMEOUT_S", "JobSpec", "RetryPolicy", "TaskScheduler"]
 
 #: Upper bound on one invocation when the backend has no time limit of its own (Ray).
 DEFAULT_WORKER_TIMEOUT_S = 24 * 3600.0
 _PROGRESS_BLOCK_MS = 500
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed worker is re-invoked: at most ``max_attempts`` per rank and generation,
+    after ``backoff_s`` x 2^k with +-``jitter`` (so n failed ranks do not all return at once)."""
+
+    max_attempts: int = 4
+    backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    jitter: float = 0.5
+
+    def delay_s(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 1))
+        return base * (1 + self.jitter * (2 * random.random() - 1))
 
 
 @dataclass(frozen=True)
@@ -50,67 +76,98 @@ class JobSpec:
     batch_size: int
     total_iterations: int
     iterations_per_epoch: int
+    num_params: int
     seed: int = 0
+    start_iteration: int = 0
     shard_timeout_s: float = 120.0
     function_timeout_s: float | None = None
     worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
-
-
-@dataclass
-class _Iteration:
-    reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+    checkpoint_every: int = 0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 15.0
+    startup_timeout_s: float = 120.0
+    faults: str = ""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    history: tuple[dict[str, Any], ...] = ()
+    epochs: tuple[dict[str, Any], ...] = ()
 
 
 class TaskScheduler:
     """Runs one job on one backend. Thread-safe ``status()``; ``run()`` once."""
 
-    def __init__(self, backend: Backend, spec: JobSpec, config: Config) -> None:
+    def __init__(self, backend: Backend, spec: JobSpec, manager: ResourceManager) -> None:
         self.backend = backend
         self.spec = spec
-        self.config = config
+        self.manager = manager
+        self.config = manager.initial(spec.start_iteration)
         self.keys = JobKeys(spec.job_id)
+        self.store = ParameterStore.from_urls(list(spec.redis_urls))
+        self.checkpoints = CheckpointStore(open_object_store(spec.object_store_url), spec.job_id)
+        self.log = ProgressLog(
+            spec.iterations_per_epoch,
+            history=list(spec.history),
+            epochs=list(spec.epochs),
+            on_checkpoint=self._commit_periodic,
+        )
         self._lock = threading.Lock()
         self._state = "pending"
-        self._started = time.monotonic()
-        self._pending: dict[int, _Iteration] = {}
-        self._history: list[dict[str, Any]] = []
-        self._epochs: list[dict[str, Any]] = []
-        self._rank_iteration: dict[int, int] = {}
-        self._invocations: list[Invocation] = []
-        self._reports: list[WorkerReport] = []
+        self._error: str | None = None
+        self._running: dict[int, tuple[Invocation, float, int]] = {}  # rank -> (inv, t0, attempt)
+        self._hung: set[tuple[int, int, int]] = set()
         self._billed: list[tuple[int, float]] = []  # (memory_mb, billed_s) per ended invocation
         self._generations: list[dict[str, Any]] = []
-        self._error: str | None = None
+        self._configs: list[dict[str, Any]] = [self.config.to_dict()]
+        self._failures: list[dict[str, Any]] = []
+        self._checkpoints: list[int] = []
+        self._generation = 0
+        self._recoveries: list[Callable[[], None]] = []  # fill a failure's recovery_s later
+        self._beaten: set[tuple[int, int, int]] = set()  # (gen, rank, attempt) seen beating
+        self._followed_id = b"0-0"  # the last progress entry folded into the log
 
     # -- what the driver sees ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """A snapshot for progress displays; cheap, callable while ``run`` works."""
+        snap = self.log.snapshot()
         with self._lock:
-            last = self._history[-1] if self._history else None
             return {
+                **snap,
                 "state": self._state,
-                "elapsed_s": time.monotonic() - self._started,
-                "iteration": len(self._history),
+                "elapsed_s": time.monotonic() - self.log.started,
                 "total_iterations": self.spec.total_iterations,
                 "iterations_per_epoch": self.spec.iterations_per_epoch,
-                "last": last,
-                "epochs": list(self._epochs),
+                "generation": self._generation,
                 "workers": self.config.workers,
                 "memory_mb": self.config.memory_mb,
-                "cost_usd": self._cost_so_far(),
-                "rank_iteration": dict(self._rank_iteration),
+                "cost_usd": self._cost(include_running=True),
+                "failures": len(self._failures),
                 "error": self._error,
             }
 
-    def _cost_so_far(self) -> float:
+    def _cost(self, *, include_running: bool) -> float:
         pricing = self.backend.pricing
-        done = sum(pricing.cost_usd(m, s) for m, s in self._billed)
-        running = sum(
-            pricing.cost_usd(inv.payload.memory_mb, inv.billed_s, requests=0)
-            for inv in self._invocations
-        )
-        return done + running
+        cost = sum(pricing.cost_usd(m, s) for m, s in self._billed)
+        if include_running:
+            cost += sum(
+                pricing.cost_usd(inv.payload.memory_mb, inv.billed_s, requests=0)
+                for inv, _t0, _a in self._running.values()
+            )
+        return cost
+
+    def summary(self) -> dict[str, Any]:
+        with self.log.lock, self._lock:
+            return {
+                "job_id": self.spec.job_id,
+                "history": list(self.log.history),
+                "epochs": list(self.log.epochs),
+                "generations": list(self._generations),
+                "configs": list(self._configs),
+                "failures": list(self._failures),
+                "checkpoints": list(self._checkpoints),
+                "cost_usd": self._cost(include_running=False),
+                "billed_worker_s": sum(s for _m, s in self._billed),
+                "pricing": self.backend.pricing.name,
+            }
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -131,55 +188,82 @@ class TaskScheduler:
             self._state = "finished"
         return self.summary()
 
-    def summary(self) -> dict[str, Any]:
-        with self._lock:
-            pricing = self.backend.pricing
-            return {
-                "job_id": self.spec.job_id,
-                "history": list(self._history),
-                "epochs": list(self._epochs),
-                "generations": list(self._generations),
-                "configs": [self.config.to_dict()],
-                "cost_usd": sum(pricing.cost_usd(m, s) for m, s in self._billed),
-                "billed_worker_s": sum(s for _m, s in self._billed),
-                "pricing": pricing.name,
-                "reports": [r.to_dict() for r in self._reports],
-            }
-
     async def _run(self) -> None:
-        cfg = self.config
-        with self._lock:
-            self._state = "deploying"
-        await self.backend.deploy(self.spec.job_id, cfg.workers, cfg.memory_mb)
         with self._lock:
             self._state = "running"
-        generation_started = time.monotonic()
+        start = self.spec.start_iteration
         try:
             async with trio.open_nursery() as nursery:
                 done = trio.Event()
                 nursery.start_soon(self._follow_progress, done)
-                async with trio.open_nursery() as workers:
-                    for rank in range(cfg.workers):
-                        workers.start_soon(self._run_worker, rank, 0)
-                # All workers ended: drain the reports still in the stream, then stop following.
+                while start < self.spec.total_iterations:
+                    stop, why = await self._run_generation(self._generation, start, self.config)
+                    nxt = self.manager.after_generation(stop, why)
+                    if stop < self.spec.total_iterations and nxt.workers != self.config.workers:
+                        await trio.to_thread.run_sync(
+                            functools.partial(
+                                reshard_store,
+                                self.store,
+                                self.keys,
+                                stop,
+                                self.config.workers,
+                                nxt.workers,
+                                self.spec.num_params,
+                            )
+                        )
+                    if nxt != self.config and stop < self.spec.total_iterations:
+                        with self._lock:
+                            self.config = nxt
+                            self._configs.append(nxt.to_dict())
+                    start = stop
+                    self._generation += 1
                 done.set()
         finally:
             await self.backend.clean()
+
+    async def _run_generation(self, gen: int, start: int, cfg: Config) -> tuple[int, str]:
+        began = time.monotonic()
+        self.log.start_generation(cfg.workers)
+        await self.backend.deploy(self.spec.job_id, cfg.workers, cfg.memory_mb)
+        reports: dict[int, WorkerReport] = {}
+        requested = trio.Event()
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(self._watch_heartbeats, gen)
+            watchers.start_soon(self._watch_rescale, gen, requested)
+            async with trio.open_nursery() as ranks:
+                for rank in range(cfg.workers):
+                    ranks.start_soon(self._run_rank, gen, rank, start, cfg, reports)
+            watchers.cancel_scope.cancel()
+        stops = {r.next_iteration for r in reports.values()}
+        if len(stops) != 1:
+            raise TrainingError(
+                f"generation {gen}: workers stopped at different iterations {stops}"
+            )
+        stop = stops.pop()
+        if stop >= self.spec.total_iterations:
+            why = "finished"
+        elif requested.is_set():
+            why = "re-scaling"
+        else:
+            why = "function time limit"
+        if all(r.checkpoint_iteration == stop for r in reports.values()):
+            await trio.to_thread.run_sync(self._commit, stop, cfg.workers)
         with self._lock:
             self._generations.append(
                 {
-                    "generation": 0,
-                    "start_iteration": 0,
-                    "stop_iteration": self.spec.total_iterations,
+                    "generation": gen,
+                    "start_iteration": start,
+                    "stop_iteration": stop,
                     "workers": cfg.workers,
                     "memory_mb": cfg.memory_mb,
-                    "wall_s": time.monotonic() - generation_started,
-                    "ended_because": "finished",
+                    "wall_s": time.monotonic() - began,
+                    "ended_because": why,
                 }
             )
+        return stop, why
 
-    def _payload(self, rank: int, generation: int) -> WorkerPayload:
-        s, cfg = self.spec, self.config
+    def _payload(self, gen: int, rank: int, start: int, attempt: int, cfg: Config) -> WorkerPayload:
+        s = self.spec
         return WorkerPayload(
             job_id=s.job_id,
             rank=rank,
@@ -189,117 +273,200 @@ class TaskScheduler:
             object_store_url=s.object_store_url,
             batch_size=s.batch_size,
             total_iterations=s.total_iterations,
-            generation=generation,
+            start_iteration=start,
+            generation=gen,
             seed=s.seed,
+            attempt=attempt,
             shard_timeout_s=s.shard_timeout_s,
             function_timeout_s=s.function_timeout_s,
+            options={
+                "faults": s.faults,
+                "checkpoint_every": s.checkpoint_every,
+                "heartbeat_interval_s": s.heartbeat_interval_s,
+                "heartbeat_timeout_s": s.heartbeat_timeout_s,
+            },
         )
 
-    async def _run_worker(self, rank: int, generation: int) -> None:
-        invocation = await self.backend.invoke(self._payload(rank, generation))
-        with self._lock:
-            self._invocations.append(invocation)
-        try:
-            report = await invocation.result(self.spec.worker_timeout_s)
-        except SmltError as exc:
-            self._bill(invocation)
-            # Peers would wait out their shard timeouts for this rank: stop them now.
-            await self._cancel_all()
-            raise TrainingError(
-                f"worker {rank} failed at iteration {self._rank_iteration.get(rank, 0)}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        self._bill(invocation)
-        with self._lock:
-            self._reports.append(report)
+    # -- one rank, with re-invocation ----------------------------------------------------------
 
-    def _bill(self, invocation: Invocation) -> None:
+    async def _run_rank(
+        self, gen: int, rank: int, start: int, cfg: Config, reports: dict[int, WorkerReport]
+    ) -> None:
+        attempt, resume = 0, start
+        causes: list[str] = []
+        while True:
+            invocation = await self.backend.invoke(self._payload(gen, rank, resume, attempt, cfg))
+            with self._lock:
+                self._running[rank] = (invocation, time.monotonic(), attempt)
+            try:
+                timeout_s = self.spec.worker_timeout_s
+                if self.spec.function_timeout_s is not None:
+                    timeout_s = min(timeout_s, self.spec.function_timeout_s + 30)
+                reports[rank] = await invocation.result(timeout_s)
+                self._ended(rank, invocation)
+                return
+            except SmltError as exc:
+                detected = time.monotonic()
+                await invocation.cancel()  # a hung process must not keep the slot
+                self._ended(rank, invocation)
+                hung = (gen, rank, attempt) in self._hung
+                cause = (
+                    "heartbeat timeout (worker stopped responding)"
+                    if hung
+                    else (f"{type(exc).__name__}: {exc}")
+                )
+                resume = max(start, await self._rank_position(rank))
+                record = {
+                    "rank": rank,
+                    "generation": gen,
+                    "iteration": resume,
+                    "attempt": attempt,
+                    "cause": cause,
+                    "detected_s": detected - self.log.started,
+                    "recovery_s": None,
+                }
+                with self._lock:
+                    self._failures.append(record)
+                repeated = _cause_key(cause) in causes
+                causes.append(_cause_key(cause))
+                if repeated or attempt + 1 >= self.spec.retry.max_attempts:
+                    await self._cancel_all()
+                    why = (
+                        "failed the same way twice" if repeated else (f"failed {attempt + 1} times")
+                    )
+                    raise TrainingError(
+                        f"worker {rank} {why} at iteration {resume} (generation {gen}); last "
+                        f"cause: {cause}"
+                    ) from exc
+                attempt += 1
+                await trio.sleep(self.spec.retry.delay_s(attempt))
+                self._track_recovery(record, gen, rank, attempt, detected)
+
+    def _track_recovery(
+        self, record: dict[str, Any], gen: int, rank: int, attempt: int, detected: float
+    ) -> None:
+        """Fill ``recovery_s`` (failure seen -> replacement's first report) when it comes."""
+
+        def fill() -> None:
+            first = self.log.first_report_of.get((gen, rank, attempt))
+            if first is not None:
+                record["recovery_s"] = first - detected
+
         with self._lock:
-            if invocation in self._invocations:
-                self._invocations.remove(invocation)
-                self._billed.append((invocation.payload.memory_mb, invocation.billed_s))
+            self._pending_recoveries.append(fill)
+
+    @property
+    def _pending_recoveries(self) -> list[Any]:
+        if not hasattr(self, "_recoveries"):
+            self._recoveries: list[Any] = []
+        return self._recoveries
+
+    async def _rank_position(self, rank: int) -> int:
+        """The iteration ``rank`` had not finished, once the follower has read every report
+        already in the stream (a report it has not read yet would make us recompute)."""
+        client = self.store.client(0)
+        newest = await trio.to_thread.run_sync(
+            functools.partial(client.xrevrange, self.keys.progress(), count=1)
+        )
+        if newest:
+            with trio.move_on_after(5):
+                while self._followed_id < newest[0][0]:
+                    await trio.sleep(0.02)
+        with self.log.lock:
+            return self.log.rank_next.get(rank, 0)
+
+    def _ended(self, rank: int, invocation: Invocation) -> None:
+        with self._lock:
+            self._running.pop(rank, None)
+            self._billed.append((invocation.payload.memory_mb, invocation.billed_s))
 
     async def _cancel_all(self) -> None:
         with self._lock:
-            running = list(self._invocations)
+            running = [inv for inv, _t0, _a in self._running.values()]
         with trio.CancelScope(shield=True):
             for inv in running:
                 await inv.cancel()
 
+    # -- watchers --------------------------------------------------------------------------------
+
+    async def _watch_heartbeats(self, gen: int) -> None:
+        """Cancel a rank whose heartbeat expired (or never came) so that it is re-invoked."""
+        client = self.store.client(0)
+        spec = self.spec
+        while True:
+            await trio.sleep(spec.heartbeat_interval_s)
+            with self._lock:
+                running = dict(self._running)
+            for rank, (inv, invoked_at, attempt) in running.items():
+                key = self.keys.heartbeat(gen, rank, attempt)
+                alive = await trio.to_thread.run_sync(client.exists, key)
+                seen = (gen, rank, attempt) in self._beaten
+                if alive:
+                    self._beaten.add((gen, rank, attempt))
+                elif seen or time.monotonic() - invoked_at > spec.startup_timeout_s:
+                    self._hung.add((gen, rank, attempt))
+                    await inv.cancel()
+
+    async def _watch_rescale(self, gen: int, requested: trio.Event) -> None:
+        """Ask the generation to stop when the resource manager wants a new configuration."""
+        while True:
+            await trio.sleep(0.2)
+            with self.log.lock:
+                done = min(self.log.rank_next.values(), default=0)
+            if self.manager.wants_rescale(done):
+                await trio.to_thread.run_sync(request_stop, self.store.client(0), self.keys, gen)
+                requested.set()
+                return
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _commit_periodic(self, iteration: int, workers: int) -> None:
+        try:
+            self._commit(iteration, workers)
+        except SmltError as exc:  # a missed periodic checkpoint costs progress, not the run
+            with self._lock:
+                self._failures.append({"checkpoint": iteration, "cause": str(exc)})
+
+    def _commit(self, iteration: int, workers: int) -> None:
+        with self.log.lock:
+            meta = {"history": list(self.log.history), "epochs": list(self.log.epochs)}
+        self.checkpoints.commit(iteration, workers, self.spec.num_params, meta)
+        with self._lock:
+            if iteration not in self._checkpoints:
+                self._checkpoints.append(iteration)
+
     # -- progress ------------------------------------------------------------------------------
 
     async def _follow_progress(self, done: trio.Event) -> None:
-        store = ParameterStore.from_urls(list(self.spec.redis_urls))
-        client = store.client(0)
+        client = self.store.client(0)
         stream = self.keys.progress()
-        last_id = b"0-0"
-        try:
-            while True:
-                finishing = done.is_set()
-                # Blocks at most _PROGRESS_BLOCK_MS, so a cancelled run never waits long on it.
-                reply = await trio.to_thread.run_sync(
-                    functools.partial(
-                        client.xread, {stream: last_id}, block=_PROGRESS_BLOCK_MS, count=1000
-                    )
+        while True:
+            finishing = done.is_set()
+            # Blocks at most _PROGRESS_BLOCK_MS, so a cancelled run never waits long on it.
+            reply = await trio.to_thread.run_sync(
+                functools.partial(
+                    client.xread,
+                    {stream: self._followed_id},
+                    block=_PROGRESS_BLOCK_MS,
+                    count=1000,
                 )
-                for _name, entries in reply or ():
-                    for entry_id, fields in entries:
-                        last_id = entry_id
-                        self._fold({k.decode(): v.decode() for k, v in fields.items()})
-                if finishing and not reply:
-                    return
-        finally:
-            client.close()
-
-    def _fold(self, report: dict[str, str]) -> None:
-        """Add one rank's report; once all n ranks reported iteration t, record it."""
-        rank, t = int(report["rank"]), int(report["t"])
-        n = self.config.workers
-        with self._lock:
-            self._rank_iteration[rank] = t + 1
-            entry = self._pending.setdefault(t, _Iteration())
-            entry.reports[rank] = report
-            if len(entry.reports) < n:
-                return
-            del self._pending[t]
-            reports = list(entry.reports.values())
-            batch = int(reports[0]["batch"])
-            loss = sum(float(r["loss"]) * int(r["samples"]) for r in reports) / max(batch, 1)
-            slowest = max(float(r["iter_s"]) for r in reports)
-            record: dict[str, Any] = {
-                "iteration": t,
-                "epoch": t // self.spec.iterations_per_epoch,
-                "loss": loss,
-                "samples": batch,
-                "wall_s": time.monotonic() - self._started,
-                "iter_s": slowest,
-                "samples_per_s": batch / slowest if slowest > 0 else math.nan,
-            }
-            for name in (
-                "data_s",
-                "compute_s",
-                "sync_s",
-                "ul_shard_s",
-                "dl_shard_s",
-                "ul_aggr_s",
-                "dl_grad_s",
-            ):
-                record[name] = max(float(r[name]) for r in reports)
-            record["bytes_through_store"] = sum(
-                int(r["bytes_up"]) + int(r["bytes_down"]) for r in reports
             )
-            self._history.append(record)
-            metrics = next((r["metrics"] for r in reports if "metrics" in r), None)
-            if metrics is not None:
-                self._epochs.append(
-                    {
-                        "epoch": record["epoch"],
-                        "iteration": t,
-                        "train_loss": loss,
-                        "samples_per_s": record["samples_per_s"],
-                        **json.loads(metrics),
-                    }
-                )
+            for _name, entries in reply or ():
+                for entry_id, fields in entries:
+                    report = {k.decode(): v.decode() for k, v in fields.items()}
+                    await trio.to_thread.run_sync(self.log.fold, report)
+                    self._followed_id = entry_id
+            with self._lock:
+                fills = list(self._recoveries)
+            for fill in fills:
+                fill()
+            if finishing and not reply:
+                return
+
+
+def _cause_key(cause: str) -> str:
+    """What makes two failures 'the same': the cause without its rank/iteration numbers."""
+    return "".join(c for c in cause if not c.isdigit())[:200]
 
 
 def _primary_error(group: BaseExceptionGroup) -> BaseException:

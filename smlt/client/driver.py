@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -21,26 +23,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from smlt.actors.resource_manager import ResourceManager
+from smlt.actors.resource_manager import Rescale, ResourceManager
 from smlt.actors.scheduler import JobSpec
 from smlt.client.artifacts import package_task
+from smlt.client.checkpoint import Checkpoint, CheckpointStore
 from smlt.client.report import plot_run, write_result
-from smlt.errors import ConfigError, TaskError
+from smlt.errors import ConfigError, StoreUnavailableError, TaskError, TrainingError
 from smlt.storage.objects import open_object_store
 from smlt.storage.redis_server import RedisServer, redact_url
 from smlt.sync.keys import JobKeys
-from smlt.sync.scatter_reduce import ScatterReduce, publish_params
 from smlt.sync.store import DEFAULT_SHARD_TIMEOUT_S, ParameterStore
 from smlt.task import Task, load_task, run_evaluate
+from smlt.worker.faults import parse_faults
 from smlt.worker.flat import FlatModel
+from smlt.worker.optim import ShardState
+from smlt.worker.reshard import collect_from_store, publish_state, restore_checkpoint
 from smlt.worker.sampler import GlobalBatchSampler
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT_S", "RunPlan", "TrainResult", "resume", "train"]
 
 ProgressFn = Callable[[dict[str, Any]], None]
 _STATUS_INTERVAL_S = 0.5
+#: A rank whose heartbeat is this old is declared hung and re-invoked.
+DEFAULT_HEARTBEAT_TIMEOUT_S = float(os.environ.get("SMLT_HEARTBEAT_TIMEOUT_S", "15"))
+#: How often a lost embedded Redis is replaced before the run gives up.
+_REDIS_RESTARTS = 2
 
 
 @dataclass
@@ -66,6 +76,7 @@ class TrainResult:
     redis: str
     object_store: str
     failures: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
 
     @property
     def model_path(self) -> Path:
@@ -75,6 +86,45 @@ class TrainResult:
         data = asdict(self)
         data["output_dir"] = str(self.output_dir)
         return data
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, saved as ``run.json`` in its output folder so ``smlt resume`` can finish
+    it after the driver died. Holds no credential: a user's Redis URL is given again."""
+
+    job_id: str
+    task: str
+    backend: str
+    output_dir: str
+    object_store: str
+    epochs: int
+    batch_size: int
+    workers: int
+    memory_mb: int | None
+    seed: int
+    total_iterations: int
+    iterations_per_epoch: int
+    num_params: int
+    shard_timeout_s: float
+    function_timeout_s: float | None
+    checkpoint_every: int
+    heartbeat_timeout_s: float
+    rescales: tuple[tuple[int, int, int | None], ...] = ()
+
+    def save(self) -> None:
+        path = Path(self.output_dir) / "run.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunPlan:
+        path = Path(run_dir) / "run.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not an smlt run folder: it has no run.json")
+        data = json.loads(path.read_text())
+        data["rescales"] = tuple(tuple(r) for r in data.get("rescales", ()))
+        return cls(**data)
 
 
 def train(
@@ -92,89 +142,162 @@ def train(
     ray_address: str | None = None,
     shard_timeout_s: float = DEFAULT_SHARD_TIMEOUT_S,
     function_timeout_s: float | None = None,
+    checkpoint_every: int | None = None,
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    rescales: tuple[tuple[int, int, int | None], ...] = (),
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
-    ``task`` is a :class:`Task` instance or ``"path/to/file.py:ClassName"``. Raises a
-    :class:`~smlt.errors.SmltError` subclass naming what went wrong.
+    ``task`` is a :class:`Task` instance or ``"path/to/file.py:ClassName"``. Checkpoints go to
+    the object store every ``checkpoint_every`` iterations (default: every epoch) and at every
+    generation boundary. Raises a :class:`~smlt.errors.SmltError` subclass naming what went
+    wrong.
     """
-    started = time.monotonic()
     spec = _task_spec(task)
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if function_timeout_s is not None and function_timeout_s <= 0:
+        raise ConfigError(f"--function-timeout must be positive, got {function_timeout_s}")
+    faults = _faults()
     user_task = load_task(spec)
     class_name = type(user_task).__name__
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     job_id = f"{class_name.lower()}-{stamp}-{secrets.token_hex(3)}"
     output_dir = Path(output) if output is not None else Path("runs") / job_id
     objects = open_object_store(object_store)
+    manifest = package_task(spec, objects, job_id)
+    sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
+    torch.manual_seed(seed)
+    initial = FlatModel(user_task.model()).values_numpy()
+    plan = RunPlan(
+        job_id=job_id,
+        task=spec,
+        backend=backend,
+        output_dir=str(output_dir),
+        object_store=objects.url,
+        epochs=epochs,
+        batch_size=batch_size,
+        workers=workers,
+        memory_mb=memory_mb,
+        seed=seed,
+        total_iterations=epochs * sampler.iterations_per_epoch,
+        iterations_per_epoch=sampler.iterations_per_epoch,
+        num_params=initial.size,
+        shard_timeout_s=shard_timeout_s,
+        function_timeout_s=function_timeout_s,
+        checkpoint_every=checkpoint_every
+        if checkpoint_every is not None
+        else sampler.iterations_per_epoch,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        rescales=tuple(rescales),
+    )
+    plan.save()
+    return _execute(plan, user_task, initial, redis_url, ray_address, faults, progress)
 
-    with ExitStack() as cleanup:
-        manifest = package_task(spec, objects, job_id)
-        store, redis_urls = _parameter_store(redis_url, cleanup)
-        redis_shown = ",".join(redact_url(u) for u in redis_urls)
-        if redis_url is not None:
-            cleanup.callback(_delete_job_keys, store, job_id)
-        sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
-        total_iterations = epochs * sampler.iterations_per_epoch
 
-        from smlt.backends import get_backend  # imports Ray: after the fast checks above
-
-        backend_options = {"address": ray_address} if backend == "ray" else {}
-        cleanup.enter_context(_ray_session(ray_address))
-        probe = get_backend(backend, **backend_options)
-        manager = ResourceManager(
-            probe.limits,
-            workers=workers,
-            memory_mb=memory_mb,
-            fit_memory_mb=probe.default_memory_mb,
+def resume(
+    run_dir: str | Path,
+    *,
+    redis_url: str | None = None,
+    ray_address: str | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Finish a run whose driver died, from its last committed checkpoint."""
+    plan = RunPlan.load(Path(run_dir))
+    user_task = load_task(plan.task)
+    if CheckpointStore(open_object_store(plan.object_store), plan.job_id).latest() is None:
+        raise ConfigError(
+            f"run {plan.job_id} has no committed checkpoint in {plan.object_store}: "
+            "nothing to resume from; start it again with smlt train"
         )
-        config = manager.initial()
+    return _execute(plan, user_task, None, redis_url, ray_address, _faults(), progress)
 
-        torch.manual_seed(seed)
+
+def _execute(
+    plan: RunPlan,
+    user_task: Task,
+    initial: np.ndarray | None,
+    redis_url: str | None,
+    ray_address: str | None,
+    faults: str,
+    progress: ProgressFn | None,
+) -> TrainResult:
+    """Run ``plan`` from ``initial`` parameters, or from its latest checkpoint if None.
+
+    If an embedded Redis dies mid-run, a fresh one is started and the run continues from the
+    latest checkpoint (at most ``_REDIS_RESTARTS`` times): Redis holds only what a checkpoint
+    and a few recomputed iterations restore.
+    """
+    started = time.monotonic()
+    objects = open_object_store(plan.object_store)
+    checkpoints = CheckpointStore(objects, plan.job_id)
+    keys = JobKeys(plan.job_id)
+    output_dir = Path(plan.output_dir)
+    recoveries: list[dict[str, Any]] = []
+    with ExitStack() as cleanup:
+        from smlt.backends import get_backend  # imports Ray: after the fast checks
+
+        backend_options = {"address": ray_address} if plan.backend == "ray" else {}
+        cleanup.enter_context(_ray_session(ray_address))
+        probe = get_backend(plan.backend, **backend_options)
+        restarts = 0
+        from_checkpoint = initial is None
+        while True:
+            with ExitStack() as redis_scope:
+                store, redis_urls = _parameter_store(redis_url, redis_scope)
+                if redis_url is not None:
+                    redis_scope.callback(_delete_job_keys, store, plan.job_id)
+                manager = ResourceManager(
+                    probe.limits,
+                    workers=plan.workers,
+                    memory_mb=plan.memory_mb,
+                    fit_memory_mb=probe.default_memory_mb,
+                    rescales=tuple(Rescale(*r) for r in plan.rescales),
+                )
+                latest = checkpoints.latest() if from_checkpoint else None
+                start = latest.iteration if latest is not None else 0
+                config = manager.initial(start)
+                if latest is not None:
+                    restore_checkpoint(store, keys, latest, config.workers)
+                elif initial is not None:
+                    publish_state(
+                        store, keys, 0, initial, _empty_state(initial.size), config.workers
+                    )
+                else:
+                    raise ConfigError(f"run {plan.job_id} has no committed checkpoint to resume")
+                job = _job_spec(plan, redis_urls, start, faults, latest)
+                try:
+                    summary = _run_scheduler(plan.backend, backend_options, job, manager, progress)
+                except TrainingError as exc:
+                    if not _store_lost(exc, redis_url) or restarts >= _REDIS_RESTARTS:
+                        raise
+                    restarts += 1
+                    recoveries.append({"cause": str(exc), "at_s": time.monotonic() - started})
+                    from_checkpoint = True  # continue from the latest checkpoint, if any
+                    continue
+                final_workers = summary["configs"][-1]["workers"]
+                params, _state = collect_from_store(
+                    store, keys, plan.total_iterations, final_workers, plan.num_params
+                )
+                break
         model = user_task.model()
         flat = FlatModel(model)
-        publish_params(store, JobKeys(job_id), 0, flat.values_numpy(), config.workers)
-
-        job = JobSpec(
-            job_id=job_id,
-            redis_urls=tuple(redis_urls),
-            object_store_url=objects.url,
-            batch_size=batch_size,
-            total_iterations=total_iterations,
-            iterations_per_epoch=sampler.iterations_per_epoch,
-            seed=seed,
-            shard_timeout_s=shard_timeout_s,
-            function_timeout_s=function_timeout_s,
-        )
-        summary = _run_scheduler(backend, backend_options, job, config, progress)
-
-        gatherer = ScatterReduce(
-            store,
-            job_id,
-            rank=0,
-            workers=config.workers,
-            num_params=flat.size,
-            timeout_s=shard_timeout_s,
-        )
-        with gatherer:
-            gatherer.gather(total_iterations, out=flat.values_numpy())
-        output_dir.mkdir(parents=True, exist_ok=True)
+        flat.values_numpy()[:] = params
         torch.save(model.state_dict(), output_dir / "model.pt")
         final_metrics = run_evaluate(user_task, model)
 
     result = TrainResult(
-        job_id=job_id,
-        task=spec,
-        backend=backend,
+        job_id=plan.job_id,
+        task=plan.task,
+        backend=plan.backend,
         output_dir=output_dir,
         final_metrics=final_metrics,
-        iterations=total_iterations,
-        epochs=epochs,
-        batch_size=batch_size,
+        iterations=plan.total_iterations,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
         configs=summary["configs"],
         generations=summary["generations"],
         history=summary["history"],
@@ -183,12 +306,62 @@ def train(
         pricing=summary["pricing"],
         billed_worker_s=summary["billed_worker_s"],
         wall_s=time.monotonic() - started,
-        redis=redis_shown,
+        redis=",".join(redact_url(u) for u in redis_urls),
         object_store=objects.url,
+        failures=summary["failures"] + [{"store_lost": r} for r in recoveries],
+        checkpoints=summary["checkpoints"],
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
     return result
+
+
+def _job_spec(
+    plan: RunPlan, redis_urls: list[str], start: int, faults: str, latest: Checkpoint | None
+) -> JobSpec:
+    meta = latest.meta if latest is not None else {}
+    return JobSpec(
+        job_id=plan.job_id,
+        redis_urls=tuple(redis_urls),
+        object_store_url=plan.object_store,
+        batch_size=plan.batch_size,
+        total_iterations=plan.total_iterations,
+        iterations_per_epoch=plan.iterations_per_epoch,
+        num_params=plan.num_params,
+        seed=plan.seed,
+        start_iteration=start,
+        shard_timeout_s=plan.shard_timeout_s,
+        function_timeout_s=plan.function_timeout_s,
+        checkpoint_every=plan.checkpoint_every,
+        heartbeat_timeout_s=plan.heartbeat_timeout_s,
+        faults=faults,
+        history=tuple(meta.get("history", ())),
+        epochs=tuple(meta.get("epochs", ())),
+    )
+
+
+def _empty_state(num_params: int) -> ShardState:
+    return ShardState(0, num_params, {}, {})
+
+
+def _faults() -> str:
+    """``SMLT_FAULTS``, checked here so a typo fails before anything starts."""
+    text = os.environ.get("SMLT_FAULTS", "")
+    parse_faults(text)
+    return text
+
+
+def _store_lost(exc: BaseException, redis_url: str | None) -> bool:
+    """True if the run failed because the embedded Redis went away (we can restart that one;
+    a user's Redis is the user's to restart)."""
+    if redis_url is not None:
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StoreUnavailableError) or "StoreUnavailableError" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _task_spec(task: Task | str) -> str:
@@ -252,7 +425,7 @@ def _run_scheduler(
     backend: str,
     backend_options: dict[str, Any],
     job: JobSpec,
-    config: Any,
+    manager: ResourceManager,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
     """Run the scheduler actor to completion, reporting its status every half second."""
@@ -260,7 +433,7 @@ def _run_scheduler(
 
     from smlt.actors.launch import launch_scheduler
 
-    actor = launch_scheduler(backend, backend_options, job, config)
+    actor = launch_scheduler(backend, backend_options, job, manager)
     try:
         done = actor.run.remote()
         while True:

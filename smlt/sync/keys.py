@@ -17,7 +17,8 @@ Layout (``J`` = job id)::
     smlt:J:t{t}:mean             the averaged gradient (centralized baseline only)
     smlt:J:t{t}:mready           stream: "the aggregator published the mean" (centralized only)
     smlt:J:progress              stream of worker reports (the paper's success flags)
-    smlt:J:control               scheduler -> workers (stop iteration, generation)
+    smlt:J:g{g}:stop             generation g: {"at": stop iteration, "requested": 0|1}
+    smlt:J:g{g}:hb:{r}:{a}       generation g: attempt a of rank r is alive (expires unless renewed)
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ class JobKeys:
     def progress(self) -> str:
         return f"{self._prefix}:progress"
 
-    def control(self) -> str:
-        return f"{self._prefix}:control"
+    def stop(self, generation: int) -> str:
+        return f"{self._prefix}:g{generation}:stop"
+
+    def heartbeat(self, generation: int, rank: int, attempt: int) -> str:
+        return f"{self._prefix}:g{generation}:hb:{rank}:{attempt}"
 
     def pattern(self) -> str:
         """SCAN pattern matching every key of this job (for cleanup and tests only)."""

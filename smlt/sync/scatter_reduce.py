@@ -186,14 +186,16 @@ class ScatterReduce(Exchange):
             extra=result.extra,
         )
         _announce_param(self.store, self.keys, t + 1, r, self.param_ttl_s)
-        # Everyone has read version t (they uploaded gradients computed from it): drop it. The
-        # slices of step t stay one more step, for a duplicate owner racing this one; those of
-        # step t-1 go now rather than hold (3n-2)G per step until the TTL.
+        # Everything of step t stays one more step: a replacement for a worker that died during
+        # step t restarts at t and needs version t and the slices of t; a duplicate owner racing
+        # this one needs them too. What step t-1 wrote goes now, rather than holding (3n-2)G per
+        # step until the TTL.
         stale = [self.keys.grad(t - 1, r, p) for p in range(self.workers) if p != r]
-        stale += [self.keys.grad_ready(t - 1, r), self.keys.param(t, r), self.keys.optim(t, r)]
+        stale += [self.keys.grad_ready(t - 1, r), self.keys.param(t - 1, r)]
+        stale += [self.keys.optim(t - 1, r)]
         self.store.unlink(r, stale)
         if r == 0:
-            self.store.unlink(_PREADY_INSTANCE, [self.keys.param_ready(t)])
+            self.store.unlink(_PREADY_INSTANCE, [self.keys.param_ready(t - 1)])
 
     def gather(self, version: int, out: np.ndarray | None = None) -> np.ndarray:
         """All ``n`` shards of ``version`` from the store (a worker's start, or a resume)."""

@@ -19,6 +19,7 @@ from smlt.client.artifacts import (
     default_cache_dir,
     load_packaged_task,
 )
+from smlt.client.checkpoint import CheckpointStore
 from smlt.storage.objects import open_object_store
 from smlt.sync.store import ParameterStore
 from smlt.task import Task
@@ -38,8 +39,11 @@ def handle(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     remaining_s = _remaining_time(payload, context, started)
     task, reader = _warm(payload)
     store = ParameterStore.from_urls(list(payload.redis_urls))
+    checkpoints = CheckpointStore(reader.store, payload.job_id)
     try:
-        trainer = Trainer(payload, task, reader, store, remaining_s=remaining_s)
+        trainer = Trainer(
+            payload, task, reader, store, remaining_s=remaining_s, checkpoints=checkpoints
+        )
         return trainer.run().to_dict()
     finally:
         for client in store.all_clients():

@@ -14,6 +14,7 @@ this way. For them :func:`make_update` says so and returns None: the trainer fal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -23,7 +24,7 @@ import torch
 from smlt.errors import CodecError, TaskError
 from smlt.worker.flat import FlatModel
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "is_shardable"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "ShardState", "is_shardable"]
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -101,42 +102,115 @@ class ShardOptimizer:
             for piece, a, b in self.pieces:
                 piece.copy_(self.flat.values[a:b])
 
-    def state_bytes(self) -> bytes:
-        """The optimizer state of this shard, msgpack-encoded (no pickle)."""
+    def state(self) -> ShardState:
+        """This shard's optimizer state as flat arrays over ``[lo, hi)`` plus shared scalars.
+
+        Elementwise optimizers keep one tensor per parameter element (momentum, Adam moments)
+        and a few scalars (Adam's step count) that are equal for all pieces. Flattening them
+        onto the shard's element range makes state independent of how the model is cut: shards
+        of n workers concatenate into the full state, which re-splits for any other n.
+        """
+        size = self.hi - self.lo
+        arrays: dict[str, np.ndarray] = {}
+        scalars: dict[str, tuple[float, str]] = {}
         if self.optimizer is None:
-            return msgpack.packb({})
-        state = self.optimizer.state_dict()["state"]
+            return ShardState(self.lo, self.hi, arrays, scalars)
+        for piece, a, b in self.pieces:
+            for name, value in self.optimizer.state.get(piece, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    flat = arrays.setdefault(name, np.zeros(size, dtype=np.float32))
+                    flat[a - self.lo : b - self.lo] = value.detach().reshape(-1).numpy()
+                else:
+                    number = float(value)
+                    kind = (
+                        str(value.dtype).removeprefix("torch.")
+                        if isinstance(value, torch.Tensor)
+                        else type(value).__name__
+                    )
+                    scalars[name] = (number, kind)
+        return ShardState(self.lo, self.hi, arrays, scalars)
+
+    def load_state(self, state: ShardState) -> None:
+        """Restore a :meth:`state` taken over the same element range (re-slice first if not)."""
+        if (state.lo, state.hi) != (self.lo, self.hi):
+            raise ValueError(
+                f"state covers [{state.lo}, {state.hi}), shard is [{self.lo}, {self.hi})"
+            )
+        if self.optimizer is None or (not state.arrays and not state.scalars):
+            return
+        for piece, a, b in self.pieces:
+            entry: dict[str, Any] = {}
+            for name, flat in state.arrays.items():
+                entry[name] = torch.from_numpy(
+                    np.array(flat[a - self.lo : b - self.lo], dtype=np.float32)
+                ).reshape(piece.shape)
+            for name, (number, kind) in state.scalars.items():
+                entry[name] = (
+                    torch.tensor(number, dtype=getattr(torch, kind))
+                    if hasattr(torch, kind)
+                    else (int(number) if kind == "int" else number)
+                )
+            self.optimizer.state[piece] = entry
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """Optimizer state of elements ``[lo, hi)``: per-element arrays and shared scalars."""
+
+    lo: int
+    hi: int
+    arrays: dict[str, np.ndarray]
+    scalars: dict[str, tuple[float, str]]
+
+    def to_bytes(self) -> bytes:
+        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
         return msgpack.packb(
-            {int(i): {k: _pack_value(v) for k, v in s.items()} for i, s in state.items()}
+            {
+                "lo": self.lo,
+                "hi": self.hi,
+                "arrays": {k: v.astype(np.float32).tobytes() for k, v in self.arrays.items()},
+                "scalars": {k: list(v) for k, v in self.scalars.items()},
+            }
         )
 
-    def load_state_bytes(self, data: bytes, where: str) -> None:
-        """Restore what :meth:`state_bytes` wrote (same shard bounds, same optimizer)."""
-        if self.optimizer is None:
-            return
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> ShardState:
         try:
-            raw = msgpack.unpackb(data, strict_map_key=False)
-            state = {int(i): {k: _unpack_value(v) for k, v in s.items()} for i, s in raw.items()}
+            raw = msgpack.unpackb(data)
+            arrays = {k: np.frombuffer(v, dtype=np.float32) for k, v in raw["arrays"].items()}
+            scalars = {k: (float(v[0]), str(v[1])) for k, v in raw["scalars"].items()}
+            state = cls(int(raw["lo"]), int(raw["hi"]), arrays, scalars)
         except Exception as exc:
             raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
-        groups = self.optimizer.state_dict()["param_groups"]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        for name, flat in arrays.items():
+            if flat.size != state.hi - state.lo:
+                raise CodecError(
+                    f"{where}: state {name!r} has {flat.size} elements, "
+                    f"expected {state.hi - state.lo}"
+                )
+        return state
 
+    @staticmethod
+    def concatenate(parts: list[ShardState]) -> ShardState:
+        """Join the states of consecutive shards (in shard order) into one."""
+        parts = sorted(parts, key=lambda p: p.lo)
+        lo, hi = parts[0].lo, parts[-1].hi
+        names = {name for p in parts for name in p.arrays}
+        arrays = {}
+        for name in names:
+            flat = np.zeros(hi - lo, dtype=np.float32)
+            for p in parts:
+                if name in p.arrays:
+                    flat[p.lo - lo : p.hi - lo] = p.arrays[name]
+            arrays[name] = flat
+        scalars: dict[str, tuple[float, str]] = {}
+        for p in parts:
+            scalars.update(p.scalars)
+        return ShardState(lo, hi, arrays, scalars)
 
-def _pack_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        return {
-            "dtype": str(t.dtype).removeprefix("torch."),
-            "shape": list(t.shape),
-            "data": t.numpy().tobytes(),
-        }
-    return value
-
-
-def _unpack_value(value: Any) -> Any:
-    if isinstance(value, dict) and "dtype" in value:
-        dtype = getattr(torch, value["dtype"])
-        array = np.frombuffer(value["data"], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-        return torch.from_numpy(array.copy()).reshape(value["shape"])
-    return value
+    def slice(self, lo: int, hi: int) -> ShardState:
+        """The state of elements ``[lo, hi)`` (a sub-range of this one)."""
+        if not self.lo <= lo <= hi <= self.hi:
+            raise ValueError(f"[{lo}, {hi}) is not inside [{self.lo}, {self.hi})")
+        arrays = {k: v[lo - self.lo : hi - self.lo].copy() for k, v in self.arrays.items()}
+        return ShardState(lo, hi, arrays, dict(self.scalars))

@@ -24,8 +24,8 @@ class StopReason:
     """Why a worker's invocation ended (strings, so reports stay JSON)."""
 
     FINISHED = "finished"  # the job reached its last iteration
-    STOP_ITERATION = "stop_iteration"  # reached the generation's stop iteration (re-scaling)
-    TIME_LIMIT = "time_limit"  # the function's remaining time fell under the margin
+    STOP_ITERATION = "stop_iteration"  # the generation agreed to stop (a peer or the scheduler)
+    TIME_LIMIT = "time_limit"  # this function's remaining time fell under the margin
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class WorkerReport:
     stop_reason: str
     wall_s: float
     init_s: float
+    checkpoint_iteration: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,21 +28,26 @@ import numpy as np
 import torch
 
 from smlt.client.artifacts import DataReader
+from smlt.client.checkpoint import CheckpointStore
 from smlt.errors import TaskError, TrainingError
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
 from smlt.sync.store import ParameterStore
 from smlt.task import Task, run_evaluate
+from smlt.worker.control import Heartbeat, should_stop
+from smlt.worker.faults import FaultInjector
 from smlt.worker.flat import FlatModel
-from smlt.worker.optim import ShardOptimizer, is_shardable
+from smlt.worker.optim import ShardOptimizer, ShardState, is_shardable
 from smlt.worker.payload import StopReason, WorkerPayload, WorkerReport
 from smlt.worker.sampler import GlobalBatchSampler
 
-__all__ = ["PROGRESS_MAXLEN", "Trainer"]
+__all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "Trainer"]
 
 #: The progress stream keeps about this many entries (XADD MAXLEN ~).
 PROGRESS_MAXLEN = 200_000
+#: Seconds of slack kept before a function's time limit beyond 2 x the slowest iteration.
+MIN_MARGIN_S = float(os.environ.get("SMLT_MIN_MARGIN_S", "1.0"))
 
 
 @dataclass
@@ -61,8 +67,12 @@ class Trainer:
         store: ParameterStore,
         *,
         remaining_s: Callable[[], float] | None = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         self.payload = payload
+        self.checkpoints = checkpoints
+        self._ckpt_written: int | None = None
+        self._ckpt_s = 0.0
         self.task = task
         self.reader = reader
         self.store = store
@@ -104,7 +114,7 @@ class Trainer:
     def _owner_update(self, t: int, shard: int, mean: np.ndarray) -> ShardUpdate:
         assert self.shard_optimizer is not None
         params = self.shard_optimizer.step(mean)
-        state = np.frombuffer(self.shard_optimizer.state_bytes(), dtype=np.uint8)
+        state = np.frombuffer(self.shard_optimizer.state().to_bytes(), dtype=np.uint8)
         frame = codec.encode(codec.FrameHeader("optim", self.keys.job, t + 1, shard), state)
         return ShardUpdate(params, extra=[(self.keys.optim(t + 1, shard), frame)])
 
@@ -118,31 +128,41 @@ class Trainer:
             frame = self.store.get(self.payload.rank, key)
             if frame is not None:
                 header = codec.FrameHeader("optim", self.keys.job, version, self.payload.rank)
-                self.shard_optimizer.load_state_bytes(
-                    codec.decode(frame, header, key).tobytes(), key
-                )
+                raw = codec.decode(frame, header, key).tobytes()
+                self.shard_optimizer.load_state(ShardState.from_bytes(raw, key))
         else:
             self.exchange.gather(version, out=self.flat.values_numpy())
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> WorkerReport:
+        """Iterations from ``start_iteration`` until the job ends, the generation's agreed stop
+        iteration, or the function's time runs short; then the boundary checkpoint."""
         p = self.payload
         began = time.monotonic()
-        self._load_state(p.start_iteration)
-        init_s = time.monotonic() - began
-        t = p.start_iteration
-        reason = (
-            StopReason.FINISHED
-            if p.end_iteration == p.total_iterations
-            else StopReason.STOP_ITERATION
-        )
+        options = p.options
+        heartbeat = None
+        if options.get("heartbeat_timeout_s"):
+            heartbeat = Heartbeat(
+                self.store.client(0),
+                self.keys,
+                p.generation,
+                p.rank,
+                p.attempt,
+                interval_s=float(options.get("heartbeat_interval_s", 1.0)),
+                timeout_s=float(options["heartbeat_timeout_s"]),
+            ).start()
+        faults = FaultInjector.from_option(str(options.get("faults", "")), p.rank, p.attempt)
         try:
-            while t < p.end_iteration:
-                self._iteration(t)
-                t += 1
+            self._load_state(p.start_iteration)
+            init_s = time.monotonic() - began
+            t, reason = self._loop(faults)
+            if self.checkpoints is not None and t > p.start_iteration and t != self._ckpt_written:
+                self._write_checkpoint(t)
         finally:
             self.exchange.close()
+            if heartbeat is not None:
+                heartbeat.stop()
         return WorkerReport(
             rank=p.rank,
             generation=p.generation,
@@ -151,7 +171,51 @@ class Trainer:
             stop_reason=reason,
             wall_s=time.monotonic() - began,
             init_s=init_s,
+            checkpoint_iteration=self._ckpt_written,
         )
+
+    def _loop(self, faults: FaultInjector) -> tuple[int, str]:
+        p = self.payload
+        client = self.store.client(0)
+        slowest_s = 0.0
+        t = p.start_iteration
+        while t < p.end_iteration:
+            short_of_time = False
+            if self.remaining_s is not None:
+                # Room for this iteration and one more, plus the boundary checkpoint.
+                margin_s = 2 * slowest_s + self._ckpt_s + MIN_MARGIN_S
+                short_of_time = self.remaining_s() < margin_s
+            if should_stop(client, self.keys, p.generation, t, propose=short_of_time):
+                return t, StopReason.TIME_LIMIT if short_of_time else StopReason.STOP_ITERATION
+            faults.maybe_fire(t)
+            began = time.monotonic()
+            self._iteration(t)
+            slowest_s = max(slowest_s * 0.9, time.monotonic() - began)
+            t += 1
+        reason = StopReason.FINISHED if t == p.total_iterations else StopReason.STOP_ITERATION
+        return t, reason
+
+    def _write_checkpoint(self, version: int) -> None:
+        """This owner's shard of ``version`` (parameters and optimizer state) to the object
+        store; the scheduler commits the checkpoint once every shard is there."""
+        assert self.checkpoints is not None
+        began = time.monotonic()
+        r, job = self.payload.rank, self.keys.job
+        sl = self.exchange.slices[r]
+        params = codec.encode(
+            codec.FrameHeader("param", job, version, r), self.flat.values_numpy()[sl]
+        )
+        if self.shard_optimizer is not None:
+            state = self.shard_optimizer.state().to_bytes()
+        else:
+            state = ShardState(sl.start, sl.stop, {}, {}).to_bytes()
+        optim = codec.encode(
+            codec.FrameHeader("optim", job, version, r), np.frombuffer(state, dtype=np.uint8)
+        )
+        self.checkpoints.write_shard(version, r, "param", params)
+        self.checkpoints.write_shard(version, r, "optim", optim)
+        self._ckpt_written = version
+        self._ckpt_s = time.monotonic() - began
 
     def _iteration(self, t: int) -> None:
         p = self.payload
@@ -185,6 +249,9 @@ class Trainer:
         else:
             self._replicated_step(t, grad)
         phases = self.exchange.last_phases
+        every = int(p.options.get("checkpoint_every", 0))
+        if self.checkpoints is not None and every > 0 and (t + 1) % every == 0:
+            self._write_checkpoint(t + 1)
 
         iter_s = time.monotonic() - started  # evaluation below is not part of the iteration
         metrics: dict[str, float] = {}
@@ -195,6 +262,7 @@ class Trainer:
         fields: dict[str, float | int | str] = {
             "rank": p.rank,
             "gen": p.generation,
+            "attempt": p.attempt,
             "t": t,
             "loss": loss_value,
             "samples": len(indices),
@@ -209,6 +277,8 @@ class Trainer:
         }
         if metrics:
             fields["metrics"] = json.dumps(metrics)
+        if self._ckpt_written == t + 1:
+            fields["ckpt"] = t + 1
         self.store.client(0).xadd(
             self.keys.progress(), fields, maxlen=PROGRESS_MAXLEN, approximate=True
         )
