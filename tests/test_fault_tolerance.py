@@ -37,7 +37,7 @@ def smlt(args: list[str], cwd: Path, *, faults: str = "", timeout_s: float = 300
         timeout=timeout_s,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = Path(cwd) / args[args.index("--output") + 1] if "--output" in args else Path(args[1])
+    out = Path(cwd) / (args[args.index("--output") + 1] if "--output" in args else args[1])
     return json.loads((out / "result.json").read_text())
 
 
@@ -63,6 +63,13 @@ def baseline(workdir: Path) -> Path:
     return workdir / "baseline"
 
 
+@pytest.fixture(scope="module")
+def baseline6(workdir: Path) -> Path:
+    """A longer uninterrupted run (6 epochs), for the kill-and-recover tests."""
+    smlt(["train", DIGITS, *COMMON, "--epochs", "6", "--output", "ref6"], workdir)
+    return workdir / "ref6"
+
+
 @pytest.mark.parametrize("action", ["kill", "raise", "hang"])
 def test_injected_fault_recovers_bit_identically(
     action: str, workdir: Path, baseline: Path
@@ -84,10 +91,21 @@ def test_injected_fault_recovers_bit_identically(
 
 
 def test_function_timeout_forces_generations_with_identical_result(
-    workdir: Path, baseline: Path
+    workdir: Path, baseline6: Path
 ) -> None:
     result = smlt(
-        ["train", DIGITS, *COMMON, "--output", "timeout", "--function-timeout", "2.5"], workdir
+        [
+            "train",
+            DIGITS,
+            *COMMON,
+            "--epochs",
+            "6",
+            "--output",
+            "timeout",
+            "--function-timeout",
+            "2",
+        ],
+        workdir,
     )
     generations = result["generations"]
     assert len(generations) >= 3, generations
@@ -95,8 +113,8 @@ def test_function_timeout_forces_generations_with_identical_result(
     assert {g["ended_because"] for g in generations[:-1]} == {"function time limit"}
     starts = [g["start_iteration"] for g in generations]
     stops = [g["stop_iteration"] for g in generations]
-    assert starts[1:] == stops[:-1] and stops[-1] == ITERATIONS
-    assert_identical(workdir / "timeout", baseline)
+    assert starts[1:] == stops[:-1] and stops[-1] == 2 * ITERATIONS
+    assert_identical(workdir / "timeout", baseline6)
 
 
 def test_rescale_four_to_two_matches_fixed_run(workdir: Path, baseline: Path) -> None:
@@ -160,13 +178,6 @@ def _start_and_kill_when_checkpointed(workdir: Path, out: str, kill: str) -> flo
         _stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-4000:]
     return killed_at
-
-
-@pytest.fixture(scope="module")
-def baseline6(workdir: Path) -> Path:
-    """A longer uninterrupted run (6 epochs), for the kill-and-recover tests."""
-    smlt(["train", DIGITS, *COMMON, "--epochs", "6", "--output", "ref6"], workdir)
-    return workdir / "ref6"
 
 
 def test_driver_killed_then_resume_finishes_identically(workdir: Path, baseline6: Path) -> None:
