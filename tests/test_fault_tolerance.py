@@ -163,16 +163,21 @@ def _start_and_kill_when_checkpointed(workdir: Path, out: str, kill: str) -> flo
         time.sleep(0.1)
     else:
         proc.kill()
+        proc.communicate(timeout=30)
         pytest.fail("no checkpoint was committed within 120 s")
     killed_at = time.monotonic()
     if kill == "driver":
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        proc.communicate(timeout=30)
     else:
+        # The embedded redis-server is the driver's child (in a session of its own).
         pids = subprocess.run(
-            ["pgrep", "-s", str(proc.pid), "redis-server"], capture_output=True, text=True
+            ["pgrep", "-P", str(proc.pid), "redis-server"], capture_output=True, text=True
         ).stdout.split()
-        assert pids, "no embedded redis-server found"
+        if not pids:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+            pytest.fail("no embedded redis-server found")
         for pid in pids:
             os.kill(int(pid), signal.SIGKILL)
         _stdout, stderr = proc.communicate(timeout=300)

@@ -30,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 import trio
 
 from smlt.actors.progress import ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
 from smlt.client.checkpoint import CheckpointStore
-from smlt.errors import SmltError, TrainingError
+from smlt.errors import SmltError, StoreUnavailableError, TrainingError
 from smlt.storage.objects import open_object_store
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
@@ -179,6 +180,8 @@ class TaskScheduler:
             except BaseExceptionGroup as group:
                 # Nurseries wrap errors in groups; the caller wants the one that ended the run.
                 raise _primary_error(group) from None
+            except redis.RedisError as exc:
+                raise StoreUnavailableError(f"lost the parameter store: {exc}") from exc
         except BaseException as exc:
             with self._lock:
                 self._state = "failed"
@@ -309,6 +312,12 @@ class TaskScheduler:
                 detected = time.monotonic()
                 await invocation.cancel()  # a hung process must not keep the slot
                 self._ended(rank, invocation)
+                if not await trio.to_thread.run_sync(self._store_alive):
+                    # Re-invoking cannot help: everything a worker resumes from is gone.
+                    await self._cancel_all()
+                    raise StoreUnavailableError(
+                        f"worker {rank} failed and the parameter store is unreachable: {exc}"
+                    ) from exc
                 hung = (gen, rank, attempt) in self._hung
                 cause = (
                     "heartbeat timeout (worker stopped responding)"
@@ -374,6 +383,12 @@ class TaskScheduler:
                     await trio.sleep(0.02)
         with self.log.lock:
             return self.log.rank_next.get(rank, 0)
+
+    def _store_alive(self) -> bool:
+        try:
+            return all(bool(c.ping()) for c in self.store.all_clients())
+        except redis.RedisError:
+            return False
 
     def _ended(self, rank: int, invocation: Invocation) -> None:
         with self._lock:
@@ -481,4 +496,7 @@ def _primary_error(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    return next((e for e in leaves if isinstance(e, SmltError)), leaves[0])
+    primary = next((e for e in leaves if isinstance(e, SmltError)), leaves[0])
+    if isinstance(primary, redis.RedisError):
+        return StoreUnavailableError(f"lost the parameter store: {primary}")
+    return primary

@@ -271,7 +271,7 @@ def _execute(
                 job = _job_spec(plan, redis_urls, start, faults, latest)
                 try:
                     summary = _run_scheduler(plan.backend, backend_options, job, manager, progress)
-                except TrainingError as exc:
+                except (TrainingError, StoreUnavailableError) as exc:
                     if not _store_lost(exc, redis_url) or restarts >= _REDIS_RESTARTS:
                         raise
                     restarts += 1
