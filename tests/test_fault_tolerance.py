@@ -63,10 +63,31 @@ def baseline(workdir: Path) -> Path:
     return workdir / "baseline"
 
 
+SLOW_SUFFIX = """
+
+class SlowDigits(Digits):
+    # 20 ms more per iteration: bounds the iteration rate, so a function time limit of 1.2 s
+    # always splits 66 iterations into 3 or more generations, on a fast or a loaded machine.
+    def loss(self, model, batch):
+        import time
+
+        time.sleep(0.02)
+        return super().loss(model, batch)
+"""
+
+
 @pytest.fixture(scope="module")
-def baseline6(workdir: Path) -> Path:
-    """A longer uninterrupted run (6 epochs), for the kill-and-recover tests."""
-    smlt(["train", DIGITS, *COMMON, "--epochs", "6", "--output", "ref6"], workdir)
+def slow(workdir: Path) -> str:
+    """Digits with a floor on iteration time (a one-file task, as workers receive it)."""
+    path = workdir / "slow_digits.py"
+    path.write_text((REPO / "examples" / "digits.py").read_text() + SLOW_SUFFIX)
+    return f"{path}:SlowDigits"
+
+
+@pytest.fixture(scope="module")
+def baseline6(workdir: Path, slow: str) -> Path:
+    """A longer uninterrupted run (6 epochs), for the generation and kill-and-recover tests."""
+    smlt(["train", slow, *COMMON, "--epochs", "6", "--output", "ref6"], workdir)
     return workdir / "ref6"
 
 
@@ -91,19 +112,19 @@ def test_injected_fault_recovers_bit_identically(
 
 
 def test_function_timeout_forces_generations_with_identical_result(
-    workdir: Path, baseline6: Path
+    workdir: Path, slow: str, baseline6: Path
 ) -> None:
     result = smlt(
         [
             "train",
-            DIGITS,
+            slow,
             *COMMON,
             "--epochs",
             "6",
             "--output",
             "timeout",
             "--function-timeout",
-            "2",
+            "1.2",
         ],
         workdir,
     )
@@ -126,7 +147,7 @@ def test_rescale_four_to_two_matches_fixed_run(workdir: Path, baseline: Path) ->
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def _start_and_kill_when_checkpointed(workdir: Path, out: str, kill: str) -> float:
+def _start_and_kill_when_checkpointed(workdir: Path, task: str, out: str, kill: str) -> float:
     """Start a run; once a checkpoint is committed, SIGKILL the driver's whole process group
     (``kill == "driver"``) or only its embedded redis-server (``kill == "redis"``)."""
     env = {**os.environ, "SMLT_OBJECT_STORE": str(workdir / "objects"), "SMLT_FAULTS": ""}
@@ -136,7 +157,7 @@ def _start_and_kill_when_checkpointed(workdir: Path, out: str, kill: str) -> flo
             "-m",
             "smlt",
             "train",
-            DIGITS,
+            task,
             *COMMON,
             "--epochs",
             "6",
@@ -185,15 +206,19 @@ def _start_and_kill_when_checkpointed(workdir: Path, out: str, kill: str) -> flo
     return killed_at
 
 
-def test_driver_killed_then_resume_finishes_identically(workdir: Path, baseline6: Path) -> None:
-    _start_and_kill_when_checkpointed(workdir, "resumed", kill="driver")
+def test_driver_killed_then_resume_finishes_identically(
+    workdir: Path, slow: str, baseline6: Path
+) -> None:
+    _start_and_kill_when_checkpointed(workdir, slow, "resumed", kill="driver")
     result = smlt(["resume", "resumed"], workdir)
     assert_identical(workdir / "resumed", baseline6)
     assert [h["iteration"] for h in result["history"]] == list(range(2 * ITERATIONS))
 
 
-def test_redis_killed_mid_run_recovers_from_checkpoint(workdir: Path, baseline6: Path) -> None:
-    killed_at = _start_and_kill_when_checkpointed(workdir, "redis-lost", kill="redis")
+def test_redis_killed_mid_run_recovers_from_checkpoint(
+    workdir: Path, slow: str, baseline6: Path
+) -> None:
+    killed_at = _start_and_kill_when_checkpointed(workdir, slow, "redis-lost", kill="redis")
     result = json.loads((workdir / "redis-lost" / "result.json").read_text())
     assert any("store_lost" in f for f in result["failures"])
     assert_identical(workdir / "redis-lost", baseline6)
