@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -75,3 +76,25 @@ def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("rediss://user:pw@h:1/0") == "rediss://user:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A driver killed with SIGKILL runs no cleanup; its Redis must not outlive it."""
+    code = (
+        "import sys, time; from smlt.storage.redis_server import RedisServer; "
+        "s = RedisServer().start(); print(s.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    redis_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.communicate(timeout=10)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = (
+        Path(f"/proc/{redis_pid}/stat").read_text().split()[2]
+        if Path(f"/proc/{redis_pid}/stat").exists()
+        else "gone"
+    )
+    assert state in ("gone", "Z"), f"redis-server {redis_pid} outlived its parent ({state})"

