@@ -23,7 +23,6 @@ cannot beat either of two bounds:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks._output import command_line, write_outputs
 
 SCHEMES = ("scatter_reduce", "centralized", "all_to_all")
 PHASES = ("ul_shard_s", "dl_shard_s", "ul_aggr_s", "dl_grad_s")
@@ -459,18 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in servers:
             s.stop()
-    data["command"] = "python -m benchmarks.comm_time " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    text = json.dumps(data, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
-    else:
-        print(text)
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(data, args.plot)
+    data["command"] = command_line("benchmarks.comm_time", argv)
+    write_outputs(data, args.json, args.plot, plot)
     return 0
 
 

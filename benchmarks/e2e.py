@@ -69,6 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks._output import command_line, write_outputs
+
 __all__ = ["EXAMPLES", "Example", "ReportReader", "main", "measure_run", "summarize"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,22 +395,14 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     info["load_average_at_end"] = os.getloadavg()
     data = {
-        "command": "python -m benchmarks.e2e " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks.e2e", argv),
         "machine": info,
         "iterations": args.iterations,
         "warmup": args.warmup,
         "overhead_formula": OVERHEAD_FORMULA,
         "results": results,
     }
-    text = json.dumps(data, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
-    else:
-        print(text)
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(data, args.plot)
+    write_outputs(data, args.json, args.plot, plot)
     return 0
 
 

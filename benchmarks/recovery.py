@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from benchmarks._output import write_outputs
+
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
 ARGS = ["--epochs", "3", "--batch-size", "128", "--workers", "4", "--seed", "3"]
@@ -81,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_wall_s": base["wall_s"],
         "results": rows,
     }
-    text = json.dumps(data, indent=2)
-    if args.json:
-        args.json.write_text(text)
-    print(text)
+    write_outputs(data, args.json)
     return 0
 
 
