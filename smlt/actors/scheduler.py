@@ -55,12 +55,14 @@ _PROGRESS_BLOCK_MS = 500
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a failed worker is re-invoked: at most ``max_attempts`` per rank and generation,
-    after ``backoff_s`` x 2^k with +-``jitter`` (so n failed ranks do not all return at once)."""
+    after ``backoff_s`` x 2^k with +-``jitter`` (so n failed ranks do not all return at once),
+    and never after ``deadline_s`` since the rank's first failure in the generation."""
 
     max_attempts: int = 4
     backoff_s: float = 0.2
     max_backoff_s: float = 10.0
     jitter: float = 0.5
+    deadline_s: float = 600.0
 
     def delay_s(self, attempt: int) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 1))
@@ -297,6 +299,7 @@ class TaskScheduler:
     ) -> None:
         attempt, resume = 0, start
         causes: list[str] = []
+        first_failure: float | None = None
         while True:
             invocation = await self.backend.invoke(self._payload(gen, rank, resume, attempt, cfg))
             with self._lock:
@@ -338,11 +341,16 @@ class TaskScheduler:
                     self._failures.append(record)
                 repeated = _cause_key(cause) in causes
                 causes.append(_cause_key(cause))
-                if repeated or attempt + 1 >= self.spec.retry.max_attempts:
+                first_failure = detected if first_failure is None else first_failure
+                late = detected - first_failure > self.spec.retry.deadline_s
+                if repeated or late or attempt + 1 >= self.spec.retry.max_attempts:
                     await self._cancel_all()
-                    why = (
-                        "failed the same way twice" if repeated else (f"failed {attempt + 1} times")
-                    )
+                    if repeated:
+                        why = "failed the same way twice"
+                    elif late:
+                        why = f"kept failing for over {self.spec.retry.deadline_s:g} s"
+                    else:
+                        why = f"failed {attempt + 1} times"
                     raise TrainingError(
                         f"worker {rank} {why} at iteration {resume} (generation {gen}); last "
                         f"cause: {cause}"
