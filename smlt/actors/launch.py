@@ -48,5 +48,6 @@ def launch_scheduler(
     backend: str, backend_options: dict[str, Any], spec: JobSpec, manager: ResourceManager
 ) -> Any:
     """Start the scheduler actor; returns its handle."""
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)(SchedulerHost)
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 0}
+    actor_cls = ray.remote(**options)(SchedulerHost)
     return actor_cls.remote(backend, backend_options, spec, manager.settings())

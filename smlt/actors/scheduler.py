@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import trio
@@ -125,7 +125,7 @@ class TaskScheduler:
         self._generation = 0
         self._recoveries: list[Callable[[], None]] = []  # fill a failure's recovery_s later
         self._beaten: set[tuple[int, int, int]] = set()  # (gen, rank, attempt) seen beating
-        self._followed_id = b"0-0"  # the last progress entry folded into the log
+        self._followed_id: bytes = b"0-0"  # the last progress entry folded into the log
 
     # -- what the driver sees ------------------------------------------------------------------
 
@@ -370,13 +370,7 @@ class TaskScheduler:
                 record["recovery_s"] = first - detected
 
         with self._lock:
-            self._pending_recoveries.append(fill)
-
-    @property
-    def _pending_recoveries(self) -> list[Any]:
-        if not hasattr(self, "_recoveries"):
-            self._recoveries: list[Any] = []
-        return self._recoveries
+            self._recoveries.append(fill)
 
     async def _rank_position(self, rank: int) -> int:
         """The iteration ``rank`` had not finished, once the follower has read every report
@@ -386,8 +380,9 @@ class TaskScheduler:
             functools.partial(client.xrevrange, self.keys.progress(), count=1)
         )
         if newest:
+            target = _stream_id(cast(bytes, newest[0][0]))
             with trio.move_on_after(5):
-                while self._followed_id < newest[0][0]:
+                while _stream_id(self._followed_id) < target:
                     await trio.sleep(0.02)
         with self.log.lock:
             return self.log.rank_next.get(rank, 0)
@@ -474,7 +469,7 @@ class TaskScheduler:
                     count=1000,
                 )
             )
-            for _name, entries in reply or ():
+            for _name, entries in cast(list[Any], reply or []):
                 for entry_id, fields in entries:
                     report = {k.decode(): v.decode() for k, v in fields.items()}
                     await trio.to_thread.run_sync(self.log.fold, report)
@@ -485,6 +480,12 @@ class TaskScheduler:
                 fill()
             if finishing and not reply:
                 return
+
+
+def _stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A Redis stream id ``b"<ms>-<seq>"`` as numbers: ids do not sort as strings."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _cause_key(cause: str) -> str:

@@ -66,7 +66,7 @@ def plot_run(
         for name in metric_names:
             twin.plot(
                 [e["iteration"] for e in epochs],
-                [e.get(name) for e in epochs],
+                [e.get(name, float("nan")) for e in epochs],
                 "s--",
                 ms=4,
                 label=f"held-out {name}",

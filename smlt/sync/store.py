@@ -18,6 +18,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import redis
 
@@ -165,7 +166,7 @@ class Announcements:
             block_ms = max(1, min(_MAX_BLOCK_MS, int(left_s * 1000)))
             with translate_redis_errors(f"{self._what}: waiting on {self._stream}"):
                 reply = self._client.xread({self._stream: last_id}, block=block_ms)
-            for _stream, entries in reply or ():
+            for _stream, entries in cast(list[Any], reply or []):
                 for entry_id, fields in entries:
                     last_id = entry_id
                     rank = int(fields[b"r"])

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -280,7 +281,10 @@ class Trainer:
         if self._ckpt_written == t + 1:
             fields["ckpt"] = t + 1
         self.store.client(0).xadd(
-            self.keys.progress(), fields, maxlen=PROGRESS_MAXLEN, approximate=True
+            self.keys.progress(),
+            cast(dict[Any, Any], fields),
+            maxlen=PROGRESS_MAXLEN,
+            approximate=True,
         )
 
     def _replicated_step(self, t: int, grad: np.ndarray) -> None:
