@@ -1,9 +1,10 @@
 """A real S3 endpoint for tests: moto's server on 127.0.0.1, spoken to over HTTP by boto3.
 
-Import the fixtures into a test module (``from tests.s3_server import s3_bucket, s3_endpoint``);
-they are session-scoped, so one server serves the whole run. The endpoint reaches the code under
-test the way it does in production, through ``AWS_ENDPOINT_URL_S3``; fake credentials and a region
-are set for the session and the previous environment is restored afterwards.
+Load it as a plugin in a test module (``pytest_plugins = ["tests.s3_server"]``). It provides
+``s3_endpoint`` (session-scoped: one server serves the whole run), ``s3_bucket`` (a fresh bucket)
+and ``store`` (each test once against a local folder and once against S3). The endpoint reaches
+the code under test the way it does in production, through ``AWS_ENDPOINT_URL_S3``; fake
+credentials and a region are set for the session and the previous environment is restored after.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
 
 __all__ = ["s3_bucket", "s3_endpoint"]
 
@@ -65,3 +69,13 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"smlt-test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """The same test against the local folder and S3 over real HTTP, so they cannot drift."""
+    if request.param == "local":
+        yield LocalObjectStore(tmp_path / "objects")
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        yield open_object_store(f"s3://{bucket}/some/prefix")

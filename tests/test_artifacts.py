@@ -6,7 +6,6 @@ import itertools
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +36,6 @@ SMALL_SHARD_BYTES = 100 * DIGITS_BYTES_PER_SAMPLE + 7  # 100 samples per shard, 
 @pytest.fixture(scope="module")
 def digits_data() -> tuple[torch.Tensor, ...]:
     return check_task(load_task(DIGITS)).tensors
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-    else:
-        yield open_object_store(f"s3://{request.getfixturevalue('s3_bucket')}/smlt")
 
 
 def test_manifest_fields(store: ObjectStore) -> None:

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from smlt.client.checkpoint import MARKER_NAME, Checkpoint, CheckpointStore, checkpoint_prefix
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
-from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
+from smlt.storage.objects import ObjectStore
 
 pytest_plugins = ["tests.s3_server"]
 
 JOB = "job-1"
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    """Every behaviour against both stores, so they cannot drift apart."""
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        yield open_object_store(f"s3://{bucket}/some/prefix")
 
 
 @pytest.fixture

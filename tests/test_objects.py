@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,6 @@ from smlt.storage.objects import (
 )
 
 pytest_plugins = ["tests.s3_server"]
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    """The same tests run against both stores, so they cannot drift apart."""
-    if request.param == "local":
-        yield LocalObjectStore(tmp_path / "objects")
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        yield open_object_store(f"s3://{bucket}/some/prefix")
 
 
 def test_round_trip(store: ObjectStore, tmp_path: Path) -> None:
