@@ -26,7 +26,6 @@ import functools
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -123,7 +122,6 @@ class TaskScheduler:
         self._failures: list[dict[str, Any]] = []
         self._checkpoints: list[int] = []
         self._generation = 0
-        self._recoveries: list[Callable[[], None]] = []  # fill a failure's recovery_s later
         self._beaten: set[tuple[int, int, int]] = set()  # (gen, rank, attempt) seen beating
         self._followed_id: bytes = b"0-0"  # the last progress entry folded into the log
 
@@ -165,12 +163,22 @@ class TaskScheduler:
                 "epochs": list(self.log.epochs),
                 "generations": list(self._generations),
                 "configs": list(self._configs),
-                "failures": list(self._failures),
+                "failures": [self._with_recovery(f) for f in self._failures],
                 "checkpoints": list(self._checkpoints),
                 "cost_usd": self._cost(include_running=False),
                 "billed_worker_s": sum(s for _m, s in self._billed),
                 "pricing": self.backend.pricing.name,
             }
+
+    def _with_recovery(self, failure: dict[str, Any]) -> dict[str, Any]:
+        """``failure`` with ``recovery_s``: from the failure being seen to the replacement's
+        first report (None if none came). Caller holds ``self.log.lock``."""
+        if "rank" not in failure:  # a missed checkpoint, not a worker
+            return dict(failure)
+        replacement = (failure["generation"], failure["rank"], failure["attempt"] + 1)
+        first = self.log.first_report_of.get(replacement)
+        detected = self.log.started + failure["detected_s"]
+        return {**failure, "recovery_s": None if first is None else first - detected}
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -335,7 +343,6 @@ class TaskScheduler:
                     "attempt": attempt,
                     "cause": cause,
                     "detected_s": detected - self.log.started,
-                    "recovery_s": None,
                 }
                 with self._lock:
                     self._failures.append(record)
@@ -357,20 +364,6 @@ class TaskScheduler:
                     ) from exc
                 attempt += 1
                 await trio.sleep(self.spec.retry.delay_s(attempt))
-                self._track_recovery(record, gen, rank, attempt, detected)
-
-    def _track_recovery(
-        self, record: dict[str, Any], gen: int, rank: int, attempt: int, detected: float
-    ) -> None:
-        """Fill ``recovery_s`` (failure seen -> replacement's first report) when it comes."""
-
-        def fill() -> None:
-            first = self.log.first_report_of.get((gen, rank, attempt))
-            if first is not None:
-                record["recovery_s"] = first - detected
-
-        with self._lock:
-            self._recoveries.append(fill)
 
     async def _rank_position(self, rank: int) -> int:
         """The iteration ``rank`` had not finished, once the follower has read every report
@@ -474,10 +467,6 @@ class TaskScheduler:
                     report = {k.decode(): v.decode() for k, v in fields.items()}
                     await trio.to_thread.run_sync(self.log.fold, report)
                     self._followed_id = entry_id
-            with self._lock:
-                fills = list(self._recoveries)
-            for fill in fills:
-                fill()
             if finishing and not reply:
                 return
 

@@ -358,7 +358,7 @@ def _store_lost(exc: BaseException, redis_url: str | None) -> bool:
         return False
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, StoreUnavailableError) or "StoreUnavailableError" in str(seen):
+        if isinstance(seen, StoreUnavailableError):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
