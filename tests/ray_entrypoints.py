@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from smlt import errors
-from smlt.worker.payload import StopReason
+from smlt.protocol.payload import StopReason
 
 
 def echo(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

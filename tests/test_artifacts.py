@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from smlt.client.artifacts import (
+from smlt.client.artifacts import package_task
+from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError, TaskError
+from smlt.storage.artifacts import (
     MANIFEST_FORMAT,
     ArtifactManifest,
     DataReader,
     artifact_prefix,
-    load_packaged_task,
     manifest_key,
-    package_task,
 )
-from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError, TaskError
 from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
 from smlt.task import check_task, load_task
+from smlt.worker.packaged import load_packaged_task
 
 pytest_plugins = ["tests.s3_server"]
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from smlt.client.checkpoint import MARKER_NAME, Checkpoint, CheckpointStore, checkpoint_prefix
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
+from smlt.storage.checkpoint import MARKER_NAME, Checkpoint, CheckpointStore, checkpoint_prefix
 from smlt.storage.objects import ObjectStore
 
 pytest_plugins = ["tests.s3_server"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from smlt.errors import ConfigError
-from smlt.worker.faults import (
+from smlt.protocol.faults import (
     Fault,
     FaultInjector,
     InjectedFault,
@@ -188,7 +188,7 @@ def test_negative_rank_or_attempt_is_refused() -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
-    from smlt.worker.faults import FaultInjector
+    from smlt.protocol.faults import FaultInjector
 
     schedule, rank, attempt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     injector = FaultInjector.from_option(schedule, rank=rank, attempt=attempt)

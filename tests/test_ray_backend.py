@@ -29,7 +29,7 @@ from smlt.errors import (
     TaskError,
     WorkerError,
 )
-from smlt.worker.payload import WorkerPayload
+from smlt.protocol.payload import WorkerPayload
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": TESTS_DIR}}

@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from smlt.client.artifacts import DataReader, load_packaged_task, package_task
+from smlt.client.artifacts import package_task
+from smlt.protocol.payload import WorkerPayload
+from smlt.storage.artifacts import DataReader
 from smlt.storage.objects import LocalObjectStore
 from smlt.storage.redis_server import RedisServer
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import publish_params
 from smlt.sync.store import ParameterStore
 from smlt.worker.flat import FlatModel
-from smlt.worker.payload import WorkerPayload
+from smlt.worker.packaged import load_packaged_task
 from smlt.worker.sampler import GlobalBatchSampler
 from smlt.worker.trainer import Trainer
 from tests.conftest import run_ranks

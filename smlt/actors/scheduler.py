@@ -5,7 +5,7 @@ inside a threaded Ray actor so that :meth:`TaskScheduler.status` answers while
 :meth:`TaskScheduler.run` works. ``run`` drives one trio loop:
 
 - **generations**: n invocations of fixed memory start together from one iteration and stop
-  together at an agreed boundary (:mod:`smlt.worker.control`): the job's end, a function about
+  together at an agreed boundary (:mod:`smlt.protocol.control`): the job's end, a function about
   to hit its time limit, or the resource manager re-scaling. At each boundary the checkpoint is
   committed and, if the worker count changes, parameters and optimizer state are re-sharded;
 - **failures**: a worker that raises, dies, or stops its heartbeat is re-invoked for the same
@@ -35,14 +35,14 @@ import trio
 from smlt.actors.progress import ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
-from smlt.client.checkpoint import CheckpointStore
 from smlt.errors import SmltError, StoreUnavailableError, TrainingError
+from smlt.protocol.control import request_stop
+from smlt.protocol.payload import WorkerPayload, WorkerReport
+from smlt.protocol.state import reshard_store
+from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import open_object_store
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
-from smlt.worker.control import request_stop
-from smlt.worker.payload import WorkerPayload, WorkerReport
-from smlt.worker.reshard import reshard_store
 
 __all__ = ["DEFAULT_WORKER_TIMEOUT_S", "JobSpec", "RetryPolicy", "TaskScheduler"]
 

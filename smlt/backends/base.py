@@ -1,6 +1,6 @@
 """The contract every backend fulfils: ray, aws_lambda, openwhisk, sim.
 
-A backend turns a :class:`~smlt.worker.payload.WorkerPayload` into a running worker and tells
+A backend turns a :class:`~smlt.protocol.payload.WorkerPayload` into a running worker and tells
 the scheduler how it ended. It knows its platform's limits and prices; it knows nothing of
 training. The vocabulary is small on purpose (Lithops' lesson): ``deploy``, ``invoke``,
 ``clean``, ``aclose``; plus :class:`Invocation` handles whose ``result()`` either returns the
@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from smlt.errors import ConfigError
-from smlt.worker.payload import WorkerPayload, WorkerReport
+from smlt.protocol.payload import WorkerPayload, WorkerReport
 
 __all__ = [
     "LAMBDA_X86_PRICING",

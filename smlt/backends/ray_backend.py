@@ -40,7 +40,7 @@ from smlt.backends.base import LAMBDA_X86_PRICING, MB_PER_VCPU, Backend, Backend
 from smlt.backends.ray_capacity import ClusterCapacity, cpu_share, cpu_units_for
 from smlt.backends.ray_invocation import RayInvocation, translate_ray_error
 from smlt.errors import BackendError, CapacityError, ConfigError
-from smlt.worker.payload import WorkerPayload
+from smlt.protocol.payload import WorkerPayload
 
 __all__ = [
     "DEFAULT_PLACEMENT_TIMEOUT_S",

@@ -30,7 +30,7 @@ from smlt.errors import (
     SmltError,
     WorkerError,
 )
-from smlt.worker.payload import WorkerPayload, WorkerReport
+from smlt.protocol.payload import WorkerPayload, WorkerReport
 
 __all__ = ["RayInvocation", "translate_ray_error"]
 

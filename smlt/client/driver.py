@@ -29,18 +29,17 @@ import torch
 from smlt.actors.resource_manager import Rescale, ResourceManager
 from smlt.actors.scheduler import JobSpec
 from smlt.client.artifacts import package_task
-from smlt.client.checkpoint import Checkpoint, CheckpointStore
 from smlt.client.report import plot_run, write_result
 from smlt.errors import ConfigError, StoreUnavailableError, TaskError, TrainingError
+from smlt.protocol.faults import parse_faults
+from smlt.protocol.state import ShardState, collect_from_store, publish_state, restore_checkpoint
+from smlt.storage.checkpoint import Checkpoint, CheckpointStore
 from smlt.storage.objects import open_object_store
 from smlt.storage.redis_server import RedisServer, redact_url
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import DEFAULT_SHARD_TIMEOUT_S, ParameterStore
 from smlt.task import Task, load_task, run_evaluate
-from smlt.worker.faults import parse_faults
 from smlt.worker.flat import FlatModel
-from smlt.worker.optim import ShardState
-from smlt.worker.reshard import collect_from_store, publish_state, restore_checkpoint
 from smlt.worker.sampler import GlobalBatchSampler
 
 __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT_S", "RunPlan", "TrainResult", "resume", "train"]

@@ -13,17 +13,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from smlt.client.artifacts import (
+from smlt.protocol.payload import WorkerPayload
+from smlt.storage.artifacts import (
     ArtifactManifest,
     DataReader,
     default_cache_dir,
-    load_packaged_task,
 )
-from smlt.client.checkpoint import CheckpointStore
+from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import open_object_store
 from smlt.sync.store import ParameterStore
 from smlt.task import Task
-from smlt.worker.payload import WorkerPayload
+from smlt.worker.packaged import load_packaged_task
 from smlt.worker.trainer import Trainer
 
 __all__ = ["handle"]

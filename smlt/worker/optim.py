@@ -14,17 +14,16 @@ this way. For them :func:`make_update` says so and returns None: the trainer fal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 import torch
 
-from smlt.errors import CodecError, TaskError
+from smlt.errors import TaskError
+from smlt.protocol.state import ShardState
 from smlt.worker.flat import FlatModel
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "ShardState", "is_shardable"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "is_shardable"]
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -151,66 +150,3 @@ class ShardOptimizer:
                     else (int(number) if kind == "int" else number)
                 )
             self.optimizer.state[piece] = entry
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """Optimizer state of elements ``[lo, hi)``: per-element arrays and shared scalars."""
-
-    lo: int
-    hi: int
-    arrays: dict[str, np.ndarray]
-    scalars: dict[str, tuple[float, str]]
-
-    def to_bytes(self) -> bytes:
-        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
-        return msgpack.packb(
-            {
-                "lo": self.lo,
-                "hi": self.hi,
-                "arrays": {k: v.astype(np.float32).tobytes() for k, v in self.arrays.items()},
-                "scalars": {k: list(v) for k, v in self.scalars.items()},
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> ShardState:
-        try:
-            raw = msgpack.unpackb(data)
-            arrays = {k: np.frombuffer(v, dtype=np.float32) for k, v in raw["arrays"].items()}
-            scalars = {k: (float(v[0]), str(v[1])) for k, v in raw["scalars"].items()}
-            state = cls(int(raw["lo"]), int(raw["hi"]), arrays, scalars)
-        except Exception as exc:
-            raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
-        for name, flat in arrays.items():
-            if flat.size != state.hi - state.lo:
-                raise CodecError(
-                    f"{where}: state {name!r} has {flat.size} elements, "
-                    f"expected {state.hi - state.lo}"
-                )
-        return state
-
-    @staticmethod
-    def concatenate(parts: list[ShardState]) -> ShardState:
-        """Join the states of consecutive shards (in shard order) into one."""
-        parts = sorted(parts, key=lambda p: p.lo)
-        lo, hi = parts[0].lo, parts[-1].hi
-        names = {name for p in parts for name in p.arrays}
-        arrays = {}
-        for name in names:
-            flat = np.zeros(hi - lo, dtype=np.float32)
-            for p in parts:
-                if name in p.arrays:
-                    flat[p.lo - lo : p.hi - lo] = p.arrays[name]
-            arrays[name] = flat
-        scalars: dict[str, tuple[float, str]] = {}
-        for p in parts:
-            scalars.update(p.scalars)
-        return ShardState(lo, hi, arrays, scalars)
-
-    def slice(self, lo: int, hi: int) -> ShardState:
-        """The state of elements ``[lo, hi)`` (a sub-range of this one)."""
-        if not self.lo <= lo <= hi <= self.hi:
-            raise ValueError(f"[{lo}, {hi}) is not inside [{self.lo}, {self.hi})")
-        arrays = {k: v[lo - self.lo : hi - self.lo].copy() for k, v in self.arrays.items()}
-        return ShardState(lo, hi, arrays, dict(self.scalars))

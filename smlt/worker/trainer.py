@@ -3,7 +3,7 @@
 One invocation runs iterations ``[start, end)`` of one generation. Each iteration:
 
 1. **data**: the rows of this rank's slice of the global batch (:class:`GlobalBatchSampler`),
-   from the local shard cache (:class:`~smlt.client.artifacts.DataReader`);
+   from the local shard cache (:class:`~smlt.storage.artifacts.DataReader`);
 2. **compute**: the user's loss on them and its gradient, flattened and scaled by
    ``n * b_r / B`` so the scheme's plain mean over workers is the global batch's mean gradient
    even when B is not divisible by n;
@@ -28,19 +28,20 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from smlt.client.artifacts import DataReader
-from smlt.client.checkpoint import CheckpointStore
 from smlt.errors import TaskError, TrainingError
+from smlt.protocol.control import Heartbeat, should_stop
+from smlt.protocol.faults import FaultInjector
+from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
+from smlt.protocol.state import ShardState
+from smlt.storage.artifacts import DataReader
+from smlt.storage.checkpoint import CheckpointStore
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
 from smlt.sync.store import ParameterStore
 from smlt.task import Task, run_evaluate
-from smlt.worker.control import Heartbeat, should_stop
-from smlt.worker.faults import FaultInjector
 from smlt.worker.flat import FlatModel
-from smlt.worker.optim import ShardOptimizer, ShardState, is_shardable
-from smlt.worker.payload import StopReason, WorkerPayload, WorkerReport
+from smlt.worker.optim import ShardOptimizer, is_shardable
 from smlt.worker.sampler import GlobalBatchSampler
 
 __all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "Trainer"]

@@ -9,17 +9,26 @@ that sees a parameter shard announced always finds the optimizer shard beside it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import msgpack
 import numpy as np
 
-from smlt.client.checkpoint import Checkpoint
+from smlt.errors import CodecError
+from smlt.storage.checkpoint import Checkpoint
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import publish_params
 from smlt.sync.shards import shard_slice
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
-from smlt.worker.optim import ShardState
 
-__all__ = ["collect_from_store", "publish_state", "reshard_store", "restore_checkpoint"]
+__all__ = [
+    "ShardState",
+    "collect_from_store",
+    "publish_state",
+    "reshard_store",
+    "restore_checkpoint",
+]
 
 
 def _decode_param(frame: bytes | None, job: str, version: int, shard: int, key: str) -> np.ndarray:
@@ -109,3 +118,66 @@ def restore_checkpoint(
     _drop_version(store, keys, version, max(workers, checkpoint.workers))
     publish_state(store, keys, version, params, ShardState.concatenate(states), workers)
     return version
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """Optimizer state of elements ``[lo, hi)``: per-element arrays and shared scalars."""
+
+    lo: int
+    hi: int
+    arrays: dict[str, np.ndarray]
+    scalars: dict[str, tuple[float, str]]
+
+    def to_bytes(self) -> bytes:
+        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
+        return msgpack.packb(
+            {
+                "lo": self.lo,
+                "hi": self.hi,
+                "arrays": {k: v.astype(np.float32).tobytes() for k, v in self.arrays.items()},
+                "scalars": {k: list(v) for k, v in self.scalars.items()},
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> ShardState:
+        try:
+            raw = msgpack.unpackb(data)
+            arrays = {k: np.frombuffer(v, dtype=np.float32) for k, v in raw["arrays"].items()}
+            scalars = {k: (float(v[0]), str(v[1])) for k, v in raw["scalars"].items()}
+            state = cls(int(raw["lo"]), int(raw["hi"]), arrays, scalars)
+        except Exception as exc:
+            raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
+        for name, flat in arrays.items():
+            if flat.size != state.hi - state.lo:
+                raise CodecError(
+                    f"{where}: state {name!r} has {flat.size} elements, "
+                    f"expected {state.hi - state.lo}"
+                )
+        return state
+
+    @staticmethod
+    def concatenate(parts: list[ShardState]) -> ShardState:
+        """Join the states of consecutive shards (in shard order) into one."""
+        parts = sorted(parts, key=lambda p: p.lo)
+        lo, hi = parts[0].lo, parts[-1].hi
+        names = {name for p in parts for name in p.arrays}
+        arrays = {}
+        for name in names:
+            flat = np.zeros(hi - lo, dtype=np.float32)
+            for p in parts:
+                if name in p.arrays:
+                    flat[p.lo - lo : p.hi - lo] = p.arrays[name]
+            arrays[name] = flat
+        scalars: dict[str, tuple[float, str]] = {}
+        for p in parts:
+            scalars.update(p.scalars)
+        return ShardState(lo, hi, arrays, scalars)
+
+    def slice(self, lo: int, hi: int) -> ShardState:
+        """The state of elements ``[lo, hi)`` (a sub-range of this one)."""
+        if not self.lo <= lo <= hi <= self.hi:
+            raise ValueError(f"[{lo}, {hi}) is not inside [{self.lo}, {self.hi})")
+        arrays = {k: v[lo - self.lo : hi - self.lo].copy() for k, v in self.arrays.items()}
+        return ShardState(lo, hi, arrays, dict(self.scalars))
