@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +59,28 @@ def run_ranks(workers: int, fn: Callable[[int], Any], timeout_s: float = 60) -> 
     if errors:
         raise errors[0]
     return results
+
+
+@pytest.fixture(scope="module")
+def in_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """For modules that call ``smlt.train`` many times in this process: one local Ray for the
+    module (its worker processes stay warm between runs), the scheduler on a thread instead of
+    an actor, and a private object store. Yields a scratch folder for outputs."""
+    import ray
+
+    from smlt.backends.ray_backend import ensure_ray
+
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SMLT_SCHEDULER_IN_PROCESS", "1")
+        patch.setenv("SMLT_OBJECT_STORE", str(root / "objects"))
+        patch.setenv("SMLT_FAULTS", "")
+        started = ensure_ray()
+        try:
+            yield root
+        finally:
+            if started:
+                ray.shutdown()
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ class JobSpec:
     iterations_per_epoch: int
     num_params: int
     seed: int = 0
+    session: str = ""
     start_iteration: int = 0
     shard_timeout_s: float = 120.0
     function_timeout_s: float | None = None
@@ -102,7 +103,7 @@ class TaskScheduler:
         self.spec = spec
         self.manager = manager
         self.config = manager.initial(spec.start_iteration)
-        self.keys = JobKeys(spec.job_id)
+        self.keys = JobKeys(spec.job_id, spec.session)
         self.store = ParameterStore.from_urls(list(spec.redis_urls))
         self.checkpoints = CheckpointStore(open_object_store(spec.object_store_url), spec.job_id)
         self.log = ProgressLog(
@@ -290,6 +291,7 @@ class TaskScheduler:
             generation=gen,
             seed=s.seed,
             attempt=attempt,
+            session=s.session,
             shard_timeout_s=s.shard_timeout_s,
             function_timeout_s=s.function_timeout_s,
             options={

@@ -65,6 +65,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD")
 # Slices of the blocking placement-group wait: trio can cancel deploy between two slices.
 _PLACEMENT_SLICE_S = 0.25
 _MIB = 2**20
+#: Idle worker processes a local Ray keeps warm (each holds an imported torch, ~300 MB).
+WARM_WORKERS = int(os.environ.get("SMLT_RAY_WARM_WORKERS", "8"))
 
 
 def ensure_ray(
@@ -93,6 +95,13 @@ def ensure_ray(
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            # Ray keeps about one idle worker process per CPU and kills the rest after a
+            # second; a generation of n > CPUs fractional-CPU workers would then pay torch's
+            # import again at every re-invocation, re-scale and time-limit generation.
+            _system_config={
+                "num_workers_soft_limit": WARM_WORKERS,
+                "idle_worker_killing_time_threshold_ms": 600_000,
+            },
         )
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -46,6 +47,8 @@ __all__ = ["DEFAULT_HEARTBEAT_TIMEOUT_S", "RunPlan", "TrainResult", "resume", "t
 
 ProgressFn = Callable[[dict[str, Any]], None]
 _STATUS_INTERVAL_S = 0.5
+#: Set to 1 to run the scheduler on a thread of the driver instead of in a Ray actor.
+SCHEDULER_IN_PROCESS_ENV = "SMLT_SCHEDULER_IN_PROCESS"
 #: A rank whose heartbeat is this old is declared hung and re-invoked.
 DEFAULT_HEARTBEAT_TIMEOUT_S = float(os.environ.get("SMLT_HEARTBEAT_TIMEOUT_S", "15"))
 #: How often a lost embedded Redis is replaced before the run gives up.
@@ -427,7 +430,14 @@ def _run_scheduler(
     manager: ResourceManager,
     progress: ProgressFn | None,
 ) -> dict[str, Any]:
-    """Run the scheduler actor to completion, reporting its status every half second."""
+    """Run the scheduler to completion, reporting its status every half second.
+
+    It runs in a Ray actor, so that on a cluster the job's control loop does not depend on the
+    driver's machine; with ``SMLT_SCHEDULER_IN_PROCESS=1`` it runs on a thread of this process
+    instead (a debugging aid, and what the test suite uses to avoid an actor start per run).
+    """
+    if os.environ.get(SCHEDULER_IN_PROCESS_ENV, "") == "1":
+        return _run_scheduler_here(backend, backend_options, job, manager, progress)
     import ray
 
     from smlt.actors.launch import launch_scheduler
@@ -443,6 +453,36 @@ def _run_scheduler(
                 return _unwrap(done)
     finally:
         ray.kill(actor)
+
+
+def _run_scheduler_here(
+    backend: str,
+    backend_options: dict[str, Any],
+    job: JobSpec,
+    manager: ResourceManager,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    from smlt.actors.launch import SchedulerHost
+
+    host = SchedulerHost(backend, backend_options, job, manager.settings())
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = host.run()
+        except BaseException as exc:  # re-raised on the driver's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="smlt-scheduler", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(_STATUS_INTERVAL_S)
+        if progress is not None:
+            progress(host.status())
+    if "error" in outcome:
+        raise outcome["error"]
+    result: dict[str, Any] = outcome["result"]
+    return result
 
 
 def _unwrap(ref: Any) -> dict[str, Any]:

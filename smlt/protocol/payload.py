@@ -48,6 +48,7 @@ class WorkerPayload:
     function_timeout_s: float | None = None
     eval_every_epoch: bool = True
     attempt: int = 0
+    session: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

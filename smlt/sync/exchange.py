@@ -66,7 +66,7 @@ class Exchange(ABC):
     def __init__(
         self,
         store: ParameterStore,
-        job: str,
+        job: str | JobKeys,
         *,
         rank: int,
         workers: int,
@@ -79,7 +79,7 @@ class Exchange(ABC):
         if not 0 <= rank < workers:
             raise ValueError(f"rank {rank} out of range for {workers} workers")
         self.store = store
-        self.keys = JobKeys(job)
+        self.keys = job if isinstance(job, JobKeys) else JobKeys(job)
         self.rank = rank
         self.workers = workers
         self.num_params = num_params

@@ -78,7 +78,7 @@ class Trainer:
         self.task = task
         self.reader = reader
         self.store = store
-        self.keys = JobKeys(payload.job_id)
+        self.keys = JobKeys(payload.job_id, payload.session)
         self.remaining_s = remaining_s
         torch.manual_seed(payload.seed)
         self.model = task.model()
@@ -90,7 +90,7 @@ class Trainer:
         )
         self.exchange = ScatterReduce(
             store,
-            payload.job_id,
+            self.keys,
             rank=r,
             workers=n,
             num_params=self.flat.size,
