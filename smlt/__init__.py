@@ -16,8 +16,9 @@ from smlt.task import Task
 
 if TYPE_CHECKING:
     from smlt.client.driver import TrainResult, train
+    from smlt.worker.sampler import global_batches, iteration_seed
 
-__all__ = ["Task", "TrainResult", "errors", "train"]
+__all__ = ["Task", "TrainResult", "errors", "global_batches", "iteration_seed", "train"]
 __version__ = "0.1.0"
 
 
@@ -27,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from smlt.client import driver
 
         return getattr(driver, name)
+    if name in ("global_batches", "iteration_seed"):
+        from smlt.worker import sampler
+
+        return getattr(sampler, name)
     raise AttributeError(f"module 'smlt' has no attribute {name!r}")

@@ -110,6 +110,8 @@ class WorkerReport:
     wall_s: float
     init_s: float
     checkpoint_iteration: int | None = None
+    #: ``{"param": [size_bytes, sha256], "optim": [...]}`` of this rank's shards of that checkpoint.
+    checkpoint_shards: dict[str, list[Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ import numpy as np
 from smlt.errors import ConfigError
 from smlt.sync.shards import shard_slice
 
-__all__ = ["GlobalBatchSampler"]
+__all__ = ["GlobalBatchSampler", "global_batches", "iteration_seed"]
 
 
 class GlobalBatchSampler:
@@ -51,3 +51,39 @@ class GlobalBatchSampler:
         """Worker ``rank``'s sample indices at iteration ``t`` and the global batch size."""
         batch = self.global_batch(t)
         return batch[shard_slice(len(batch), workers, rank)], len(batch)
+
+
+def global_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int) -> list[np.ndarray]:
+    """The sample indices of every global batch of ``epoch``, in order, exactly as
+    ``smlt train --seed SEED --batch-size B`` trains on them, whatever the number of workers.
+
+    With :func:`iteration_seed`, this lets anyone replay an smlt run with a plain PyTorch loop
+    (``tests/reference.py`` does, and the test suite holds smlt to it)::
+
+        torch.manual_seed(seed); model = task.model(); opt = task.optimizer(model)
+        for epoch in range(epochs):
+            for b, idx in enumerate(smlt.global_batches(n, B, seed=seed, epoch=epoch)):
+                t = epoch * len(batches) + b
+                opt.zero_grad()
+                torch.manual_seed(smlt.iteration_seed(seed, t))
+                task.loss(model, tuple(x[idx] for x in data)).backward()
+                opt.step()
+    """
+    if epoch < 0:
+        raise ConfigError(f"epoch must be >= 0, got {epoch}")
+    sampler = GlobalBatchSampler(num_samples, batch_size, seed)
+    first = epoch * sampler.iterations_per_epoch
+    return [
+        sampler.global_batch(t).copy() for t in range(first, first + sampler.iterations_per_epoch)
+    ]
+
+
+def iteration_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """What rank ``rank`` seeds torch's global generator with before ``loss()`` at ``iteration``.
+
+    Randomness inside the loss (dropout) is therefore reproducible: a re-executed iteration
+    draws the same masks, and one worker (rank 0) draws what a plain PyTorch loop seeded the same
+    way draws. With n > 1 workers each rank draws its own masks for its slice of the batch, so
+    a model with dropout matches the single-worker run only at n = 1.
+    """
+    return (seed * 1_000_003 + iteration) * 1009 + rank

@@ -42,7 +42,7 @@ from smlt.sync.store import ParameterStore
 from smlt.task import Task, run_evaluate
 from smlt.worker.flat import FlatModel
 from smlt.worker.optim import ShardOptimizer, is_shardable
-from smlt.worker.sampler import GlobalBatchSampler
+from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
 
 __all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "Trainer"]
 
@@ -74,6 +74,7 @@ class Trainer:
         self.payload = payload
         self.checkpoints = checkpoints
         self._ckpt_written: int | None = None
+        self._ckpt_shards: dict[str, list[Any]] = {}
         self._ckpt_s = 0.0
         self.task = task
         self.reader = reader
@@ -174,6 +175,7 @@ class Trainer:
             wall_s=time.monotonic() - began,
             init_s=init_s,
             checkpoint_iteration=self._ckpt_written,
+            checkpoint_shards=self._ckpt_shards or None,
         )
 
     def _loop(self, faults: FaultInjector) -> tuple[int, str]:
@@ -214,8 +216,13 @@ class Trainer:
         optim = codec.encode(
             codec.FrameHeader("optim", job, version, r), np.frombuffer(state, dtype=np.uint8)
         )
-        self.checkpoints.write_shard(version, r, "param", params)
-        self.checkpoints.write_shard(version, r, "optim", optim)
+        written = [
+            self.checkpoints.write_shard(version, r, "param", params),
+            self.checkpoints.write_shard(version, r, "optim", optim),
+        ]
+        # What the scheduler commits: it trusts these hashes rather than downloading the
+        # checkpoint again, and every read of a shard checks them.
+        self._ckpt_shards = {rec.kind: [rec.size_bytes, rec.sha256] for rec in written}
         self._ckpt_written = version
         self._ckpt_s = time.monotonic() - began
 
@@ -229,7 +236,7 @@ class Trainer:
 
         compute_started = time.monotonic()
         self.model.train()
-        torch.manual_seed((p.seed * 1_000_003 + t) * 1009 + p.rank)
+        torch.manual_seed(iteration_seed(p.seed, t, p.rank))
         loss_value = 0.0
         self.flat.zero_grad()
         if len(indices):
@@ -281,6 +288,7 @@ class Trainer:
             fields["metrics"] = json.dumps(metrics)
         if self._ckpt_written == t + 1:
             fields["ckpt"] = t + 1
+            fields["ckpt_shards"] = json.dumps(self._ckpt_shards)
         self.store.client(0).xadd(
             self.keys.progress(),
             cast(dict[Any, Any], fields),
