@@ -14,6 +14,7 @@ the rank, the file, the method.
     │   ├── StoreUnavailableError    cannot connect, authenticate, or the connection was lost
     │   ├── RedisServerError         the embedded redis-server did not start or died
     │   ├── ShardTimeoutError        a shard did not arrive within its bound (names shard and rank)
+    │   ├── StoreFullError           Redis refused a write: maxmemory reached (noeviction)
     │   └── CodecError               a corrupt, truncated or mismatched frame (names the key)
     ├── ObjectStoreError             the object store (local folder or S3)
     │   └── ObjectNotFoundError      a key that should exist does not
@@ -44,6 +45,7 @@ __all__ = [
     "ShardTimeoutError",
     "SmltError",
     "StoreError",
+    "StoreFullError",
     "StoreUnavailableError",
     "TaskError",
     "ThrottledError",
@@ -90,6 +92,15 @@ class ShardTimeoutError(StoreError, TimeoutError):
     def __init__(self, message: str, *, missing: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.missing = missing
+
+
+class StoreFullError(StoreError):
+    """Redis refused a write because it reached ``maxmemory``.
+
+    smlt runs Redis with ``noeviction`` (an LRU policy would silently drop a shard mid-iteration),
+    so a full store refuses writes instead. The message says what to do: give Redis more memory,
+    spread the shards over more instances, or keep fewer versions in flight.
+    """
 
 
 class CodecError(StoreError):
