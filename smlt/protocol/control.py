@@ -1,17 +1,33 @@
 """How the workers of a generation stop together, and how they show they are alive.
 
-**Stopping together.** Synchronous training has one rule that makes this simple: no worker can
-finish iteration u before every worker has contributed to u. So at the *start* of iteration u a
-worker may propose "stop at u + 1" (run u, then stop): nobody can be past u yet, and nobody can
-start u + 1 before this worker's contribution to u, which it sends only after its proposal is in
-the store. Every worker runs the same atomic check at the start of every iteration
-(:func:`should_stop`): the stop iteration is the minimum of all proposals; a worker proposes when
-its function is about to run out of time, or when the scheduler has asked the generation to end
-(re-scaling). All workers therefore stop at the same iteration boundary, whoever asked.
+**Stopping together.** Synchronous training has one rule that makes this possible: no worker can
+finish iteration u before every worker has contributed to u. Every worker runs the same atomic
+check at the start of every iteration (:func:`should_stop`); a worker asks to stop when its
+function is about to run out of time, and the scheduler asks when it wants the generation to end
+(re-scaling, :func:`request_stop`). The agreed stop iteration is the smallest proposal, and the
+one invariant is:
+
+    no worker has started an iteration >= the agreed stop,
+
+because a worker inside such an iteration would wait for the contribution of a peer that has
+already stopped, until its shard timeout.
+
+The naive proposal, "I am at u, so stop at u + 1", keeps it only if nobody can be past u. That
+holds for workers that started together, but not for a replacement: a worker that died after
+publishing its shard of u + 1 is re-invoked at u, and its peers may already have started u + 1
+(they had its contribution). So the stop hash also records the highest iteration any check has let
+through (``started``, updated by every check in the same script), and a proposal is
+``max(u, started) + 1``: past everything already started, and still the earliest boundary nobody
+has reached. A proposal can lower an earlier one, since it too is above ``started``; a scheduler
+request is turned into a proposal by the first check that sees it. Every worker then stops at the
+same boundary, whoever asked and however far behind they were.
 
 **Heartbeats.** A thread renews ``hb:{rank}`` every ``interval_s`` with a TTL of
 ``timeout_s``; the scheduler declares a rank hung when its key has expired. A frozen process
-(SIGSTOP, a deadlock in native code) freezes its heartbeat thread too, which is the point.
+(SIGSTOP, a deadlock in native code) freezes its heartbeat thread too, which is the point. A
+failed renewal is not: the thread tries again at the next interval for as long as the worker runs,
+so a Redis that goes away for a moment (a failover, a restart, a dropped connection) costs at most
+the beats it missed, never a healthy worker declared hung.
 """
 
 from __future__ import annotations
@@ -24,19 +40,25 @@ from smlt.sync.keys import JobKeys
 
 __all__ = ["Heartbeat", "request_stop", "should_stop", "stop_iteration"]
 
-# KEYS[1] = stop hash; ARGV = iteration u, propose (0/1), ttl_s.
-# Returns the agreed stop iteration, or -1 while none is set.
+# KEYS[1] = stop hash {at, started, requested}; ARGV = iteration u, propose (0/1), ttl_s.
+# Returns the agreed stop iteration, or -1 while none is set. A check that returns at <= u stops
+# its worker before u, so it is not a start and leaves ``started`` alone.
 _CHECK = """
+local u = tonumber(ARGV[1])
 local at = tonumber(redis.call('HGET', KEYS[1], 'at') or '-1')
-local want = tonumber(ARGV[2]) == 1 or redis.call('HGET', KEYS[1], 'requested') == '1'
-if want then
-  local proposal = tonumber(ARGV[1]) + 1
+if at >= 0 and at <= u then
+  return at
+end
+local started = math.max(u, tonumber(redis.call('HGET', KEYS[1], 'started') or '-1'))
+redis.call('HSET', KEYS[1], 'started', started)
+if tonumber(ARGV[2]) == 1 or redis.call('HGET', KEYS[1], 'requested') == '1' then
+  local proposal = started + 1
   if at < 0 or proposal < at then
     at = proposal
     redis.call('HSET', KEYS[1], 'at', at)
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   end
 end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return at
 """
 
@@ -52,7 +74,9 @@ def should_stop(
 ) -> bool:
     """At the start of ``iteration``: True if the generation has agreed to stop before it.
 
-    ``propose`` asks to stop after this iteration (the function is running out of time).
+    ``propose`` asks to stop as early as the peers allow: after this iteration, or after the
+    furthest one a peer has already started (the function is running out of time). False means
+    this worker has started ``iteration`` and is recorded as such.
     """
     at = int(client.eval(_CHECK, 1, keys.stop(generation), iteration, int(propose), ttl_s))
     return 0 <= at <= iteration
@@ -61,7 +85,8 @@ def should_stop(
 def request_stop(
     client: redis.Redis, keys: JobKeys, generation: int, ttl_s: int = 24 * 3600
 ) -> None:
-    """The scheduler's side: ask generation ``generation`` to end at the next agreed boundary."""
+    """The scheduler's side: ask generation ``generation`` to end at the next boundary that no
+    worker has started (the next check of any worker fixes it)."""
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.stop(generation), "requested", 1)
     pipe.expire(keys.stop(generation), ttl_s)
@@ -75,7 +100,12 @@ def stop_iteration(client: redis.Redis, keys: JobKeys, generation: int) -> int |
 
 
 class Heartbeat:
-    """Renews this rank's liveness key from a daemon thread until stopped."""
+    """Renews this rank's liveness key from a daemon thread until stopped.
+
+    A renewal that fails (Redis unreachable, a connection dropped, a timeout) is counted and
+    retried at the next interval: whether the store is really gone is the training loop's to
+    decide, since it talks to the store too and reports a typed error when it cannot.
+    """
 
     def __init__(
         self,
@@ -93,24 +123,33 @@ class Heartbeat:
         self._interval_s = interval_s
         self._ttl_ms = max(1, int(timeout_s * 1000))
         self._stopped = threading.Event()
+        self._beats = 0
+        self._errors = 0
         self._thread = threading.Thread(
             target=self._run, name=f"smlt-heartbeat-{rank}", daemon=True
         )
 
     def start(self) -> Heartbeat:
+        """Beat once now (so a store that is unreachable at start fails the worker at once),
+        then from the thread."""
         self._beat()
         self._thread.start()
         return self
 
+    def statistics(self) -> dict[str, int]:
+        """How many renewals succeeded and how many failed."""
+        return {"beats": self._beats, "errors": self._errors}
+
     def _beat(self) -> None:
         self._client.set(self._key, 1, px=self._ttl_ms)
+        self._beats += 1
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval_s):
             try:
                 self._beat()
             except redis.RedisError:
-                return  # the store is gone; the training loop reports that itself
+                self._errors += 1
 
     def stop(self) -> None:
         self._stopped.set()
