@@ -9,10 +9,23 @@ password, and is configured the way the parameter store needs it (platform-facts
   object store;
 - ``maxmemory-policy noeviction``: an LRU policy would silently evict a shard mid-iteration; with
   noeviction a full store fails loudly instead;
-- lazy freeing: deleting or expiring a 40 MB value must not block the single command thread.
+- lazy freeing: deleting or expiring a 40 MB value must not block the single command thread;
+- a ``maxmemory`` bound by default (see :func:`default_maxmemory_mb`), so that noeviction really
+  refuses writes (:class:`~smlt.errors.StoreFullError`) before the kernel's OOM killer takes the
+  whole store;
+- ``CONFIG``, ``DEBUG`` and ``MODULE`` removed (``rename-command X ""``, which Redis 6.2 and 7.x
+  both read): every worker holds the password, and with ``CONFIG SET dir``/``dbfilename`` or
+  ``MODULE LOAD`` a password holder could write files or load code as the user who runs the
+  driver. The data commands (GET, SET, XADD, XREAD, EVAL, UNLINK, ...) are untouched.
 
-The server is reachable from other processes by :attr:`RedisServer.url` (which carries the
-password, so never log it; log :attr:`RedisServer.safe_url`).
+Values up to ``proto-max-bulk-len`` (512 MB) per argument are accepted; the parameter store
+splits larger values into chunks (see :mod:`smlt.sync.store` for how this interacts with the
+1 GB ``client-query-buffer-limit``).
+
+The password is in the configuration file only, never on a command line (``/proc/<pid>/cmdline``
+is readable by every user of the machine); the file lives in a folder created with mode 0700 and
+is itself 0600. The server is reachable from other processes by :attr:`RedisServer.url` (which
+carries the password, so never log it; log :attr:`RedisServer.safe_url`).
 """
 
 from __future__ import annotations
@@ -20,7 +33,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,9 +47,12 @@ import redis
 from smlt.errors import ConfigError, RedisServerError, StoreUnavailableError
 
 __all__ = [
+    "DEFAULT_MAXMEMORY_FRACTION",
     "DEFAULT_START_TIMEOUT_S",
+    "DISABLED_COMMANDS",
     "RedisServer",
     "connect",
+    "default_maxmemory_mb",
     "find_redis_server",
     "redact_url",
 ]
@@ -46,6 +61,15 @@ DEFAULT_START_TIMEOUT_S = float(os.environ.get("SMLT_REDIS_START_TIMEOUT_S", "10
 DEFAULT_CONNECT_TIMEOUT_S = float(os.environ.get("SMLT_REDIS_CONNECT_TIMEOUT_S", "5"))
 # Bounds any single reply; blocking reads (XREAD BLOCK) block for at most 1 s per call.
 DEFAULT_SOCKET_TIMEOUT_S = float(os.environ.get("SMLT_REDIS_SOCKET_TIMEOUT_S", "30"))
+#: Share of the machine's memory (or its cgroup limit) the embedded server may fill, unless
+#: ``SMLT_REDIS_MAXMEMORY_MB`` or ``RedisServer(maxmemory_mb=...)`` says otherwise. See
+#: :func:`default_maxmemory_mb` for why a half.
+DEFAULT_MAXMEMORY_FRACTION = 0.5
+_MAXMEMORY_ENV = "SMLT_REDIS_MAXMEMORY_MB"
+#: Administrative commands the embedded server does not have at all (see the module docstring).
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE")
+# Run by path, not with -m: see the launcher's docstring (it imports only the standard library).
+_LAUNCHER = str(Path(__file__).with_name("redis_launcher.py"))
 
 
 def find_redis_server() -> str:
@@ -70,17 +94,43 @@ def find_redis_server() -> str:
     )
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: on Linux, ask the kernel to SIGKILL this redis-server when the
-    process that started it dies, so a driver killed with SIGKILL (no cleanup runs) leaves no
-    Redis behind. Elsewhere a no-op: there ``stop()`` and the context manager are the guard."""
-    if sys.platform != "linux":
-        return
-    import ctypes
+def default_maxmemory_mb() -> int:
+    """The embedded server's memory bound in MiB: ``SMLT_REDIS_MAXMEMORY_MB`` (0 = unbounded), else
+    ``DEFAULT_MAXMEMORY_FRACTION`` of the machine's memory.
 
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    Unbounded, a store that outgrows the machine is killed by the kernel's OOM killer (or swaps
+    the whole run to a crawl), losing every shard without a word; bounded, ``noeviction`` refuses
+    the write and the writer gets a :class:`~smlt.errors.StoreFullError` that says what to do.
+    Half, because the embedded server shares the machine with the driver and, on the ray
+    backend, with the workers, which each hold the whole model, its gradient and their slice of
+    the optimizer state; and because the server's resident size exceeds ``maxmemory`` by the
+    allocator's overhead (about 1.25x). Read at construction, not import, so a test or a driver
+    that sets the variable late is obeyed.
+    """
+    explicit = os.environ.get(_MAXMEMORY_ENV, "").strip()
+    if explicit:
+        try:
+            value = int(explicit)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ConfigError(f"{_MAXMEMORY_ENV}={explicit!r} is not a whole number of MiB (>= 0)")
+        return value
+    return max(1, int(_memory_limit_bytes() * DEFAULT_MAXMEMORY_FRACTION) // 2**20)
+
+
+def _memory_limit_bytes() -> int:
+    """Physical memory, or the cgroup's limit if that is lower (a container sees the host's RAM
+    in sysconf but is killed at its own limit)."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < physical:
+            return int(text)
+    return physical
 
 
 def _free_port() -> int:
@@ -127,22 +177,34 @@ def connect(url: str, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> redis.
     return client
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` readable by its owner only (it holds the password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class RedisServer:
     """One private redis-server process; a context manager.
 
     >>> with RedisServer() as server:          # doctest: +SKIP
     ...     client = connect(server.url)
 
-    ``maxmemory_mb=0`` leaves memory unbounded (noeviction still applies once a bound is set).
+    ``maxmemory_mb`` bounds the data Redis may hold (``None``: :func:`default_maxmemory_mb`;
+    0: unbounded, which lets the kernel rather than Redis decide when the store is full).
     """
 
     def __init__(
         self,
         *,
-        maxmemory_mb: int = 0,
+        maxmemory_mb: int | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         binary: str | None = None,
     ) -> None:
+        if maxmemory_mb is None:
+            maxmemory_mb = default_maxmemory_mb()
+        if maxmemory_mb < 0:
+            raise ConfigError(f"maxmemory_mb must be >= 0 (0 = unbounded), got {maxmemory_mb}")
         self.binary = binary or find_redis_server()
         self.maxmemory_mb = maxmemory_mb
         self.start_timeout_s = start_timeout_s
@@ -173,15 +235,16 @@ class RedisServer:
         for _attempt in range(3):
             self.port = _free_port()
             conf = Path(self._dir.name) / "redis.conf"
-            conf.write_text(self._config())
+            _write_private(conf, self._config())
             log = Path(self._dir.name) / "redis.log"
+            # The launcher arms "die with this parent" and execs redis-server (same pid); no
+            # Python runs between fork and exec here, which is what makes it safe with threads.
             self._proc = subprocess.Popen(
-                [self.binary, str(conf)],
+                [sys.executable, "-I", "-S", _LAUNCHER, str(os.getpid()), self.binary, str(conf)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not Redis first
-                preexec_fn=_die_with_parent,
             )
             try:
                 self._wait_ready()
@@ -211,9 +274,14 @@ class RedisServer:
             "lazyfree-lazy-expire yes",
             "lazyfree-lazy-server-del yes",
             "lazyfree-lazy-user-del yes",
-            # Shards are tens of MB; the default 512 MB cap is fine but say so explicitly.
+            # One argument (one value or chunk) up to 512 MB; ParameterStore chunks above its
+            # max_value_bytes (256 MiB), well below. The query-buffer limit must stay above it:
+            # Redis reads a big argument into a buffer of exactly its size, so one argument, not
+            # a whole pipeline, is what the limit bounds (see smlt.sync.store).
             "proto-max-bulk-len 512mb",
+            "client-query-buffer-limit 1gb",
             "client-output-buffer-limit pubsub 0 0 0",
+            *(f'rename-command {command} ""' for command in DISABLED_COMMANDS),
         ]
         if self.maxmemory_mb:
             lines.append(f"maxmemory {self.maxmemory_mb}mb")
