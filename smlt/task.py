@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,10 +36,13 @@ __all__ = [
     "Task",
     "TaskData",
     "check_loss",
+    "check_loss_reduction",
     "check_model",
     "check_optimizer",
     "check_task",
     "load_task",
+    "loss_reduction",
+    "overrides_evaluate",
     "run_evaluate",
 ]
 
@@ -58,6 +61,13 @@ class Task:
     randomness), because data-parallel training needs every worker to start from the same model.
     ``__init__`` must take no arguments.
     """
+
+    #: How ``loss()`` reduces over the samples of its batch: ``"mean"`` (PyTorch's default, e.g.
+    #: ``cross_entropy(model(x), y)``) or ``"sum"`` (``reduction="sum"``). smlt scales each
+    #: worker's gradient so that the global batch gets exactly the gradient one worker with the
+    #: whole batch would: by the worker's share ``b_r / B`` for a mean, not at all for a sum.
+    #: The declaration is checked on your machine before anything starts.
+    loss_reduction: ClassVar[str] = "mean"
 
     def data(self) -> Sequence[torch.Tensor | np.ndarray] | Dataset[Any]:
         """The training set: a tuple of tensors or arrays with equal first dimension (one row
@@ -257,6 +267,67 @@ def check_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor
             "(requires_grad is False); compute it from model(...) and do not detach it."
         )
     return loss
+
+
+def loss_reduction(task: Task) -> Literal["mean", "sum"]:
+    """The task's declared ``loss_reduction``, checked."""
+    value = getattr(task, "loss_reduction", "mean")
+    if value == "mean":
+        return "mean"
+    if value == "sum":
+        return "sum"
+    raise TaskError(
+        f"{type(task).__name__}.loss_reduction is {value!r}; it must be 'mean' (loss() averages "
+        "over its batch) or 'sum' (loss() sums over its batch)"
+    )
+
+
+def overrides_evaluate(task: Task) -> bool:
+    """True if the task defines ``evaluate`` (the base class's reports nothing)."""
+    return type(task).evaluate is not Task.evaluate
+
+
+def check_loss_reduction(task: Task, model: torch.nn.Module, data: TaskData) -> None:
+    """Check that ``loss()`` reduces its batch the way ``loss_reduction`` declares.
+
+    Data parallelism splits a batch, so it must know how the loss combines samples: a summed
+    loss treated as a mean would silently get 1/n of its gradient. The loss of k samples is
+    compared with the sum and the mean of their k single-sample losses (model in eval mode, so
+    dropout and batch statistics do not blur the comparison). A loss that matches neither, or
+    cannot run on one sample, is not judged.
+    """
+    declared = loss_reduction(task)
+    k = min(4, data.num_samples)
+    if k < 2:
+        return
+    where = _where(task, "loss")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            whole = float(task.loss(model, data.rows(0, k)))
+            singles = [float(task.loss(model, data.rows(i, i + 1))) for i in range(k)]
+    except Exception:
+        return  # e.g. a loss that needs two samples: the split cannot be judged this way
+    finally:
+        model.train(was_training)
+    total = sum(singles)
+    mean = total / k
+
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-12)
+
+    looks = "sum" if close(whole, total) and not close(whole, mean) else None
+    if close(whole, mean) and not close(whole, total):
+        looks = "mean"
+    if looks is not None and looks != declared:
+        raise TaskError(
+            f"{where} {'sums' if looks == 'sum' else 'averages'} over its batch (the loss of "
+            f"{k} samples is {whole:.6g}; their single-sample losses add up to {total:.6g}, "
+            f"average {mean:.6g}), but {type(task).__name__}.loss_reduction is {declared!r}. "
+            f"Set loss_reduction = {looks!r} in the class (or change the reduction), so that "
+            "smlt scales each worker's gradient correctly."
+        )
 
 
 def run_evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:

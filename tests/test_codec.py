@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from smlt.errors import CodecError
-from smlt.sync.codec import FrameHeader, decode, encode
+from smlt.sync.codec import FrameHeader, decode, decode_frame, encode
 
 HEADER = FrameHeader("grad", "job-a", 7, 2, 1)
 
@@ -75,3 +75,24 @@ def test_unsupported_dtype_is_refused_at_encode() -> None:
         encode(HEADER, np.ones((2, 2), np.float32))
     with pytest.raises(TypeError):
         encode(HEADER, np.ones(3, np.int64))
+
+
+def test_side_value_round_trips_and_is_covered_by_the_checksum() -> None:
+    values = np.arange(10, dtype=np.float32)
+    side = {"g": b"\x05", "w": 0.25, "i": {"3": b"\x01\x00"}}
+    frame = encode(HEADER, values, side)
+    got = decode_frame(frame, HEADER, "k")
+    assert got.side == side
+    np.testing.assert_array_equal(got.array, values)
+    assert decode_frame(encode(HEADER, values), HEADER, "k").side is None
+    # A flipped bit in the side (inside the header) is caught like one in the payload.
+    raw = bytearray(frame)
+    raw[raw.index(b"\x05")] ^= 0x01
+    with pytest.raises(CodecError, match="checksum"):
+        decode_frame(bytes(raw), HEADER, "k")
+
+
+def test_a_large_side_value_is_read_whole() -> None:
+    side = {"blob": bytes(range(256)) * 400}  # 100 KB: many header read steps
+    frame = encode(HEADER, np.ones(3, np.float32), side)
+    assert decode_frame(frame, HEADER, "k").side == side

@@ -107,7 +107,7 @@ def test_update_hook_runs_on_owner_and_extra_values_are_stored(
     keys = JobKeys(job_id)
 
     def rank(r: int) -> np.ndarray:
-        def sgd(t: int, shard: int, mean: np.ndarray) -> ShardUpdate:
+        def sgd(t: int, shard: int, mean: np.ndarray, sides: object) -> ShardUpdate:
             sl = shard_slice(num_params, workers, shard)
             state = codec.encode(codec.FrameHeader("optim", job_id, t + 1, shard), mean)
             return ShardUpdate(params[sl] - 0.5 * mean, extra=[(keys.optim(t + 1, shard), state)])

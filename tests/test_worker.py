@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from smlt.client.artifacts import package_task
+from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import WorkerPayload
+from smlt.protocol.state import Version, publish_version
 from smlt.storage.artifacts import DataReader
 from smlt.storage.objects import LocalObjectStore
 from smlt.storage.redis_server import RedisServer
 from smlt.sync.keys import JobKeys
-from smlt.sync.scatter_reduce import publish_params
 from smlt.sync.store import ParameterStore
-from smlt.worker.flat import FlatModel
 from smlt.worker.packaged import load_packaged_task
 from smlt.worker.sampler import GlobalBatchSampler
 from smlt.worker.trainer import Trainer
@@ -99,7 +99,7 @@ def _train(
     store = ParameterStore.from_urls(redis_server.url)
     torch.manual_seed(0)
     initial = FlatModel(task.model()).values_numpy()
-    publish_params(store, JobKeys(job), 0, initial, workers)
+    publish_version(store, JobKeys(job), 0, Version.initial(initial), workers)
 
     def rank(r: int) -> np.ndarray:
         payload = WorkerPayload(

@@ -6,7 +6,15 @@
 4. ask the resource manager for workers x memory; start the scheduler actor and follow it;
 5. gather the final parameters, save ``model.pt``, evaluate, write ``result.json`` and plots;
 6. stop everything it started, whatever happened: no Redis, Ray or worker process outlives
-   the call.
+   the call, and nothing is left behind: the job's keys in a user's Redis, the workers' local
+   cache of the job, and, after a successful run, the packaged code and data and all but the
+   newest checkpoint (``model.pt`` and ``result.json`` hold the result).
+
+Each execution of a run (``train``, every ``resume``, every restart after the embedded Redis was
+lost) has a session of its own, a short random token in every Redis key it writes. A resumed run
+therefore never reads what a dead driver's run left in a Redis that outlived it (its progress
+stream, its generations' stop keys); the sessions are listed in ``run.json``, and a resume deletes
+the keys of the earlier ones from the user's Redis before it starts.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,19 +39,39 @@ from smlt.actors.resource_manager import Rescale, ResourceManager
 from smlt.actors.scheduler import JobSpec
 from smlt.client.artifacts import package_task
 from smlt.client.report import plot_run, write_result
-from smlt.errors import ConfigError, StoreUnavailableError, TaskError, TrainingError
+from smlt.errors import (
+    ConfigError,
+    SmltError,
+    StoreUnavailableError,
+    TaskError,
+    TrainingError,
+)
 from smlt.protocol.faults import parse_faults
-from smlt.protocol.state import ShardState, collect_from_store, publish_state, restore_checkpoint
+from smlt.protocol.model import FlatModel
+from smlt.protocol.state import (
+    Version,
+    collect_from_store,
+    publish_version,
+    restore_checkpoint,
+)
+from smlt.storage.artifacts import artifact_prefix
 from smlt.storage.checkpoint import Checkpoint, CheckpointStore
-from smlt.storage.objects import open_object_store
+from smlt.storage.objects import ObjectStore, open_object_store
 from smlt.storage.redis_server import RedisServer, redact_url
-from smlt.sync.keys import JobKeys
+from smlt.sync.keys import JobKeys, validate_job_id
 from smlt.sync.store import DEFAULT_SHARD_TIMEOUT_S, ParameterStore
 from smlt.task import Task, load_task, run_evaluate
-from smlt.worker.flat import FlatModel
+from smlt.worker.handler import remove_cache
 from smlt.worker.sampler import GlobalBatchSampler
 
-__all__ = ["DEFAULT_HEARTBEAT_TIMEOUT_S", "RunPlan", "TrainResult", "resume", "train"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_TIMEOUT_S",
+    "DEFAULT_KEEP_CHECKPOINTS",
+    "RunPlan",
+    "TrainResult",
+    "resume",
+    "train",
+]
 
 ProgressFn = Callable[[dict[str, Any]], None]
 _STATUS_INTERVAL_S = 0.5
@@ -53,6 +81,8 @@ SCHEDULER_IN_PROCESS_ENV = "SMLT_SCHEDULER_IN_PROCESS"
 DEFAULT_HEARTBEAT_TIMEOUT_S = float(os.environ.get("SMLT_HEARTBEAT_TIMEOUT_S", "15"))
 #: How often a lost embedded Redis is replaced before the run gives up.
 _REDIS_RESTARTS = 2
+#: Committed checkpoints kept while a run goes on (the newest alone is kept once it succeeded).
+DEFAULT_KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -93,7 +123,11 @@ class TrainResult:
 @dataclass(frozen=True)
 class RunPlan:
     """What a run is, saved as ``run.json`` in its output folder so ``smlt resume`` can finish
-    it after the driver died. Holds no credential: a user's Redis URL is given again."""
+    it after the driver died. Holds no credential: a user's Redis URL is given again.
+
+    ``sessions`` lists the sessions of the run's executions so far, oldest first (the module
+    docstring says why); each execution adds its own before it writes any key.
+    """
 
     job_id: str
     task: str
@@ -113,6 +147,8 @@ class RunPlan:
     checkpoint_every: int
     heartbeat_timeout_s: float
     rescales: tuple[tuple[int, int, int | None], ...] = ()
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    sessions: tuple[str, ...] = ()
 
     def save(self) -> None:
         path = Path(self.output_dir) / "run.json"
@@ -126,6 +162,7 @@ class RunPlan:
             raise ConfigError(f"{run_dir} is not an smlt run folder: it has no run.json")
         data = json.loads(path.read_text())
         data["rescales"] = tuple(tuple(r) for r in data.get("rescales", ()))
+        data["sessions"] = tuple(data.get("sessions", ()))
         return cls(**data)
 
 
@@ -147,14 +184,16 @@ def train(
     checkpoint_every: int | None = None,
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     rescales: tuple[tuple[int, int, int | None], ...] = (),
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
     ``task`` is a :class:`Task` instance or ``"path/to/file.py:ClassName"``. Checkpoints go to
     the object store every ``checkpoint_every`` iterations (default: every epoch) and at every
-    generation boundary. Raises a :class:`~smlt.errors.SmltError` subclass naming what went
-    wrong.
+    generation boundary; at most ``keep_checkpoints`` committed ones are kept while it runs, and
+    the newest alone once it succeeded. Raises a :class:`~smlt.errors.SmltError` subclass naming
+    what went wrong.
     """
     spec = _task_spec(task)
     if epochs < 1:
@@ -163,6 +202,11 @@ def train(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if function_timeout_s is not None and function_timeout_s <= 0:
         raise ConfigError(f"--function-timeout must be positive, got {function_timeout_s}")
+    if keep_checkpoints < 1:
+        raise ConfigError(
+            f"--keep-checkpoints must be >= 1, got {keep_checkpoints}: the newest checkpoint is "
+            "where a failed run resumes from"
+        )
     faults = _faults()
     user_task = load_task(spec)
     class_name = type(user_task).__name__
@@ -195,6 +239,7 @@ def train(
         else sampler.iterations_per_epoch,
         heartbeat_timeout_s=heartbeat_timeout_s,
         rescales=tuple(rescales),
+        keep_checkpoints=keep_checkpoints,
     )
     plan.save()
     return _execute(plan, user_task, initial, redis_url, ray_address, faults, progress)
@@ -236,7 +281,6 @@ def _execute(
     started = time.monotonic()
     objects = open_object_store(plan.object_store)
     checkpoints = CheckpointStore(objects, plan.job_id)
-    keys = JobKeys(plan.job_id)
     output_dir = Path(plan.output_dir)
     recoveries: list[dict[str, Any]] = []
     with ExitStack() as cleanup:
@@ -244,14 +288,23 @@ def _execute(
 
         backend_options = {"address": ray_address} if plan.backend == "ray" else {}
         cleanup.enter_context(_ray_session(ray_address))
+        # Where workers on this machine (a local Ray) cached the job's code and data; the run's
+        # end, successful or not, is the last time anyone needs it.
+        cleanup.callback(remove_cache, plan.job_id)
         probe = get_backend(plan.backend, **backend_options)
         restarts = 0
         from_checkpoint = initial is None
         while True:
             with ExitStack() as redis_scope:
                 store, redis_urls = _parameter_store(redis_url, redis_scope)
+                earlier = plan.sessions
+                plan = replace(plan, sessions=(*earlier, _new_session()))
+                plan.save()  # before any key of the session is written
+                keys = JobKeys(plan.job_id, plan.sessions[-1])
                 if redis_url is not None:
-                    redis_scope.callback(_delete_job_keys, store, plan.job_id)
+                    # Their driver is dead; a Redis we do not own keeps their keys otherwise.
+                    _delete_session_keys(store, plan.job_id, earlier)
+                    redis_scope.callback(_delete_session_keys, store, plan.job_id, plan.sessions)
                 manager = ResourceManager(
                     probe.limits,
                     workers=plan.workers,
@@ -265,12 +318,10 @@ def _execute(
                 if latest is not None:
                     restore_checkpoint(store, keys, latest, config.workers)
                 elif initial is not None:
-                    publish_state(
-                        store, keys, 0, initial, _empty_state(initial.size), config.workers
-                    )
+                    publish_version(store, keys, 0, Version.initial(initial), config.workers)
                 else:
                     raise ConfigError(f"run {plan.job_id} has no committed checkpoint to resume")
-                job = _job_spec(plan, redis_urls, start, faults, latest)
+                job = _job_spec(plan, keys.session, redis_urls, start, faults, latest)
                 try:
                     summary = _run_scheduler(plan.backend, backend_options, job, manager, progress)
                 except (TrainingError, StoreUnavailableError) as exc:
@@ -281,13 +332,14 @@ def _execute(
                     from_checkpoint = True  # continue from the latest checkpoint, if any
                     continue
                 final_workers = summary["configs"][-1]["workers"]
-                params, _state = collect_from_store(
+                final = collect_from_store(
                     store, keys, plan.total_iterations, final_workers, plan.num_params
                 )
                 break
         model = user_task.model()
         flat = FlatModel(model)
-        flat.values_numpy()[:] = params
+        flat.values_numpy()[:] = final.values
+        flat.load_discrete(final.buffers)
         torch.save(model.state_dict(), output_dir / "model.pt")
         final_metrics = run_evaluate(user_task, model)
 
@@ -315,15 +367,38 @@ def _execute(
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
+    try:
+        _remove_finished_job(objects, checkpoints, plan.job_id)
+    except SmltError as exc:  # the model is saved: a leftover costs storage, not the result
+        result.failures.append({"cleanup": str(exc)})
+        write_result(output_dir, result.to_dict())
     return result
 
 
+def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job_id: str) -> None:
+    """After a successful run: delete the packaged code and data, and every checkpoint but the
+    final one (the whole final state, optimizer included, which model.pt does not hold)."""
+    objects.delete_prefix(artifact_prefix(job_id))
+    checkpoints.prune(keep=1)
+
+
+def _new_session() -> str:
+    """A fresh session token: 8 hex digits, a valid key component."""
+    return validate_job_id(secrets.token_hex(4))
+
+
 def _job_spec(
-    plan: RunPlan, redis_urls: list[str], start: int, faults: str, latest: Checkpoint | None
+    plan: RunPlan,
+    session: str,
+    redis_urls: list[str],
+    start: int,
+    faults: str,
+    latest: Checkpoint | None,
 ) -> JobSpec:
     meta = latest.meta if latest is not None else {}
     return JobSpec(
         job_id=plan.job_id,
+        session=session,
         redis_urls=tuple(redis_urls),
         object_store_url=plan.object_store,
         batch_size=plan.batch_size,
@@ -340,10 +415,6 @@ def _job_spec(
         history=tuple(meta.get("history", ())),
         epochs=tuple(meta.get("epochs", ())),
     )
-
-
-def _empty_state(num_params: int) -> ShardState:
-    return ShardState(0, num_params, {}, {})
 
 
 def _faults() -> str:
@@ -394,18 +465,20 @@ def _parameter_store(redis_url: str | None, cleanup: ExitStack) -> tuple[Paramet
     return ParameterStore.from_urls(server.url), [server.url]
 
 
-def _delete_job_keys(store: ParameterStore, job_id: str) -> None:
-    """Remove a finished job's keys from a Redis we do not own (the model is in model.pt)."""
-    pattern = JobKeys(job_id).pattern()
-    for client in store.all_clients():
-        batch = []
-        for key in client.scan_iter(pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
+def _delete_session_keys(store: ParameterStore, job_id: str, sessions: tuple[str, ...]) -> None:
+    """Remove the keys of ``sessions`` of a job from a Redis we do not own: when the run ends
+    (the model is in model.pt), and a dead driver's when a resume starts."""
+    for session in sessions:
+        pattern = JobKeys(job_id, session).pattern()
+        for client in store.all_clients():
+            batch = []
+            for key in client.scan_iter(pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
                 client.unlink(*batch)
-                batch.clear()
-        if batch:
-            client.unlink(*batch)
 
 
 @contextmanager

@@ -1,14 +1,17 @@
-"""A model whose parameters live in one contiguous float32 vector.
+"""The model as every process of a job sees it: one contiguous float32 vector plus a few bytes.
 
 Synchronization moves flat vectors; copying a model's tensors into one on every step and back out
 again would cost two passes over the parameters per iteration. Instead every parameter (and every
 floating-point buffer, such as BatchNorm running statistics) is re-pointed, once, at a view into
 one vector: gathering the parameters of version t + 1 into that vector *is* loading the model.
 
-Layout: ``[parameters..., float buffers...]`` in ``model.parameters()`` / ``named_buffers()``
-order. Buffers travel with the parameters so that every worker keeps the same running
-statistics: their "gradient" slot carries the buffer's value, and the owner publishes the
-(sample-weighted) mean instead of an optimizer step.
+Layout: ``[parameters..., float buffers...]`` in ``model.parameters()`` / ``model.buffers()``
+order. The driver publishes version 0 in this layout, workers train in it, and the driver and
+the evaluator read versions back in it, so it is part of the scheduler-worker contract.
+
+Buffers that are not floating point (``num_batches_tracked``, index tables, boolean masks) cannot
+be averaged and are few: they travel beside the vector, in the side value of every parameter
+frame, as the raw bytes of those that differ from what ``model()`` builds (:meth:`discrete_state`).
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ __all__ = ["FlatModel", "Segment"]
 
 @dataclass(frozen=True)
 class Segment:
-    """One tensor's range ``[start, stop)`` in the flat vector."""
+    """One tensor's range ``[start, stop)`` in the flat vector; ``index`` counts parameters and
+    float buffers separately, in model order."""
 
     tensor: torch.Tensor
     start: int
     stop: int
     is_param: bool
+    index: int
 
 
 class FlatModel:
     """Re-points ``model``'s parameters and float buffers into one vector ``self.values``."""
 
     def __init__(self, model: torch.nn.Module, where: str = "model()") -> None:
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         buffers = [b for b in model.buffers() if b.is_floating_point()]
         for tensor in (*params, *buffers):
             if tensor.dtype != torch.float32:
@@ -52,31 +57,88 @@ class FlatModel:
         self.grads = torch.zeros(self.size, dtype=torch.float32)
         self.segments: list[Segment] = []
         offset = 0
-        for tensor, is_param in [(p, True) for p in params] + [(b, False) for b in buffers]:
+        tensors: list[tuple[torch.Tensor, bool, int]] = [(p, True, i) for i, p in enumerate(params)]
+        tensors += [(b, False, i) for i, b in enumerate(buffers)]
+        for tensor, is_param, index in tensors:
             stop = offset + tensor.numel()
             view = self.values[offset:stop].view_as(tensor)
             view.copy_(tensor.detach())
             tensor.data = view
-            self.segments.append(Segment(tensor, offset, stop, is_param))
+            self.segments.append(Segment(tensor, offset, stop, is_param, index))
             offset = stop
         self.params = [s.tensor for s in self.segments if s.is_param]
+        self.param_segments = [s for s in self.segments if s.is_param]
+        self.buffer_segments = [s for s in self.segments if not s.is_param]
+        #: Buffers that are not floating point, in model order, and their values as built.
+        self.discrete = [b for b in model.buffers() if not b.is_floating_point()]
+        self._discrete_initial = [_raw(b) for b in self.discrete]
 
     def values_numpy(self) -> np.ndarray:
         """The parameter vector as a numpy view (writing into it updates the model)."""
         return self.values.numpy()
 
     def gradient(self, scale: float) -> np.ndarray:
-        """The vector to synchronize: ``scale`` x each parameter's gradient, and ``scale`` x
-        each buffer's value; a numpy view of ``self.grads`` (valid until the next call)."""
-        for seg in self.segments:
+        """``scale`` x each parameter's gradient (0 where it has none) in the parameter part of
+        ``self.grads``; the buffer part is left to the caller. A numpy view of ``self.grads``
+        (valid until the next call)."""
+        for seg in self.param_segments:
             target = self.grads[seg.start : seg.stop]
-            source = seg.tensor.grad if seg.is_param else seg.tensor.detach()
-            if source is None:  # a parameter the loss did not touch
+            grad = seg.tensor.grad
+            if grad is None:  # a parameter the loss did not touch, or a frozen one
                 target.zero_()
             else:
-                torch.mul(source.reshape(-1), scale, out=target)
+                torch.mul(grad.reshape(-1), scale, out=target)
         return self.grads.numpy()
+
+    def has_grad(self) -> list[bool]:
+        """Per parameter (model order): did the last backward pass produce a gradient?"""
+        return [seg.tensor.grad is not None for seg in self.param_segments]
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+    def discrete_values(self) -> list[bytes]:
+        """The raw bytes of every non-float buffer, in model order."""
+        return [_raw(b) for b in self.discrete]
+
+    def discrete_state(self) -> dict[str, bytes]:
+        """The non-float buffers that differ from ``model()``'s, as ``{index: raw bytes}``:
+        what a reader needs besides the vector to rebuild the model."""
+        return self.discrete_state_of(self.discrete_values())
+
+    def discrete_state_of(self, values: list[bytes]) -> dict[str, bytes]:
+        """:meth:`discrete_state` for the given values of every non-float buffer."""
+        return {
+            str(i): now
+            for i, (now, initial) in enumerate(zip(values, self._discrete_initial, strict=True))
+            if now != initial
+        }
+
+    def load_discrete(self, state: dict[str, bytes] | None) -> None:
+        """Set the non-float buffers: those in ``state`` to its bytes, the others to their
+        values as built."""
+        state = state or {}
+        for i, buffer in enumerate(self.discrete):
+            raw = state.get(str(i), self._discrete_initial[i])
+            _assign(buffer, raw, f"buffer {i}")
+
+    def set_discrete(self, index: int, raw: bytes) -> None:
+        _assign(self.discrete[index], raw, f"buffer {index}")
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _assign(tensor: torch.Tensor, raw: bytes, where: str) -> None:
+    if len(raw) != tensor.numel() * tensor.element_size():
+        raise TaskError(
+            f"{where} of shape {tuple(tensor.shape)} and dtype {tensor.dtype} cannot take "
+            f"{len(raw)} bytes: the model does not match the one the state was saved from"
+        )
+    if raw:
+        source = torch.frombuffer(bytearray(raw), dtype=tensor.dtype).view_as(tensor)
+        with torch.no_grad():
+            tensor.copy_(source)

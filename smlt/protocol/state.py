@@ -1,18 +1,33 @@
-"""Moving a job's state between shardings: re-scaling, and restoring a checkpoint.
+"""A job's state at one version, and moving it between shardings, stores and checkpoints.
 
-The state of a job at version t is the flat parameter vector plus the optimizer state as flat
-arrays over the same elements (:class:`~smlt.worker.optim.ShardState`). Both are cut into n
-shards by the same arithmetic, so changing n is: gather the old shards into whole vectors, cut
-them again, publish. Parameters are announced last, after their optimizer shards, so a worker
-that sees a parameter shard announced always finds the optimizer shard beside it.
+The state of a job at version t is
+- the flat vector (parameters, then float buffers; :mod:`smlt.protocol.model`), cut into n
+  parameter shards, each stored as a frame whose side value holds the model's non-float buffers
+  (:meth:`~smlt.protocol.model.FlatModel.discrete_state`, the same in every shard);
+- the optimizer state, cut the same way: one :class:`ShardState` per shard.
+
+How the optimizer state is cut depends on the optimizer. An *elementwise* optimizer (SGD, Adam,
+...) keeps one array per parameter element (momentum, moments) plus a few per-parameter scalars
+(Adam's step count, which differs between parameters that did and did not get gradients): a shard
+holds the arrays over its element range and the records of the parameters that meet it, so
+shards of n workers concatenate into the whole state, which re-cuts for any other n. Any other
+optimizer is *replicated*: every worker holds the whole state, serialized deterministically
+(:func:`encode_optimizer_state`), and shard s holds bytes ``shard_slice(L, n, s)`` of it, so the
+store and the checkpoint carry it once, not n times.
+
+Changing n is therefore: collect the old shards into a :class:`Version`, cut it again, publish.
+Parameters are published after their optimizer shards (same connection, in order), so a worker
+that finds a parameter shard always finds the optimizer shard beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import numpy as np
+import torch
 
 from smlt.errors import CodecError
 from smlt.storage.checkpoint import Checkpoint
@@ -23,16 +38,232 @@ from smlt.sync.shards import shard_slice
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
 
 __all__ = [
+    "ParamRecord",
     "ShardState",
+    "Version",
     "collect_from_store",
-    "publish_state",
+    "decode_optimizer_state",
+    "encode_optimizer_state",
+    "model_side",
+    "optim_frame",
+    "publish_version",
+    "read_optim_state",
+    "read_snapshot",
     "reshard_store",
     "restore_checkpoint",
+    "side_buffers",
 ]
 
+_STATE_FORMAT = 2
 
-def _decode_param(frame: bytes | None, job: str, version: int, shard: int, key: str) -> np.ndarray:
-    return codec.decode(frame, codec.FrameHeader("param", job, version, shard), key)
+
+# -- the side value of a parameter frame ----------------------------------------------------------
+
+
+def model_side(buffers: dict[str, bytes]) -> dict[str, Any]:
+    """The side value every parameter frame carries: the model's non-float buffers."""
+    return {"buffers": buffers}
+
+
+def side_buffers(side: Any, where: str) -> dict[str, bytes]:
+    """The non-float buffers out of a parameter frame's side value."""
+    if side is None:
+        return {}
+    buffers = side.get("buffers") if isinstance(side, dict) else None
+    if not isinstance(buffers, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) for k, v in buffers.items()
+    ):
+        raise CodecError(f"{where}: parameter frame's side value has no readable buffers")
+    return dict(buffers)
+
+
+# -- optimizer state ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """The optimizer state of one parameter (by its index in model order) that has any: which
+    per-element arrays it has, and its scalars (each ``[kind, ...]``, see ``_encode_scalar``)."""
+
+    index: int
+    start: int
+    stop: int
+    arrays: tuple[str, ...]
+    scalars: dict[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """Optimizer state of elements ``[lo, hi)`` (one shard, or the whole vector).
+
+    Elementwise optimizers fill ``arrays`` (per element, zeros where a parameter has no such
+    state) and ``params`` (the parameters meeting ``[lo, hi)`` that have state). A replicated
+    optimizer fills ``blob`` instead: bytes ``[blob_start, blob_start + len(blob))`` of its
+    serialized whole state of ``blob_total`` bytes.
+    """
+
+    lo: int
+    hi: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict[int, ParamRecord] = field(default_factory=dict)
+    blob: bytes = b""
+    blob_start: int = 0
+    blob_total: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.params and not self.blob_total
+
+    def to_bytes(self) -> bytes:
+        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
+        return msgpack.packb(
+            {
+                "format": _STATE_FORMAT,
+                "lo": self.lo,
+                "hi": self.hi,
+                "arrays": {
+                    k: [str(v.dtype), np.ascontiguousarray(v).tobytes()]
+                    for k, v in self.arrays.items()
+                },
+                "params": [
+                    [p.index, p.start, p.stop, list(p.arrays), p.scalars]
+                    for p in self.params.values()
+                ],
+                "blob": [self.blob_start, self.blob_total, self.blob],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> ShardState:
+        try:
+            raw = msgpack.unpackb(data, strict_map_key=False)
+            if raw.get("format") != _STATE_FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, expected {_STATE_FORMAT}")
+            arrays = {
+                k: np.frombuffer(v[1], dtype=np.dtype(v[0])) for k, v in raw["arrays"].items()
+            }
+            params = {
+                int(p[0]): ParamRecord(int(p[0]), int(p[1]), int(p[2]), tuple(p[3]), dict(p[4]))
+                for p in raw["params"]
+            }
+            blob_start, blob_total, blob = raw["blob"]
+            state = cls(
+                int(raw["lo"]), int(raw["hi"]), arrays, params, bytes(blob), blob_start, blob_total
+            )
+        except Exception as exc:
+            raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
+        for name, flat in arrays.items():
+            if flat.size != state.hi - state.lo:
+                raise CodecError(
+                    f"{where}: state {name!r} has {flat.size} elements, "
+                    f"expected {state.hi - state.lo}"
+                )
+        return state
+
+    @staticmethod
+    def concatenate(parts: list[ShardState]) -> ShardState:
+        """Join the states of consecutive shards (in any order) into one."""
+        parts = sorted(parts, key=lambda p: (p.lo, p.blob_start))
+        lo, hi = parts[0].lo, parts[-1].hi
+        arrays: dict[str, np.ndarray] = {}
+        for p in parts:
+            for name, values in p.arrays.items():
+                if name not in arrays:
+                    arrays[name] = np.zeros(hi - lo, dtype=values.dtype)
+                arrays[name][p.lo - lo : p.hi - lo] = values
+        params: dict[int, ParamRecord] = {}
+        for p in parts:
+            for index, record in p.params.items():
+                params.setdefault(index, record)
+        blob_total = max(p.blob_total for p in parts)
+        blob = b"".join(p.blob for p in parts)
+        if len(blob) != blob_total:
+            raise CodecError(
+                f"replicated optimizer state: the shards hold {len(blob)} of {blob_total} bytes"
+            )
+        return ShardState(lo, hi, arrays, dict(sorted(params.items())), blob, 0, blob_total)
+
+    def split(self, num_params: int, workers: int) -> list[ShardState]:
+        """This whole state (``[0, num_params)``) cut for ``workers`` owners."""
+        if (self.lo, self.hi) != (0, num_params) or self.blob_start != 0:
+            raise ValueError(f"split() needs the whole state, got [{self.lo}, {self.hi})")
+        out = []
+        for s in range(workers):
+            sl = shard_slice(num_params, workers, s)
+            bl = shard_slice(self.blob_total, workers, s)
+            out.append(
+                ShardState(
+                    sl.start,
+                    sl.stop,
+                    {k: v[sl].copy() for k, v in self.arrays.items()},
+                    {
+                        i: r
+                        for i, r in self.params.items()
+                        if r.start < sl.stop and sl.start < r.stop
+                    },
+                    self.blob[bl],
+                    bl.start,
+                    self.blob_total,
+                )
+            )
+        return out
+
+
+def encode_optimizer_state(optimizer: torch.optim.Optimizer) -> bytes:
+    """The whole state of a (replicated) optimizer, deterministically: ``state_dict()`` in
+    msgpack, tensors as (dtype, shape, raw bytes), tuples kept as tuples. Equal states give
+    equal bytes, which is what lets every worker publish its slice of the same whole."""
+    return msgpack.packb(optimizer.state_dict(), default=_encode_object, strict_types=True)
+
+
+def decode_optimizer_state(data: bytes, where: str) -> dict[str, Any]:
+    """A ``state_dict`` from :func:`encode_optimizer_state`'s bytes."""
+    try:
+        state: dict[str, Any] = msgpack.unpackb(
+            data, ext_hook=_decode_object, strict_map_key=False, use_list=True
+        )
+    except Exception as exc:
+        raise CodecError(f"{where}: replicated optimizer state is not readable ({exc})") from exc
+    return state
+
+
+_EXT_TENSOR, _EXT_TUPLE = 1, 2
+
+
+def _encode_object(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dtype = str(t.dtype).removeprefix("torch.")
+        return msgpack.ExtType(_EXT_TENSOR, msgpack.packb([dtype, list(t.shape), raw]))
+    if isinstance(value, tuple):
+        return msgpack.ExtType(
+            _EXT_TUPLE, msgpack.packb(list(value), default=_encode_object, strict_types=True)
+        )
+    # strict_types hands subclasses of the plain types here (e.g. an IntEnum, an OrderedDict).
+    plain: Any
+    for plain in (bool, int, float, str, bytes, list, dict):
+        if isinstance(value, plain):
+            return plain(value)
+    raise TypeError(f"optimizer state holds a {type(value).__name__}, which smlt cannot store")
+
+
+def _decode_object(code: int, data: bytes) -> Any:
+    if code == _EXT_TENSOR:
+        dtype_name, shape, raw = msgpack.unpackb(data)
+        dtype = getattr(torch, dtype_name)
+        if not raw:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+    if code == _EXT_TUPLE:
+        return tuple(msgpack.unpackb(data, ext_hook=_decode_object, strict_map_key=False))
+    raise ValueError(f"unknown extension type {code}")
+
+
+def optim_frame(keys: JobKeys, version: int, shard: int, state: ShardState) -> bytes:
+    """The frame of one optimizer-state shard, as stored in Redis and in checkpoints."""
+    raw = np.frombuffer(state.to_bytes(), dtype=np.uint8)
+    return codec.encode(codec.FrameHeader("optim", keys.job, version, shard), raw)
 
 
 def _decode_state(frame: bytes | None, job: str, version: int, shard: int, key: str) -> ShardState:
@@ -40,46 +271,86 @@ def _decode_state(frame: bytes | None, job: str, version: int, shard: int, key: 
     return ShardState.from_bytes(raw.tobytes(), key)
 
 
+def read_optim_state(
+    store: ParameterStore, keys: JobKeys, version: int, shard: int
+) -> ShardState | None:
+    """Optimizer-state shard ``shard`` of ``version`` from the store, or None if there is none."""
+    key = keys.optim(version, shard)
+    frame = store.get(shard, key)
+    return None if frame is None else _decode_state(frame, keys.job, version, shard, key)
+
+
+# -- whole versions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Version:
+    """Everything a job's state at one version is, whole (not sharded)."""
+
+    values: np.ndarray
+    buffers: dict[str, bytes]
+    optimizer: ShardState
+
+    @classmethod
+    def initial(cls, values: np.ndarray) -> Version:
+        """Version 0: the model as built, no optimizer state yet."""
+        return cls(values, {}, ShardState(0, values.size))
+
+
 def collect_from_store(
     store: ParameterStore, keys: JobKeys, version: int, workers: int, num_params: int
-) -> tuple[np.ndarray, ShardState]:
-    """The whole parameter vector and optimizer state of ``version``, sharded over ``workers``."""
-    params = np.empty(num_params, dtype=np.float32)
+) -> Version:
+    """The whole state of ``version``, sharded over ``workers`` in the store."""
+    values = np.empty(num_params, dtype=np.float32)
     states = []
+    buffers: dict[str, bytes] = {}
     for s in range(workers):
         sl = shard_slice(num_params, workers, s)
         key = keys.param(version, s)
-        params[sl] = _decode_param(store.get(s, key), keys.job, version, s, key)
-        okey = keys.optim(version, s)
-        frame = store.get(s, okey)
-        states.append(
-            _decode_state(frame, keys.job, version, s, okey)
-            if frame is not None
-            else ShardState(sl.start, sl.stop, {}, {})
+        frame = codec.decode_frame(
+            store.get(s, key), codec.FrameHeader("param", keys.job, version, s), key
         )
-    return params, ShardState.concatenate(states)
+        values[sl] = frame.array
+        buffers = side_buffers(frame.side, key)
+        state = read_optim_state(store, keys, version, s)
+        states.append(state if state is not None else ShardState(sl.start, sl.stop))
+    return Version(values, buffers, ShardState.concatenate(states))
 
 
-def publish_state(
+def read_snapshot(
+    store: ParameterStore, keys: JobKeys, version: int, workers: int, num_params: int
+) -> tuple[np.ndarray, dict[str, bytes]]:
+    """The model (vector and non-float buffers) of ``version`` from the copies its owners kept
+    for the evaluator (``snapshot`` keys), which outlive the version's own keys."""
+    values = np.empty(num_params, dtype=np.float32)
+    buffers: dict[str, bytes] = {}
+    for s in range(workers):
+        key = keys.snapshot(version, s)
+        frame = codec.decode_frame(
+            store.get(s, key), codec.FrameHeader("param", keys.job, version, s), key
+        )
+        values[shard_slice(num_params, workers, s)] = frame.array
+        buffers = side_buffers(frame.side, key)
+    return values, buffers
+
+
+def publish_version(
     store: ParameterStore,
     keys: JobKeys,
     version: int,
-    params: np.ndarray,
-    state: ShardState,
+    state: Version,
     workers: int,
     *,
     ttl_s: int = DEFAULT_PARAM_TTL_S,
 ) -> None:
-    """Write ``version`` for ``workers`` owners: optimizer shards first, then parameters."""
-    num_params = params.size
-    for s in range(workers):
-        sl = shard_slice(num_params, workers, s)
-        part = state.slice(sl.start, sl.stop).to_bytes()
-        frame = codec.encode(
-            codec.FrameHeader("optim", keys.job, version, s), np.frombuffer(part, dtype=np.uint8)
-        )
-        store.put(s, [(keys.optim(version, s), frame)], ttl_s=ttl_s)
-    publish_params(store, keys, version, params, workers, ttl_s=ttl_s)
+    """Write ``state`` as ``version`` for ``workers`` owners: optimizer shards first, then the
+    parameters (announced, so workers can gather them)."""
+    num_params = state.values.size
+    for s, part in enumerate(state.optimizer.split(num_params, workers)):
+        store.put(s, [(keys.optim(version, s), optim_frame(keys, version, s, part))], ttl_s=ttl_s)
+    publish_params(
+        store, keys, version, state.values, workers, side=model_side(state.buffers), ttl_s=ttl_s
+    )
 
 
 def _drop_version(store: ParameterStore, keys: JobKeys, version: int, workers: int) -> None:
@@ -97,87 +368,34 @@ def reshard_store(
     num_params: int,
 ) -> None:
     """Re-cut ``version`` from ``old_workers`` shards into ``new_workers`` (re-scaling)."""
-    params, state = collect_from_store(store, keys, version, old_workers, num_params)
+    state = collect_from_store(store, keys, version, old_workers, num_params)
     _drop_version(store, keys, version, old_workers)
-    publish_state(store, keys, version, params, state, new_workers)
+    publish_version(store, keys, version, state, new_workers)
+
+
+def read_checkpoint(checkpoint: Checkpoint, job: str) -> Version:
+    """The whole state saved in a committed checkpoint (every shard verified by its hash)."""
+    version = checkpoint.iteration
+    num_params = checkpoint.num_params
+    values = np.empty(num_params, dtype=np.float32)
+    states = []
+    buffers: dict[str, bytes] = {}
+    for s in range(checkpoint.workers):
+        where = f"checkpoint {version} shard {s}"
+        frame = codec.decode_frame(
+            checkpoint.read_shard("param", s), codec.FrameHeader("param", job, version, s), where
+        )
+        values[shard_slice(num_params, checkpoint.workers, s)] = frame.array
+        buffers = side_buffers(frame.side, where)
+        states.append(_decode_state(checkpoint.read_shard("optim", s), job, version, s, where))
+    return Version(values, buffers, ShardState.concatenate(states))
 
 
 def restore_checkpoint(
     store: ParameterStore, keys: JobKeys, checkpoint: Checkpoint, workers: int
 ) -> int:
     """Publish a committed checkpoint into the store for ``workers`` owners; its iteration."""
-    version = checkpoint.iteration
-    num_params = checkpoint.num_params
-    params = np.empty(num_params, dtype=np.float32)
-    states = []
-    for s in range(checkpoint.workers):
-        where = f"checkpoint {version} shard {s}"
-        sl = shard_slice(num_params, checkpoint.workers, s)
-        params[sl] = _decode_param(checkpoint.read_shard("param", s), keys.job, version, s, where)
-        states.append(_decode_state(checkpoint.read_shard("optim", s), keys.job, version, s, where))
-    _drop_version(store, keys, version, max(workers, checkpoint.workers))
-    publish_state(store, keys, version, params, ShardState.concatenate(states), workers)
-    return version
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """Optimizer state of elements ``[lo, hi)``: per-element arrays and shared scalars."""
-
-    lo: int
-    hi: int
-    arrays: dict[str, np.ndarray]
-    scalars: dict[str, tuple[float, str]]
-
-    def to_bytes(self) -> bytes:
-        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
-        return msgpack.packb(
-            {
-                "lo": self.lo,
-                "hi": self.hi,
-                "arrays": {k: v.astype(np.float32).tobytes() for k, v in self.arrays.items()},
-                "scalars": {k: list(v) for k, v in self.scalars.items()},
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> ShardState:
-        try:
-            raw = msgpack.unpackb(data)
-            arrays = {k: np.frombuffer(v, dtype=np.float32) for k, v in raw["arrays"].items()}
-            scalars = {k: (float(v[0]), str(v[1])) for k, v in raw["scalars"].items()}
-            state = cls(int(raw["lo"]), int(raw["hi"]), arrays, scalars)
-        except Exception as exc:
-            raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
-        for name, flat in arrays.items():
-            if flat.size != state.hi - state.lo:
-                raise CodecError(
-                    f"{where}: state {name!r} has {flat.size} elements, "
-                    f"expected {state.hi - state.lo}"
-                )
-        return state
-
-    @staticmethod
-    def concatenate(parts: list[ShardState]) -> ShardState:
-        """Join the states of consecutive shards (in shard order) into one."""
-        parts = sorted(parts, key=lambda p: p.lo)
-        lo, hi = parts[0].lo, parts[-1].hi
-        names = {name for p in parts for name in p.arrays}
-        arrays = {}
-        for name in names:
-            flat = np.zeros(hi - lo, dtype=np.float32)
-            for p in parts:
-                if name in p.arrays:
-                    flat[p.lo - lo : p.hi - lo] = p.arrays[name]
-            arrays[name] = flat
-        scalars: dict[str, tuple[float, str]] = {}
-        for p in parts:
-            scalars.update(p.scalars)
-        return ShardState(lo, hi, arrays, scalars)
-
-    def slice(self, lo: int, hi: int) -> ShardState:
-        """The state of elements ``[lo, hi)`` (a sub-range of this one)."""
-        if not self.lo <= lo <= hi <= self.hi:
-            raise ValueError(f"[{lo}, {hi}) is not inside [{self.lo}, {self.hi})")
-        arrays = {k: v[lo - self.lo : hi - self.lo].copy() for k, v in self.arrays.items()}
-        return ShardState(lo, hi, arrays, dict(self.scalars))
+    state = read_checkpoint(checkpoint, keys.job)
+    _drop_version(store, keys, checkpoint.iteration, max(workers, checkpoint.workers))
+    publish_version(store, keys, checkpoint.iteration, state, workers)
+    return checkpoint.iteration

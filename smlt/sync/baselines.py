@@ -15,6 +15,7 @@ no update hook, no sharded optimizer state.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,13 @@ class Centralized(Exchange):
     scheme = "centralized"
 
     def _step(
-        self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
+        self,
+        t: int,
+        grad: np.ndarray,
+        out: np.ndarray | None,
+        phases: PhaseTimes,
+        started: float,
+        side: Any = None,
     ) -> np.ndarray:
         n, r, job, keys = self.workers, self.rank, self.keys.job, self.keys
         agg = AGGREGATOR_RANK
@@ -105,7 +112,13 @@ class AllToAll(Exchange):
     scheme = "all_to_all"
 
     def _step(
-        self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
+        self,
+        t: int,
+        grad: np.ndarray,
+        out: np.ndarray | None,
+        phases: PhaseTimes,
+        started: float,
+        side: Any = None,
     ) -> np.ndarray:
         n, r, job, keys = self.workers, self.rank, self.keys.job, self.keys
         # Each gradient lives on its writer's instance; the announcements on instance 0.

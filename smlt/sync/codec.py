@@ -4,7 +4,12 @@ A frame is a msgpack map (the header) immediately followed by a msgpack ``bin`` 
 little-endian array bytes::
 
     {"v": 1, "kind": "grad", "job": J, "t": t, "s": s, "r": r,
-     "dtype": "float32", "n": n_elements, "crc": crc32(payload)}  ++  bin(payload)
+     "dtype": "float32", "n": n_elements, "crc": crc32(payload)[, "x": side]}  ++  bin(payload)
+
+The optional ``side`` is a small msgpack value that travels with the array and is covered by
+the same checksum: what a writer must say about its array that is not an array element (which
+parameters had a gradient at all, which buffers its forward pass changed, the model's integer
+buffers). It never holds tensors of the model's size.
 
 The header says exactly which (job, iteration, shard, rank) the bytes belong to, so a frame read
 under the wrong key, a truncated frame and a corrupted payload are all caught here and reported
@@ -26,7 +31,7 @@ import numpy as np
 
 from smlt.errors import CodecError
 
-__all__ = ["FRAME_VERSION", "FrameHeader", "decode", "encode"]
+__all__ = ["FRAME_VERSION", "Frame", "FrameHeader", "decode", "decode_frame", "encode"]
 
 FRAME_VERSION = 1
 _DTYPES: dict[str, np.dtype[Any]] = {
@@ -34,8 +39,10 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "float64": np.dtype("<f8"),
     "uint8": np.dtype("u1"),
 }
-# The header is small; reading it never needs more than this many bytes of the frame.
-_MAX_HEADER_BYTES = 1024
+# Headers are read in steps of this many bytes (most fit in the first), up to the limit: a side
+# is metadata, and a frame claiming a bigger header is corrupt.
+_HEADER_STEP_BYTES = 1024
+_MAX_HEADER_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,18 @@ class FrameHeader:
     rank: int = -1
 
 
-def encode(header: FrameHeader, array: np.ndarray) -> bytes:
-    """One frame for ``array`` (1-D, a dtype of ``_DTYPES``)."""
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: its array (a read-only view into the frame) and its side value."""
+
+    array: np.ndarray
+    side: Any = None
+
+
+def encode(header: FrameHeader, array: np.ndarray, side: Any = None) -> bytes:
+    """One frame for ``array`` (1-D, a dtype of ``_DTYPES``), with an optional ``side`` value
+    (anything msgpack encodes; dicts keep their insertion order, so equal sides built the same
+    way encode to equal bytes)."""
     arr = np.ascontiguousarray(array)
     dtype_name = next((k for k, v in _DTYPES.items() if v == arr.dtype), None)
     if dtype_name is None or arr.ndim != 1:
@@ -58,19 +75,22 @@ def encode(header: FrameHeader, array: np.ndarray) -> bytes:
             f"frames hold 1-D float32/float64/uint8 arrays, got {arr.dtype} {arr.shape}"
         )
     payload = memoryview(arr).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
-    head = msgpack.packb(
-        {
-            "v": FRAME_VERSION,
-            "kind": header.kind,
-            "job": header.job,
-            "t": header.t,
-            "s": header.shard,
-            "r": header.rank,
-            "dtype": dtype_name,
-            "n": int(arr.size),
-            "crc": zlib.crc32(payload),
-        }
-    )
+    fields: dict[str, Any] = {
+        "v": FRAME_VERSION,
+        "kind": header.kind,
+        "job": header.job,
+        "t": header.t,
+        "s": header.shard,
+        "r": header.rank,
+        "dtype": dtype_name,
+        "n": int(arr.size),
+    }
+    side_bytes = b""
+    if side is not None:
+        side_bytes = msgpack.packb(side)
+        fields["x"] = side_bytes
+    fields["crc"] = zlib.crc32(payload, zlib.crc32(side_bytes))
+    head = msgpack.packb(fields)
     # Always bin 32 (marker 0xc6 + 4-byte big-endian length): up to 4 GiB, fixed-size header.
     # One copy of the payload (the join); redis-py then sends the bytes without copying again.
     return b"".join((head, b"\xc6", len(payload).to_bytes(4, "big"), payload))
@@ -78,16 +98,16 @@ def encode(header: FrameHeader, array: np.ndarray) -> bytes:
 
 def decode(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> np.ndarray:
     """The array in ``frame``, checked against ``expect``; raises CodecError naming ``key``."""
+    return decode_frame(frame, expect, key).array
+
+
+def decode_frame(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> Frame:
+    """The array and side value in ``frame``, checked against ``expect`` and the checksum;
+    raises CodecError naming ``key``."""
     if frame is None:
         raise CodecError(f"{key}: no value in the store (expired or never written)")
     view = memoryview(frame)
-    unpacker = msgpack.Unpacker(raw=False, max_bin_len=0, max_buffer_size=_MAX_HEADER_BYTES)
-    unpacker.feed(view[:_MAX_HEADER_BYTES])
-    try:
-        head = unpacker.unpack()
-        offset = unpacker.tell()
-    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
-        raise CodecError(f"{key}: frame header is not valid msgpack ({exc})") from exc
+    head, offset = _read_header(view, key)
     if not isinstance(head, dict) or head.get("v") != FRAME_VERSION:
         version = head.get("v") if isinstance(head, dict) else None
         raise CodecError(f"{key}: not an smlt frame of version {FRAME_VERSION} (got {version!r})")
@@ -111,9 +131,38 @@ def decode(frame: bytes | memoryview | None, expect: FrameHeader, key: str) -> n
             f"bin says {payload_len} bytes, {len(view) - offset} bytes present"
         )
     payload = view[offset:]
-    if zlib.crc32(payload) != head.get("crc"):
+    side_bytes = head.get("x", b"")
+    if not isinstance(side_bytes, bytes) or zlib.crc32(payload, zlib.crc32(side_bytes)) != head.get(
+        "crc"
+    ):
         raise CodecError(f"{key}: payload checksum mismatch (corrupted in the store or in transit)")
-    return np.frombuffer(payload, dtype=dtype)
+    side = None
+    if side_bytes:
+        try:
+            side = msgpack.unpackb(side_bytes, strict_map_key=False)
+        except Exception as exc:  # the checksum matched, so this is a writer's bug
+            raise CodecError(f"{key}: frame side value is not valid msgpack ({exc})") from exc
+    return Frame(np.frombuffer(payload, dtype=dtype), side)
+
+
+def _read_header(view: memoryview, key: str) -> tuple[Any, int]:
+    """The header map and where it ends. Fed in small steps: copying the whole frame into the
+    unpacker to read a header of a few hundred bytes would cost a pass over the payload."""
+    unpacker = msgpack.Unpacker(raw=False, max_bin_len=_MAX_HEADER_BYTES)
+    fed = 0
+    while True:
+        step = view[fed : fed + _HEADER_STEP_BYTES]
+        if not step or fed >= _MAX_HEADER_BYTES:
+            raise CodecError(f"{key}: frame header is truncated or larger than its limit")
+        unpacker.feed(step)
+        fed += len(step)
+        try:
+            head = unpacker.unpack()
+            return head, unpacker.tell()
+        except msgpack.OutOfData:
+            continue
+        except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+            raise CodecError(f"{key}: frame header is not valid msgpack ({exc})") from exc
 
 
 def _int(value: object) -> int:

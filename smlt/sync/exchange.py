@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -91,18 +92,21 @@ class Exchange(ABC):
         self._bytes_up = 0
         self._bytes_down = 0
 
-    def step(self, t: int, grad: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def step(
+        self, t: int, grad: np.ndarray, out: np.ndarray | None = None, side: Any = None
+    ) -> np.ndarray:
         """Average ``grad`` over the workers for iteration ``t``; returns version ``t + 1``.
 
-        ``grad`` (float32, length P) must not change until the call returns. Raises
-        ShardTimeoutError when a peer's contribution does not arrive within ``timeout_s``,
-        StoreUnavailableError when Redis is lost, CodecError for a corrupt frame.
+        ``grad`` (float32, length P) must not change until the call returns; ``side`` is this
+        worker's small metadata for the step (see :mod:`smlt.sync.codec`), handed to whoever
+        reduces. Raises ShardTimeoutError when a peer's contribution does not arrive within
+        ``timeout_s``, StoreUnavailableError when Redis is lost, CodecError for a corrupt frame.
         """
         self._check_grad(grad)
         self._bytes_up = self._bytes_down = 0
         phases = PhaseTimes()
         started = time.monotonic()
-        result = self._step(t, grad, out, phases, started)
+        result = self._step(t, grad, out, phases, started, side)
         phases.total_s = time.monotonic() - started
         phases.bytes_up, phases.bytes_down = self._bytes_up, self._bytes_down
         self.last_phases = phases
@@ -110,7 +114,13 @@ class Exchange(ABC):
 
     @abstractmethod
     def _step(
-        self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
+        self,
+        t: int,
+        grad: np.ndarray,
+        out: np.ndarray | None,
+        phases: PhaseTimes,
+        started: float,
+        side: Any,
     ) -> np.ndarray: ...
 
     def close(self) -> None:  # noqa: B027 - a hook: schemes without threads have nothing to free
@@ -141,29 +151,38 @@ class Exchange(ABC):
         ttl_s: int,
         announce: tuple[str, int] | None,
         extra: Iterable[tuple[str, bytes]] = (),
+        side: Any = None,
     ) -> None:
         """Encode, write to shard's instance, hold for the uplink, then announce.
 
-        The value goes to Redis at once but peers only read what is announced, so announcing
-        after the emulated link would have delivered the bytes lets the real transfer hide
-        inside the emulated one instead of adding to it.
+        ``extra`` values are written *before* ``key`` in the same round trip: Redis runs one
+        connection's commands in order, so whoever finds ``key`` (a parameter shard) also finds
+        its extras (the optimizer state of the same version). The value goes to Redis at once
+        but peers only read what is announced, so announcing after the emulated link would have
+        delivered the bytes lets the real transfer hide inside the emulated one instead of
+        adding to it.
         """
-        frame = codec.encode(header, values)
-        self._bytes_up += len(frame)
+        frame = codec.encode(header, values, side)
+        items = [*extra, (key, frame)]
+        self._bytes_up += sum(len(v) for _k, v in items)
         if self.link.up.bytes_per_s is None:  # no emulated link: value and announcement in one trip
-            self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s, announce=announce)
+            self.store.put(shard, items, ttl_s=ttl_s, announce=announce)
             return
         began = time.monotonic()
-        self.store.put(shard, [(key, frame), *extra], ttl_s=ttl_s)
-        self.link.up.after_send(len(frame), began)
+        self.store.put(shard, items, ttl_s=ttl_s)
+        self.link.up.after_send(sum(len(v) for _k, v in items), began)
         if announce is not None:
             self.store.announce(shard, *announce, ttl_s=ttl_s)
 
     def _receive(self, shard: int, key: str, header: codec.FrameHeader) -> np.ndarray:
         """Download ``key`` through the downlink and decode it (a read-only view)."""
+        return self._receive_frame(shard, key, header).array
+
+    def _receive_frame(self, shard: int, key: str, header: codec.FrameHeader) -> codec.Frame:
+        """Download ``key`` through the downlink and decode it with its side value."""
         began = time.monotonic()
         frame = self.store.get(shard, key)
         size = len(frame) if frame else 0
         self.link.down.after_receive(size, began)
         self._bytes_down += size
-        return codec.decode(frame, header, key)
+        return codec.decode_frame(frame, header, key)

@@ -21,6 +21,20 @@ after the slowest peer. Arrival order is not the summation order, though: slices
 fixed order ``r, r-1, r-2, ...`` (early arrivals wait their turn), which makes the sum, and so
 every byte written for ``(t, s)``, independent of timing. A re-executed worker therefore writes
 exactly what the first execution wrote, and duplicates are harmless.
+
+Whoever comes to run step t (first invocation, replacement, duplicate) continues from what the
+store holds: if this rank's shard of version t + 1 is already published, the step does not redo
+the owner's work but adopts the published shard (:attr:`ScatterReduce.adopted` says so, and the
+caller then loads the optimizer state of t + 1 published beside it).
+
+Optimizers that are not elementwise cannot be sharded; for them :meth:`ScatterReduce.allreduce`
+runs the same exchange but publishes the *mean gradient* shards (``mgrad``), every worker gathers
+the whole mean and steps the full optimizer, and each owner then publishes its parameter shard
+of t + 1 with :meth:`ScatterReduce.publish`, so that the parameter keys always hold parameters.
+
+Hooks for fault injection (``on_phase(phase, t)``) mark the points where a worker can die:
+``during-upload``, ``after-upload`` (on the upload thread), ``after-publish`` and
+``during-gather``.
 """
 
 from __future__ import annotations
@@ -40,23 +54,40 @@ from smlt.sync.phases import PhaseTimes
 from smlt.sync.shards import shard_slice
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
 
-__all__ = ["ScatterReduce", "ShardUpdate", "UpdateHook", "publish_params"]
+__all__ = [
+    "CombineHook",
+    "PhaseHook",
+    "ScatterReduce",
+    "ShardUpdate",
+    "UpdateHook",
+    "publish_params",
+]
 
-# Announcements of parameter shards for one version all go to one stream on instance 0.
-_PREADY_INSTANCE = 0
+# Announcements of parameter shards for one version all go to one stream on instance 0, and
+# so do those of mean-gradient shards.
+_READY_INSTANCE = 0
 
 
 @dataclass(frozen=True)
 class ShardUpdate:
-    """What the owner publishes for version ``t + 1``: the parameter shard and, in the same
-    round trip, any extra (key, frame) pairs such as its optimizer-state shard."""
+    """What the owner publishes for version ``t + 1``: the parameter shard, its side value, and
+    in the same round trip (written first) extra (key, frame) pairs such as its optimizer-state
+    shard."""
 
     params: np.ndarray
     extra: Sequence[tuple[str, bytes]] = ()
+    side: Any = None
 
 
-UpdateHook = Callable[[int, int, np.ndarray], ShardUpdate]
-"""``(t, shard, mean_gradient_shard) -> ShardUpdate``; without one the mean is published."""
+UpdateHook = Callable[[int, int, np.ndarray, Sequence[Any]], ShardUpdate]
+"""``(t, shard, mean_gradient_shard, sides_by_rank) -> ShardUpdate``; without one the mean is
+published as it is."""
+
+CombineHook = Callable[[Sequence[Any]], Any]
+"""``(sides_by_rank) -> side``: what an owner publishes with a mean-gradient shard."""
+
+PhaseHook = Callable[[str, int], None]
+"""``(phase, t)``: called at the points where a worker may fail (fault injection)."""
 
 
 def publish_params(
@@ -66,21 +97,27 @@ def publish_params(
     params: np.ndarray,
     workers: int,
     *,
+    side: Any = None,
     ttl_s: int = DEFAULT_PARAM_TTL_S,
 ) -> None:
     """Write the whole parameter vector as version ``t`` (the driver does this before step 0,
-    and after a re-scale), announcing every shard so workers can gather it."""
+    and after a re-scale), announcing every shard so workers can gather it. ``side`` goes with
+    every shard."""
     for s in range(workers):
         sl = shard_slice(params.size, workers, s)
-        frame = codec.encode(codec.FrameHeader("param", keys.job, t, s), params[sl])
+        frame = codec.encode(codec.FrameHeader("param", keys.job, t, s), params[sl], side)
         store.put(s, [(keys.param(t, s), frame)], ttl_s=ttl_s)
-        _announce_param(store, keys, t, s, ttl_s)
+        _announce(store, keys.param_ready(t), s, ttl_s)
 
 
-def _announce_param(store: ParameterStore, keys: JobKeys, t: int, shard: int, ttl_s: int) -> None:
+def _announce(store: ParameterStore, stream: str, shard: int, ttl_s: int) -> None:
     # The value was written on shard's instance before this call returns, so announcing on
     # another instance afterwards cannot overtake it.
-    store.announce(_PREADY_INSTANCE, keys.param_ready(t), shard, ttl_s=ttl_s)
+    store.announce(_READY_INSTANCE, stream, shard, ttl_s=ttl_s)
+
+
+def _no_phase(phase: str, t: int) -> None:
+    return None
 
 
 class ScatterReduce(Exchange):
@@ -88,10 +125,25 @@ class ScatterReduce(Exchange):
 
     scheme = "scatter_reduce"
 
-    def __init__(self, *args: Any, update: UpdateHook | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        update: UpdateHook | None = None,
+        combine: CombineHook | None = None,
+        on_phase: PhaseHook | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.update = update
+        self.combine = combine
+        self.on_phase: PhaseHook = on_phase or _no_phase
         self.slices = [shard_slice(self.num_params, self.workers, s) for s in range(self.workers)]
+        #: True if the last step found this rank's shard of t + 1 already published and took it.
+        self.adopted = False
+        #: Side values of the frames the last gather read, by shard.
+        self.gathered_sides: dict[int, Any] = {}
+        #: The combined side the last :meth:`allreduce` published or read.
+        self.combined_side: Any = None
         self._uploader = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"smlt-ul-{self.rank}"
         )
@@ -99,22 +151,34 @@ class ScatterReduce(Exchange):
     def close(self) -> None:
         self._uploader.shutdown(wait=True)
 
+    # -- sharded: the owner applies the optimizer to its shard ---------------------------------
+
     def _step(
-        self, t: int, grad: np.ndarray, out: np.ndarray | None, phases: PhaseTimes, started: float
+        self,
+        t: int,
+        grad: np.ndarray,
+        out: np.ndarray | None,
+        phases: PhaseTimes,
+        started: float,
+        side: Any,
     ) -> np.ndarray:
-        uploads = self._uploader.submit(self._upload_slices, t, grad, started)
+        uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
         try:
-            published = self._already_published(t + 1)
+            published = self.published_shard(t + 1)
+            self.adopted = published is not None
             if published is None:
-                mean = self._reduce_own_shard(t, grad)
+                mean, sides = self._reduce_own_shard(t, grad, side)
                 phases.dl_shard_s = time.monotonic() - started
                 aggr_started = time.monotonic()
-                result = self.update(t, self.rank, mean) if self.update else ShardUpdate(mean)
-                self._publish_own_shard(t, result)
+                result = (
+                    self.update(t, self.rank, mean, sides) if self.update else ShardUpdate(mean)
+                )
+                self._publish_param(t + 1, result)
                 phases.ul_aggr_s = time.monotonic() - aggr_started
-                published = result.params
+                self.on_phase("after-publish", t)
+                published = codec.Frame(result.params, result.side)
             gather_started = time.monotonic()
-            full = self._gather(t + 1, published, out)
+            full = self._gather(t + 1, published, out, t)
             phases.dl_grad_s = time.monotonic() - gather_started
         finally:
             # Never leave an upload running behind a failed step. If the step failed, its own
@@ -125,22 +189,93 @@ class ScatterReduce(Exchange):
         phases.ul_shard_s = uploads.result()
         return full
 
-    def _already_published(self, version: int) -> np.ndarray | None:
-        """Our shard of ``version`` if an earlier invocation of this rank already published it.
+    def published_shard(self, version: int) -> codec.Frame | None:
+        """This rank's parameter shard of ``version`` if some invocation of this rank already
+        published it (a replacement, a duplicate, or a resume finds it so).
 
-        A duplicate invocation (at-least-once platforms, or a retry racing a slow original)
-        must not redo the owner's update: the optimizer state it would start from is gone, and
-        the result is already in the store. It takes the published shard and only gathers.
+        Such an invocation must not redo the owner's update: the optimizer state it would start
+        from is stale, and the result is already in the store. It takes the published shard.
         """
         key = self.keys.param(version, self.rank)
         frame = self.store.get(self.rank, key)
         if frame is None:
             return None
-        return codec.decode(
+        return codec.decode_frame(
             frame, codec.FrameHeader("param", self.keys.job, version, self.rank), key
         )
 
-    def _upload_slices(self, t: int, grad: np.ndarray, started: float) -> float:
+    # -- replicated: owners publish the mean gradient, everyone steps the full optimizer -------
+
+    def allreduce(
+        self, t: int, grad: np.ndarray, out: np.ndarray | None = None, side: Any = None
+    ) -> np.ndarray:
+        """The mean gradient of step ``t`` over all workers, whole, in ``out``.
+
+        Owner r reduces shard r as in :meth:`step` and publishes it as ``mgrad(t, r)`` with the
+        ``combine`` hook's side (read back afterwards from :attr:`combined_side`). Call
+        :meth:`publish` with the new parameters once the optimizer has stepped.
+        """
+        self._check_grad(grad)
+        self._bytes_up = self._bytes_down = 0
+        phases = PhaseTimes()
+        started = time.monotonic()
+        uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
+        try:
+            key = self.keys.mean_grad(t, self.rank)
+            header = codec.FrameHeader("mgrad", self.keys.job, t, self.rank)
+            frame = self.store.get(self.rank, key)
+            if frame is not None:  # a duplicate or replacement: the mean is already there
+                own = codec.decode_frame(frame, header, key)
+            else:
+                mean, sides = self._reduce_own_shard(t, grad, side)
+                phases.dl_shard_s = time.monotonic() - started
+                combined = self.combine(sides) if self.combine else None
+                self._send(
+                    self.rank,
+                    key,
+                    header,
+                    mean,
+                    ttl_s=self.grad_ttl_s,
+                    announce=None,
+                    side=combined,
+                )
+                _announce(self.store, self.keys.mean_grad_ready(t), self.rank, self.grad_ttl_s)
+                own = codec.Frame(mean, combined)
+            self.combined_side = own.side
+            gather_started = time.monotonic()
+            full = out if out is not None else np.empty(self.num_params, dtype=np.float32)
+            full[self.slices[self.rank]] = own.array
+            for s, got in self._collect(
+                self.keys.mean_grad_ready(t),
+                lambda s: (
+                    self.keys.mean_grad(t, s),
+                    codec.FrameHeader("mgrad", self.keys.job, t, s),
+                ),
+                skip=self.rank,
+                what=f"worker {self.rank} of {self.workers} gathering the mean of step {t}",
+            ):
+                full[self.slices[s]] = got.array
+            phases.dl_grad_s = time.monotonic() - gather_started
+        finally:
+            upload_error = uploads.exception()
+        if upload_error is not None:
+            raise upload_error
+        phases.ul_shard_s = uploads.result()
+        phases.total_s = time.monotonic() - started
+        phases.bytes_up, phases.bytes_down = self._bytes_up, self._bytes_down
+        self.last_phases = phases
+        return full
+
+    def publish(self, version: int, update: ShardUpdate) -> None:
+        """Publish this owner's parameter shard of ``version`` (after a replicated step)."""
+        began = time.monotonic()
+        self._publish_param(version, update)
+        self.last_phases.ul_aggr_s = time.monotonic() - began
+        self.on_phase("after-publish", version - 1)
+
+    # -- shared moves --------------------------------------------------------------------------
+
+    def _upload_slices(self, t: int, grad: np.ndarray, started: float, side: Any) -> float:
         n, r, job = self.workers, self.rank, self.keys.job
         for k in range(1, n):
             s = (r + k) % n
@@ -151,13 +286,22 @@ class ScatterReduce(Exchange):
                 grad[self.slices[s]],
                 ttl_s=self.grad_ttl_s,
                 announce=(self.keys.grad_ready(t, s), r),
+                side=side,
             )
+            if k == 1:
+                self.on_phase("during-upload", t)
+        self.on_phase("after-upload", t)
         return time.monotonic() - started
 
-    def _reduce_own_shard(self, t: int, grad: np.ndarray) -> np.ndarray:
+    def _reduce_own_shard(
+        self, t: int, grad: np.ndarray, side: Any
+    ) -> tuple[np.ndarray, list[Any]]:
+        """The mean of shard r over all workers, and every worker's side value (by rank)."""
         n, r, job = self.workers, self.rank, self.keys.job
         fold_order = [(r - k) % n for k in range(1, n)]  # the order slices usually arrive in
         fold = OrderedFold(np.array(grad[self.slices[r]], dtype=np.float32), fold_order)
+        sides: list[Any] = [None] * n
+        sides[r] = side
         peers = self.store.announcements(
             r,
             self.keys.grad_ready(t, r),
@@ -167,56 +311,88 @@ class ScatterReduce(Exchange):
         )
         for peer in peers:
             key = self.keys.grad(t, r, peer)
-            fold.add(peer, self._receive(r, key, codec.FrameHeader("grad", job, t, r, peer)))
-        return fold.mean(n)
+            got = self._receive_frame(r, key, codec.FrameHeader("grad", job, t, r, peer))
+            sides[peer] = got.side
+            fold.add(peer, got.array)
+        return fold.mean(n), sides
 
-    def _publish_own_shard(self, t: int, result: ShardUpdate) -> None:
-        r = self.rank
+    def _publish_param(self, version: int, result: ShardUpdate) -> None:
+        r, t = self.rank, version - 1
         params = np.ascontiguousarray(result.params, dtype=np.float32)
         size = self.slices[r].stop - self.slices[r].start
         if params.shape != (size,):
             raise ValueError(f"update hook returned shape {params.shape} for shard {r} of {size}")
         self._send(
             r,
-            self.keys.param(t + 1, r),
-            codec.FrameHeader("param", self.keys.job, t + 1, r),
+            self.keys.param(version, r),
+            codec.FrameHeader("param", self.keys.job, version, r),
             params,
             ttl_s=self.param_ttl_s,
             announce=None,
             extra=result.extra,
+            side=result.side,
         )
-        _announce_param(self.store, self.keys, t + 1, r, self.param_ttl_s)
+        _announce(self.store, self.keys.param_ready(version), r, self.param_ttl_s)
         # Everything of step t stays one more step: a replacement for a worker that died during
         # step t restarts at t and needs version t and the slices of t; a duplicate owner racing
         # this one needs them too. What step t-1 wrote goes now, rather than holding (3n-2)G per
         # step until the TTL.
         stale = [self.keys.grad(t - 1, r, p) for p in range(self.workers) if p != r]
         stale += [self.keys.grad_ready(t - 1, r), self.keys.param(t - 1, r)]
-        stale += [self.keys.optim(t - 1, r)]
+        stale += [self.keys.optim(t - 1, r), self.keys.mean_grad(t - 1, r)]
         self.store.unlink(r, stale)
         if r == 0:
-            self.store.unlink(_PREADY_INSTANCE, [self.keys.param_ready(t - 1)])
+            ready = [self.keys.param_ready(t - 1), self.keys.mean_grad_ready(t - 1)]
+            self.store.unlink(_READY_INSTANCE, ready)
 
     def gather(self, version: int, out: np.ndarray | None = None) -> np.ndarray:
-        """All ``n`` shards of ``version`` from the store (a worker's start, or a resume)."""
-        return self._gather(version, None, out)
+        """All ``n`` shards of ``version`` from the store (a worker's start, or a resume); their
+        side values land in :attr:`gathered_sides`."""
+        return self._gather(version, None, out, version)
 
-    def _gather(self, version: int, own: np.ndarray | None, out: np.ndarray | None) -> np.ndarray:
+    def _gather(
+        self,
+        version: int,
+        own: codec.Frame | None,
+        out: np.ndarray | None,
+        t: int,
+    ) -> np.ndarray:
         full = out if out is not None else np.empty(self.num_params, dtype=np.float32)
         r, n, job = self.rank, self.workers, self.keys.job
+        self.gathered_sides = {}
         if own is not None:
-            full[self.slices[r]] = own
-        wanted = [(r + k) % n for k in range(0 if own is None else 1, n)]
-        announced = self.store.announcements(
-            _PREADY_INSTANCE,
+            full[self.slices[r]] = own.array
+            self.gathered_sides[r] = own.side
+        first = True
+        for s, got in self._collect(
             self.keys.param_ready(version),
-            wanted,
-            timeout_s=self.timeout_s,
+            lambda s: (self.keys.param(version, s), codec.FrameHeader("param", job, version, s)),
+            skip=None if own is None else r,
             what=f"worker {r} of {n} gathering parameters v{version}",
+        ):
+            full[self.slices[s]] = got.array
+            self.gathered_sides[s] = got.side
+            if first:
+                first = False
+                self.on_phase("during-gather", t)
+        return full
+
+    def _collect(
+        self,
+        stream: str,
+        where: Callable[[int], tuple[str, codec.FrameHeader]],
+        *,
+        skip: int | None,
+        what: str,
+    ) -> Any:
+        """Yield ``(shard, frame)`` for every shard but ``skip`` as its announcement arrives on
+        ``stream``, starting with the next rank's (each rank starts elsewhere, spreading the
+        load over the owners)."""
+        r, n = self.rank, self.workers
+        wanted = [(r + k) % n for k in range(n) if (r + k) % n != skip]
+        announced = self.store.announcements(
+            _READY_INSTANCE, stream, wanted, timeout_s=self.timeout_s, what=what
         )
         for s in announced:
-            key = self.keys.param(version, s)
-            full[self.slices[s]] = self._receive(
-                s, key, codec.FrameHeader("param", job, version, s)
-            )
-        return full
+            key, header = where(s)
+            yield s, self._receive_frame(s, key, header)

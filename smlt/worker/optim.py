@@ -1,29 +1,34 @@
 """The user's optimizer, applied by the owner of a shard to that shard only (DESIGN §3 step 4).
 
 Owner r holds optimizer state for shard r alone, so momentum or Adam moments cost each worker
-1/n of the model instead of all of it. This is exact for *elementwise* optimizers (SGD with
-momentum, Adam, AdamW, RMSprop, ...), whose update of one element depends only on that element's
-gradient and state: the shard is cut into one piece per (parameter ∩ shard), each piece joins the
-param group its parameter was in, and a fresh optimizer of the user's class with the user's
-hyperparameters steps the pieces.
+1/n of the model instead of all of it. This is exact for *elementwise* optimizers, whose update
+of one element depends only on that element's gradient and state, and on per-parameter scalars
+such as a step count: the shard is cut into one *piece* per (parameter ∩ shard), each piece joins
+the param group its parameter was in, and a new optimizer of the user's class with the user's
+hyperparameters steps the pieces. A piece whose parameter got no gradient on any worker gets
+``grad = None``, so, as in PyTorch, it is skipped: no weight decay, no momentum, no step count.
 
-Optimizers that look across elements (LBFGS, or LAMB/LARS with per-tensor norms) cannot be cut
-this way. For them :func:`make_update` says so and returns None: the trainer falls back to a
-*replicated* update (every worker gathers the mean gradient and steps the full optimizer).
+Which optimizers are elementwise is a list of classes (:data:`ELEMENTWISE_OPTIMIZERS`), checked by
+exact type: a user's subclass may override ``step`` to look across elements, so it is treated as
+any other optimizer, *replicated*: every worker steps the full optimizer on the whole mean
+gradient (see :mod:`smlt.worker.trainer`). That is exact for every optimizer, at n times the
+optimizer memory.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from smlt.errors import TaskError
-from smlt.protocol.state import ShardState
-from smlt.worker.flat import FlatModel
+from smlt.protocol.model import FlatModel
+from smlt.protocol.state import ParamRecord, ShardState
 
-__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "is_shardable"]
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "ShardOptimizer", "is_shardable", "rebuild_optimizer"]
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -35,12 +40,38 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.RMSprop,
     torch.optim.NAdam,
     torch.optim.RAdam,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
 )
 
 
 def is_shardable(optimizer: torch.optim.Optimizer) -> bool:
     """True for the optimizers whose update is elementwise (exact when sharded)."""
     return type(optimizer) in ELEMENTWISE_OPTIMIZERS
+
+
+def rebuild_optimizer(
+    user_optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
+) -> torch.optim.Optimizer:
+    """An optimizer of ``user_optimizer``'s class over ``groups`` (each with its hyperparameters).
+
+    The constructor is called with only the defaults it accepts: ``opt.defaults`` holds keys a
+    class sets itself (AdamW adds ``decoupled_weight_decay``, which its constructor rejects), and
+    constructors do work besides storing hyperparameters (Adagrad fills its state), so neither
+    ``type(opt)(groups, **opt.defaults)`` nor a copy without the constructor works for every
+    class. Per-group hyperparameters, the constructor's own keys included, come from ``groups``.
+    """
+    cls = type(user_optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in user_optimizer.defaults.items() if k in accepted}
+    try:
+        return cls(groups, **kwargs)
+    except Exception as exc:
+        raise TaskError(
+            f"cannot rebuild {cls.__name__} over a shard of the model "
+            f"({type(exc).__name__}: {exc}); smlt shards only the optimizers in "
+            "smlt.worker.optim.ELEMENTWISE_OPTIMIZERS"
+        ) from exc
 
 
 class ShardOptimizer:
@@ -51,9 +82,10 @@ class ShardOptimizer:
     ) -> None:
         self.flat = flat
         self.lo, self.hi = lo, hi
-        by_tensor = {id(seg.tensor): seg for seg in flat.segments if seg.is_param}
+        by_tensor = {id(seg.tensor): seg for seg in flat.param_segments}
         groups: list[dict[str, Any]] = []
-        self.pieces: list[tuple[torch.nn.Parameter, int, int]] = []
+        #: (piece, start, stop, parameter index, parameter's [start, stop))
+        self.pieces: list[tuple[torch.nn.Parameter, int, int, int, int, int]] = []
         for group in user_optimizer.param_groups:
             hyper = {k: v for k, v in group.items() if k != "params"}
             pieces = []
@@ -68,85 +100,107 @@ class ShardOptimizer:
                 if a < b:
                     piece = torch.nn.Parameter(flat.values[a:b].clone())
                     pieces.append(piece)
-                    self.pieces.append((piece, a, b))
+                    self.pieces.append((piece, a, b, seg.index, seg.start, seg.stop))
             if pieces:
                 groups.append({**hyper, "params": pieces})
-        self.optimizer: torch.optim.Optimizer | None = (
-            type(user_optimizer)(groups, **user_optimizer.defaults) if groups else None
-        )
+        self.optimizer = rebuild_optimizer(user_optimizer, groups) if groups else None
 
-    def step(self, mean: np.ndarray) -> np.ndarray:
-        """New values of the shard from its mean gradient (parameters) or mean value (buffers).
-
-        Elements of parameters the user's optimizer does not hold keep their current value.
-        """
-        lo, hi = self.lo, self.hi
-        out = self.flat.values[lo:hi].numpy().copy()
+    def step(self, mean: np.ndarray, has_grad: Sequence[bool], out: np.ndarray) -> None:
+        """Write the new values of the pieces into ``out`` (the shard, ``[lo, hi)``) from the
+        shard's mean gradient; pieces of parameters without a gradient anywhere are skipped."""
+        lo = self.lo
         mean_t = torch.from_numpy(np.asarray(mean))
-        for piece, a, b in self.pieces:
-            piece.grad = mean_t[a - lo : b - lo].clone()
+        for piece, a, b, index, _start, _stop in self.pieces:
+            piece.grad = mean_t[a - lo : b - lo].clone() if has_grad[index] else None
         if self.optimizer is not None:
             self.optimizer.step()
-        for piece, a, b in self.pieces:
+        for piece, a, b, _index, _start, _stop in self.pieces:
             out[a - lo : b - lo] = piece.detach().numpy()
             piece.grad = None
-        buffers_from = max(lo, self.flat.num_params)
-        if buffers_from < hi:
-            out[buffers_from - lo :] = mean[buffers_from - lo :]
-        return out
 
     def sync_from_flat(self) -> None:
         """Reload the pieces from the flat vector (after loading parameters from elsewhere)."""
         with torch.no_grad():
-            for piece, a, b in self.pieces:
+            for piece, a, b, *_rest in self.pieces:
                 piece.copy_(self.flat.values[a:b])
 
     def state(self) -> ShardState:
-        """This shard's optimizer state as flat arrays over ``[lo, hi)`` plus shared scalars.
-
-        Elementwise optimizers keep one tensor per parameter element (momentum, Adam moments)
-        and a few scalars (Adam's step count) that are equal for all pieces. Flattening them
-        onto the shard's element range makes state independent of how the model is cut: shards
-        of n workers concatenate into the full state, which re-splits for any other n.
-        """
+        """This shard's optimizer state: per-element arrays over ``[lo, hi)`` and, per parameter
+        with any state, which arrays it has and its scalars. Names are sorted, so the same state
+        always gives the same bytes, however it came to be (stepped, or loaded)."""
         size = self.hi - self.lo
         arrays: dict[str, np.ndarray] = {}
-        scalars: dict[str, tuple[float, str]] = {}
+        records: dict[int, ParamRecord] = {}
         if self.optimizer is None:
-            return ShardState(self.lo, self.hi, arrays, scalars)
-        for piece, a, b in self.pieces:
-            for name, value in self.optimizer.state.get(piece, {}).items():
+            return ShardState(self.lo, self.hi)
+        for piece, a, b, index, start, stop in self.pieces:
+            entry = self.optimizer.state.get(piece)
+            if not entry:
+                continue
+            names, scalars = [], {}
+            for name in sorted(entry):
+                value = entry[name]
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    flat = arrays.setdefault(name, np.zeros(size, dtype=np.float32))
-                    flat[a - self.lo : b - self.lo] = value.detach().reshape(-1).numpy()
+                    if value.numel() != b - a:
+                        raise TaskError(
+                            f"{type(self.optimizer).__name__} keeps state {name!r} of "
+                            f"{value.numel()} elements for a parameter of {b - a}: it is not "
+                            "elementwise and cannot be sharded"
+                        )
+                    flat = value.detach().reshape(-1).numpy()
+                    if name not in arrays:
+                        arrays[name] = np.zeros(size, dtype=flat.dtype)
+                    arrays[name][a - self.lo : b - self.lo] = flat
+                    names.append(name)
                 else:
-                    number = float(value)
-                    kind = (
-                        str(value.dtype).removeprefix("torch.")
-                        if isinstance(value, torch.Tensor)
-                        else type(value).__name__
-                    )
-                    scalars[name] = (number, kind)
-        return ShardState(self.lo, self.hi, arrays, scalars)
+                    scalars[name] = _encode_scalar(value)
+            previous = records.get(index)
+            if previous is not None and (previous.arrays, previous.scalars) != (
+                tuple(names),
+                scalars,
+            ):
+                raise TaskError(f"pieces of parameter {index} disagree on their optimizer state")
+            records[index] = ParamRecord(index, start, stop, tuple(names), scalars)
+        return ShardState(self.lo, self.hi, dict(sorted(arrays.items())), records)
 
     def load_state(self, state: ShardState) -> None:
-        """Restore a :meth:`state` taken over the same element range (re-slice first if not)."""
+        """Restore a :meth:`state` taken over the same element range (re-cut first if not).
+        Pieces of parameters without a record get no state, as in a fresh optimizer."""
         if (state.lo, state.hi) != (self.lo, self.hi):
             raise ValueError(
                 f"state covers [{state.lo}, {state.hi}), shard is [{self.lo}, {self.hi})"
             )
-        if self.optimizer is None or (not state.arrays and not state.scalars):
+        if self.optimizer is None:
             return
-        for piece, a, b in self.pieces:
+        for piece, a, b, index, _start, _stop in self.pieces:
+            record = state.params.get(index)
+            if record is None:
+                self.optimizer.state.pop(piece, None)
+                continue
             entry: dict[str, Any] = {}
-            for name, flat in state.arrays.items():
-                entry[name] = torch.from_numpy(
-                    np.array(flat[a - self.lo : b - self.lo], dtype=np.float32)
-                ).reshape(piece.shape)
-            for name, (number, kind) in state.scalars.items():
-                entry[name] = (
-                    torch.tensor(number, dtype=getattr(torch, kind))
-                    if hasattr(torch, kind)
-                    else (int(number) if kind == "int" else number)
-                )
-            self.optimizer.state[piece] = entry
+            for name in record.arrays:
+                values = np.array(state.arrays[name][a - self.lo : b - self.lo])
+                entry[name] = torch.from_numpy(values).reshape(piece.shape)
+            for name, encoded in record.scalars.items():
+                entry[name] = _decode_scalar(encoded)
+            self.optimizer.state[piece] = dict(sorted(entry.items()))
+
+
+def _encode_scalar(value: Any) -> list[Any]:
+    """A per-parameter scalar of optimizer state as ``[kind, ...]``, exactly."""
+    if isinstance(value, torch.Tensor):
+        return ["tensor", str(value.dtype).removeprefix("torch."), value.item()]
+    if value is None:
+        return ["none"]
+    if isinstance(value, bool | int | float):
+        return [type(value).__name__, value]
+    raise TaskError(f"optimizer state holds a {type(value).__name__}, which smlt cannot shard")
+
+
+def _decode_scalar(encoded: list[Any]) -> Any:
+    kind = encoded[0]
+    if kind == "tensor":
+        return torch.tensor(encoded[2], dtype=getattr(torch, encoded[1]))
+    if kind == "none":
+        return None
+    return {"bool": bool, "int": int, "float": float}[kind](encoded[1])

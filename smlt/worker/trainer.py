@@ -4,15 +4,25 @@ One invocation runs iterations ``[start, end)`` of one generation. Each iteratio
 
 1. **data**: the rows of this rank's slice of the global batch (:class:`GlobalBatchSampler`),
    from the local shard cache (:class:`~smlt.storage.artifacts.DataReader`);
-2. **compute**: the user's loss on them and its gradient, flattened and scaled by
-   ``n * b_r / B`` so the scheme's plain mean over workers is the global batch's mean gradient
-   even when B is not divisible by n;
-3. **sync**: scatter-reduce; the owner's update hook runs the user's optimizer on its shard;
-   the gathered version t + 1 lands directly in the model's parameter vector;
+2. **compute**: the user's loss on them and its gradient, flattened and scaled by ``n * b_r / B``
+   (``n`` for a ``loss_reduction = "sum"`` task) so that the exchange's plain mean over workers
+   is the global batch's gradient even when B is not divisible by n; plus this worker's side of
+   the step (which parameters got a gradient, which buffers its forward pass changed:
+   :mod:`smlt.worker.contribution`);
+3. **sync**: scatter-reduce; the owner of shard r steps the user's optimizer on shard r
+   (elementwise optimizers), or every worker steps the full optimizer on the whole mean gradient
+   (any other optimizer); version t + 1 lands directly in the model's parameter vector;
 4. **report**: one entry on the job's progress stream (the paper's success flag).
 
-Randomness inside the loss (dropout) is seeded per (seed, iteration, rank), so a re-executed
-iteration computes the same gradient.
+Whatever way this invocation came to run step t (first invocation, replacement, duplicate,
+resume), it continues from what the store holds: if its shard of version t + 1 is already
+published, it adopts the parameters *and* optimizer state of t + 1 instead of recomputing them
+(DESIGN §3). Randomness inside the loss (dropout) is seeded per (seed, iteration, rank)
+(:func:`~smlt.worker.sampler.iteration_seed`), so a re-executed iteration computes the same
+gradient, and every write for (t, shard) is the same bytes whoever makes it.
+
+The model is not evaluated here: at the end of each epoch the owners keep a copy of version
+t + 1 (``snapshot`` keys) and the scheduler evaluates it off the workers' critical path.
 """
 
 from __future__ import annotations
@@ -28,26 +38,45 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from smlt.errors import TaskError, TrainingError
+from smlt.errors import CodecError, TaskError, TrainingError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import FaultInjector
+from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
-from smlt.protocol.state import ShardState
+from smlt.protocol.state import (
+    ShardState,
+    decode_optimizer_state,
+    encode_optimizer_state,
+    model_side,
+    optim_frame,
+    read_optim_state,
+    side_buffers,
+)
 from smlt.storage.artifacts import DataReader
 from smlt.storage.checkpoint import CheckpointStore
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
-from smlt.sync.store import ParameterStore
-from smlt.task import Task, run_evaluate
-from smlt.worker.flat import FlatModel
+from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
+from smlt.task import Task, loss_reduction, overrides_evaluate
+from smlt.worker.contribution import (
+    Before,
+    Combined,
+    apply_buffers,
+    combine,
+    contribute,
+    new_discrete,
+    snapshot,
+)
 from smlt.worker.optim import ShardOptimizer, is_shardable
 from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
 
-__all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "Trainer"]
+__all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "PROGRESS_TTL_S", "Trainer"]
 
 #: The progress stream keeps about this many entries (XADD MAXLEN ~).
 PROGRESS_MAXLEN = 200_000
+#: The progress stream expires this long after its last report (a dead run's is never read).
+PROGRESS_TTL_S = DEFAULT_PARAM_TTL_S
 #: Seconds of slack kept before a function's time limit beyond 2 x the slowest iteration.
 MIN_MARGIN_S = float(os.environ.get("SMLT_MIN_MARGIN_S", "1.0"))
 
@@ -56,6 +85,7 @@ MIN_MARGIN_S = float(os.environ.get("SMLT_MIN_MARGIN_S", "1.0"))
 class _Timing:
     data_s: float = 0.0
     compute_s: float = 0.0
+    update_s: float = 0.0
 
 
 class Trainer:
@@ -81,6 +111,7 @@ class Trainer:
         self.store = store
         self.keys = JobKeys(payload.job_id, payload.session)
         self.remaining_s = remaining_s
+        self.reduction = loss_reduction(task)
         torch.manual_seed(payload.seed)
         self.model = task.model()
         self.flat = FlatModel(self.model)
@@ -89,6 +120,9 @@ class Trainer:
         self.sampler = GlobalBatchSampler(
             reader.manifest.num_samples, payload.batch_size, payload.seed
         )
+        self._faults = FaultInjector.from_option(
+            str(payload.options.get("faults", "")), r, payload.attempt
+        )
         self.exchange = ScatterReduce(
             store,
             self.keys,
@@ -96,45 +130,26 @@ class Trainer:
             workers=n,
             num_params=self.flat.size,
             timeout_s=payload.shard_timeout_s,
+            combine=lambda sides: combine(sides, self.flat).to_side(),
+            on_phase=self._fire,
         )
-        sl = self.exchange.slices[r]
+        self.slice = self.exchange.slices[r]
+        self._evaluates = payload.eval_every_epoch and overrides_evaluate(task)
+        self._before: Before | None = None
+        self._timing = _Timing()
         self.sharded = is_shardable(user_optimizer)
+        self.shard_optimizer: ShardOptimizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
         if self.sharded:
-            self.shard_optimizer: ShardOptimizer | None = ShardOptimizer(
-                user_optimizer, self.flat, sl.start, sl.stop
+            self.shard_optimizer = ShardOptimizer(
+                user_optimizer, self.flat, self.slice.start, self.slice.stop
             )
             self.exchange.update = self._owner_update
-            self.user_optimizer = None
         else:
             # Replicated update: owners publish the mean gradient; everyone steps the full
-            # optimizer on it. Correct for any optimizer, at n x the optimizer memory.
-            self.shard_optimizer = None
-            self.user_optimizer = user_optimizer
-            self._mean_grad = np.empty(self.flat.size, dtype=np.float32)
-
-    # -- owner side ----------------------------------------------------------------------------
-
-    def _owner_update(self, t: int, shard: int, mean: np.ndarray) -> ShardUpdate:
-        assert self.shard_optimizer is not None
-        params = self.shard_optimizer.step(mean)
-        state = np.frombuffer(self.shard_optimizer.state().to_bytes(), dtype=np.uint8)
-        frame = codec.encode(codec.FrameHeader("optim", self.keys.job, t + 1, shard), state)
-        return ShardUpdate(params, extra=[(self.keys.optim(t + 1, shard), frame)])
-
-    def _load_state(self, version: int) -> None:
-        """Parameters of ``version`` into the model; our optimizer-state shard if it exists."""
-        if self.sharded:
-            self.exchange.gather(version, out=self.flat.values_numpy())
-            assert self.shard_optimizer is not None
-            self.shard_optimizer.sync_from_flat()
-            key = self.keys.optim(version, self.payload.rank)
-            frame = self.store.get(self.payload.rank, key)
-            if frame is not None:
-                header = codec.FrameHeader("optim", self.keys.job, version, self.payload.rank)
-                raw = codec.decode(frame, header, key).tobytes()
-                self.shard_optimizer.load_state(ShardState.from_bytes(raw, key))
-        else:
-            self.exchange.gather(version, out=self.flat.values_numpy())
+            # optimizer on it. Exact for any optimizer, at n x the optimizer memory.
+            self.optimizer = user_optimizer
+            self._mean = np.empty(self.flat.size, dtype=np.float32)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -155,13 +170,12 @@ class Trainer:
                 interval_s=float(options.get("heartbeat_interval_s", 1.0)),
                 timeout_s=float(options["heartbeat_timeout_s"]),
             ).start()
-        faults = FaultInjector.from_option(str(options.get("faults", "")), p.rank, p.attempt)
         try:
             self._load_state(p.start_iteration)
             init_s = time.monotonic() - began
-            t, reason = self._loop(faults)
+            t, reason = self._loop()
             if self.checkpoints is not None and t > p.start_iteration and t != self._ckpt_written:
-                self._write_checkpoint(t)
+                self._write_checkpoint(t, t - 1)
         finally:
             self.exchange.close()
             if heartbeat is not None:
@@ -178,7 +192,7 @@ class Trainer:
             checkpoint_shards=self._ckpt_shards or None,
         )
 
-    def _loop(self, faults: FaultInjector) -> tuple[int, str]:
+    def _loop(self) -> tuple[int, str]:
         p = self.payload
         client = self.store.client(0)
         slowest_s = 0.0
@@ -191,7 +205,7 @@ class Trainer:
                 short_of_time = self.remaining_s() < margin_s
             if should_stop(client, self.keys, p.generation, t, propose=short_of_time):
                 return t, StopReason.TIME_LIMIT if short_of_time else StopReason.STOP_ITERATION
-            faults.maybe_fire(t)
+            self._fire("start", t)
             began = time.monotonic()
             self._iteration(t)
             slowest_s = max(slowest_s * 0.9, time.monotonic() - began)
@@ -199,46 +213,74 @@ class Trainer:
         reason = StopReason.FINISHED if t == p.total_iterations else StopReason.STOP_ITERATION
         return t, reason
 
-    def _write_checkpoint(self, version: int) -> None:
-        """This owner's shard of ``version`` (parameters and optimizer state) to the object
-        store; the scheduler commits the checkpoint once every shard is there."""
-        assert self.checkpoints is not None
-        began = time.monotonic()
-        r, job = self.payload.rank, self.keys.job
-        sl = self.exchange.slices[r]
-        params = codec.encode(
-            codec.FrameHeader("param", job, version, r), self.flat.values_numpy()[sl]
-        )
-        if self.shard_optimizer is not None:
-            state = self.shard_optimizer.state().to_bytes()
-        else:
-            state = ShardState(sl.start, sl.stop, {}, {}).to_bytes()
-        optim = codec.encode(
-            codec.FrameHeader("optim", job, version, r), np.frombuffer(state, dtype=np.uint8)
-        )
-        written = [
-            self.checkpoints.write_shard(version, r, "param", params),
-            self.checkpoints.write_shard(version, r, "optim", optim),
-        ]
-        # What the scheduler commits: it trusts these hashes rather than downloading the
-        # checkpoint again, and every read of a shard checks them.
-        self._ckpt_shards = {rec.kind: [rec.size_bytes, rec.sha256] for rec in written}
-        self._ckpt_written = version
-        self._ckpt_s = time.monotonic() - began
-
     def _iteration(self, t: int) -> None:
         p = self.payload
         started = time.monotonic()
-        timing = _Timing()
+        self._timing = timing = _Timing()
         indices, global_batch = self.sampler.worker_indices(t, p.rank, p.workers)
         batch = self.reader.rows(indices)
         timing.data_s = time.monotonic() - started
 
         compute_started = time.monotonic()
+        grad, side, loss_value = self._compute(t, indices, batch, global_batch)
+        timing.compute_s = time.monotonic() - compute_started
+
+        if self.sharded:
+            self.exchange.step(t, grad, out=self.flat.values_numpy(), side=side)
+            if self.exchange.adopted:
+                self._load_optimizer_state(t + 1)
+            self._load_buffers(self.exchange.gathered_sides, t + 1)
+        else:
+            self._replicated_step(t, grad, side)
+        phases = self.exchange.last_phases
+        every = int(p.options.get("checkpoint_every", 0))
+        if self.checkpoints is not None and every > 0 and (t + 1) % every == 0:
+            self._write_checkpoint(t + 1, t)
+        iter_s = time.monotonic() - started
+
+        fields: dict[str, float | int | str] = {
+            "rank": p.rank,
+            "gen": p.generation,
+            "attempt": p.attempt,
+            "t": t,
+            "loss": loss_value,
+            "samples": len(indices),
+            "batch": global_batch,
+            "data_s": timing.data_s,
+            "compute_s": timing.compute_s,
+            "update_s": timing.update_s,
+            "sync_s": phases.total_s,
+            "iter_s": iter_s,
+            "bytes_up": phases.bytes_up,
+            "bytes_down": phases.bytes_down,
+            **{k: v for k, v in phases.as_dict().items() if k.endswith("_s") and k != "total_s"},
+        }
+        if self._snapshot_due(t):
+            fields["snapshot"] = t + 1
+        if self._ckpt_written == t + 1:
+            fields["ckpt"] = t + 1
+            fields["ckpt_shards"] = json.dumps(self._ckpt_shards)
+        self._fire("before-report", t)
+        pipe = self.store.client(0).pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.progress(),
+            cast(dict[Any, Any], fields),
+            maxlen=PROGRESS_MAXLEN,
+            approximate=True,
+        )
+        pipe.expire(self.keys.progress(), PROGRESS_TTL_S)
+        pipe.execute()
+
+    def _compute(
+        self, t: int, indices: np.ndarray, batch: tuple[torch.Tensor, ...], global_batch: int
+    ) -> tuple[np.ndarray, dict[str, Any], float]:
+        """The loss and gradient of this rank's slice; the vector to exchange and its side."""
+        p = self.payload
+        self._before = snapshot(self.flat)
         self.model.train()
         torch.manual_seed(iteration_seed(p.seed, t, p.rank))
-        loss_value = 0.0
         self.flat.zero_grad()
+        loss_value = 0.0
         if len(indices):
             loss = self.task.loss(self.model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -250,60 +292,156 @@ class Trainer:
                     f"loss is {loss_value} at iteration {t} on rank {p.rank}: training diverged "
                     "(lower the learning rate?)"
                 )
-        grad = self.flat.gradient(p.workers * len(indices) / global_batch)
-        timing.compute_s = time.monotonic() - compute_started
+            if self.reduction == "sum":
+                loss_value /= len(indices)  # reports are per sample, whatever the reduction
+        weight = len(indices) / global_batch
+        scale = p.workers * (1.0 if self.reduction == "sum" else weight)
+        grad = self.flat.gradient(scale)
+        side = contribute(self.flat, self._before, weight, p.workers)
+        return grad, side, loss_value
 
-        if self.sharded:
-            self.exchange.step(t, grad, out=self.flat.values_numpy())
-        else:
-            self._replicated_step(t, grad)
-        phases = self.exchange.last_phases
-        every = int(p.options.get("checkpoint_every", 0))
-        if self.checkpoints is not None and every > 0 and (t + 1) % every == 0:
-            self._write_checkpoint(t + 1)
+    # -- sharded: this rank owns shard r -------------------------------------------------------
 
-        iter_s = time.monotonic() - started  # evaluation below is not part of the iteration
-        metrics: dict[str, float] = {}
-        last = t + 1 == p.total_iterations
-        if p.rank == 0 and p.eval_every_epoch and (self.sampler.is_epoch_end(t) or last):
-            metrics = run_evaluate(self.task, self.model)
-            self.model.train()
-        fields: dict[str, float | int | str] = {
-            "rank": p.rank,
-            "gen": p.generation,
-            "attempt": p.attempt,
-            "t": t,
-            "loss": loss_value,
-            "samples": len(indices),
-            "batch": global_batch,
-            "data_s": timing.data_s,
-            "compute_s": timing.compute_s,
-            "sync_s": phases.total_s,
-            "iter_s": iter_s,
-            "bytes_up": phases.bytes_up,
-            "bytes_down": phases.bytes_down,
-            **{k: v for k, v in phases.as_dict().items() if k.endswith("_s") and k != "total_s"},
-        }
-        if metrics:
-            fields["metrics"] = json.dumps(metrics)
-        if self._ckpt_written == t + 1:
-            fields["ckpt"] = t + 1
-            fields["ckpt_shards"] = json.dumps(self._ckpt_shards)
-        self.store.client(0).xadd(
-            self.keys.progress(),
-            cast(dict[Any, Any], fields),
-            maxlen=PROGRESS_MAXLEN,
-            approximate=True,
-        )
+    def _owner_update(self, t: int, shard: int, mean: np.ndarray, sides: Any) -> ShardUpdate:
+        """Step t's new shard: the optimizer on its parameters, the combined buffers."""
+        assert self.shard_optimizer is not None and self._before is not None
+        began = time.monotonic()
+        combined = combine(sides, self.flat)
+        lo = self.slice.start
+        out = self.flat.values_numpy()[self.slice].copy()
+        apply_buffers(out, mean, lo, self.flat, combined, self._before)
+        self.shard_optimizer.step(mean, combined.has_grad, out)
+        side = model_side(self.flat.discrete_state_of(new_discrete(self._before, combined)))
+        extra = [
+            (
+                self.keys.optim(t + 1, shard),
+                optim_frame(self.keys, t + 1, shard, self.shard_optimizer.state()),
+            )
+        ]
+        extra += self._snapshot_extra(t, out, side)
+        self._timing.update_s = time.monotonic() - began
+        return ShardUpdate(out, extra=extra, side=side)
 
-    def _replicated_step(self, t: int, grad: np.ndarray) -> None:
-        assert self.user_optimizer is not None
-        self.exchange.step(t, grad, out=self._mean_grad)
-        mean = torch.from_numpy(self._mean_grad)
-        for seg in self.flat.segments:
-            if seg.is_param:
-                seg.tensor.grad = mean[seg.start : seg.stop].view_as(seg.tensor).clone()
-            else:
-                seg.tensor.data.copy_(mean[seg.start : seg.stop].view_as(seg.tensor))
-        self.user_optimizer.step()
+    def _load_optimizer_state(self, version: int) -> None:
+        """Our optimizer-state shard of ``version`` from the store (adopting a published step,
+        or starting an invocation)."""
+        assert self.shard_optimizer is not None
+        self.shard_optimizer.sync_from_flat()
+        state = self._read_state(version, self.payload.rank)
+        self.shard_optimizer.load_state(state)
+
+    # -- replicated: every rank steps the whole optimizer --------------------------------------
+
+    def _replicated_step(self, t: int, grad: np.ndarray, side: dict[str, Any]) -> None:
+        assert self.optimizer is not None and self._before is not None
+        if self.exchange.published_shard(t + 1) is not None:
+            # Some invocation of this rank finished this step: every owner had reduced, so
+            # nobody needs our gradient; take the published version instead of recomputing it.
+            self._load_state(t + 1)
+            return
+        mean = self.exchange.allreduce(t, grad, out=self._mean, side=side)
+        began = time.monotonic()
+        combined = Combined.from_side(self.exchange.combined_side, self.flat)
+        values = self.flat.values_numpy()
+        base = self.flat.num_params
+        apply_buffers(values[base:], mean[base:], base, self.flat, combined, self._before)
+        for seg in self.flat.param_segments:
+            seg.tensor.grad = (
+                torch.from_numpy(mean[seg.start : seg.stop]).view_as(seg.tensor).clone()
+                if combined.has_grad[seg.index]
+                else None
+            )
+        self.optimizer.step()
         self.flat.zero_grad()
+        discrete = new_discrete(self._before, combined)
+        for i, raw in enumerate(discrete):
+            self.flat.set_discrete(i, raw)
+        r = self.payload.rank
+        params = values[self.slice].copy()
+        model = model_side(self.flat.discrete_state())
+        extra = [(self.keys.optim(t + 1, r), self._replicated_frame(t + 1))]
+        extra += self._snapshot_extra(t, params, model)
+        self._timing.update_s = time.monotonic() - began
+        self.exchange.publish(t + 1, ShardUpdate(params, extra=extra, side=model))
+
+    def _replicated_frame(self, version: int) -> bytes:
+        """Our slice of the whole optimizer state's bytes, as an optimizer-state frame."""
+        assert self.optimizer is not None
+        blob = encode_optimizer_state(self.optimizer)
+        whole = ShardState(0, self.flat.size, blob=blob, blob_total=len(blob))
+        part = whole.split(self.flat.size, self.payload.workers)[self.payload.rank]
+        return optim_frame(self.keys, version, self.payload.rank, part)
+
+    # -- loading a version ---------------------------------------------------------------------
+
+    def _load_state(self, version: int) -> None:
+        """Parameters, buffers and optimizer state of ``version`` from the store."""
+        self.exchange.gather(version, out=self.flat.values_numpy())
+        self._load_buffers(self.exchange.gathered_sides, version)
+        if self.sharded:
+            self._load_optimizer_state(version)
+            return
+        assert self.optimizer is not None
+        parts = [self._read_state(version, s) for s in range(self.payload.workers)]
+        whole = ShardState.concatenate(parts)
+        if whole.blob_total:
+            where = f"optimizer state of version {version}"
+            self.optimizer.load_state_dict(decode_optimizer_state(whole.blob, where))
+
+    def _read_state(self, version: int, shard: int) -> ShardState:
+        state = read_optim_state(self.store, self.keys, version, shard)
+        if state is None:
+            raise CodecError(
+                f"{self.keys.optim(version, shard)}: the optimizer state of version {version} is "
+                "not in the store (expired, or deleted by a run that reused this job and session)"
+            )
+        return state
+
+    def _load_buffers(self, sides: dict[int, Any], version: int) -> None:
+        """The non-float buffers of ``version`` (every parameter frame carries them)."""
+        shard = min(sides)
+        self.flat.load_discrete(side_buffers(sides[shard], self.keys.param(version, shard)))
+
+    # -- evaluation snapshots, checkpoints, faults ---------------------------------------------
+
+    def _snapshot_due(self, t: int) -> bool:
+        last = t + 1 == self.payload.total_iterations
+        return self._evaluates and (self.sampler.is_epoch_end(t) or last)
+
+    def _snapshot_extra(self, t: int, params: np.ndarray, side: Any) -> list[tuple[str, bytes]]:
+        """A copy of the new shard for the evaluator, at the end of an epoch: it outlives the
+        version's own keys (deleted one step later), and the evaluator deletes it."""
+        if not self._snapshot_due(t):
+            return []
+        r = self.payload.rank
+        header = codec.FrameHeader("param", self.keys.job, t + 1, r)
+        return [(self.keys.snapshot(t + 1, r), codec.encode(header, params, side))]
+
+    def _write_checkpoint(self, version: int, t: int) -> None:
+        """This owner's shard of ``version`` (parameters and optimizer state) to the object
+        store; the scheduler commits the checkpoint once every shard is there."""
+        assert self.checkpoints is not None
+        began = time.monotonic()
+        r, job = self.payload.rank, self.keys.job
+        params = codec.encode(
+            codec.FrameHeader("param", job, version, r),
+            self.flat.values_numpy()[self.slice],
+            model_side(self.flat.discrete_state()),
+        )
+        if self.shard_optimizer is not None:
+            optim = optim_frame(self.keys, version, r, self.shard_optimizer.state())
+        else:
+            optim = self._replicated_frame(version)
+        first = self.checkpoints.write_shard(version, r, "param", params)
+        self._fire("during-checkpoint", t)
+        second = self.checkpoints.write_shard(version, r, "optim", optim)
+        # What the scheduler commits: it trusts these hashes rather than downloading the
+        # checkpoint again, and every read of a shard checks them.
+        self._ckpt_shards = {rec.kind: [rec.size_bytes, rec.sha256] for rec in (first, second)}
+        self._ckpt_written = version
+        self._ckpt_s = time.monotonic() - began
+
+    def _fire(self, phase: str, t: int) -> None:
+        """Fault injection at ``phase`` of iteration ``t`` (SMLT_FAULTS)."""
+        if phase == "start":  # phases other than start arrive with the fault schedule's phases
+            self._faults.maybe_fire(t)
