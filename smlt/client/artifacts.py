@@ -22,7 +22,16 @@ from smlt.storage.artifacts import (
     manifest_key,
 )
 from smlt.storage.objects import ObjectStore
-from smlt.task import TaskData, check_loss, check_model, check_optimizer, check_task, load_task
+from smlt.task import (
+    TaskData,
+    check_loss,
+    check_loss_reduction,
+    check_model,
+    check_optimizer,
+    check_task,
+    load_task,
+)
+from smlt.worker.selfcheck import check_update
 
 __all__ = ["package_task"]
 
@@ -39,7 +48,9 @@ def package_task(
     """Import the task, validate it, and write its source, data shards and manifest to ``store``.
 
     ``data()`` is called once, here. With ``check`` the model, optimizer and loss are also run on
-    two samples, so a broken task fails on the client instead of on n paid workers. Any earlier
+    two samples, the loss's reduction is checked against ``loss_reduction``, and one real smlt
+    update runs (:func:`~smlt.worker.selfcheck.check_update`), so a broken task fails on the
+    client instead of on n paid workers. Any earlier
     artifact of the same job is deleted first: its shards would not match the new manifest.
     ``on_shard`` is called after each shard upload, for progress display.
     """
@@ -51,7 +62,10 @@ def package_task(
     if check:
         model = check_model(task)
         check_optimizer(task, model)
-        check_loss(task, model, data.rows(0, min(2, data.num_samples)))
+        tiny = data.rows(0, min(2, data.num_samples))
+        check_loss(task, model, tiny)
+        check_loss_reduction(task, model, data)
+        check_update(task, tiny)
     source_path = Path(spec.rpartition(":")[0]).expanduser().resolve()
     source = source_path.read_bytes()
 

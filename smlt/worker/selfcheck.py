@@ -1,0 +1,59 @@
+"""One real update of a task, run on the user's machine before any worker is paid for.
+
+The client-side checks of :mod:`smlt.task` call the user's methods; this runs what the workers
+will run with them: the model flattened, the optimizer rebuilt over shards as two owners would
+(or stepped whole, for an optimizer that is replicated), one step on a tiny batch, and the
+optimizer state through its encoding and back. An optimizer that smlt cannot run (a class whose
+constructor rejects its own defaults, a state that cannot be stored) then fails here, in seconds,
+with its name and cause, rather than on every worker after deployment.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smlt.errors import TaskError
+from smlt.protocol.model import FlatModel
+from smlt.protocol.state import ShardState, decode_optimizer_state, encode_optimizer_state
+from smlt.sync.shards import shard_slice
+from smlt.task import Batch, Task
+from smlt.worker.optim import ShardOptimizer, is_shardable
+
+__all__ = ["check_update"]
+
+_OWNERS = 2
+
+
+def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
+    """Run one smlt update of ``task`` on ``batch``; returns how the optimizer is run
+    (``"sharded"`` or ``"replicated"``). Raises TaskError naming the optimizer and the cause."""
+    torch.manual_seed(seed)
+    model = task.model()
+    flat = FlatModel(model)
+    optimizer = task.optimizer(model)
+    name = type(optimizer).__name__
+    mode = "sharded" if is_shardable(optimizer) else "replicated"
+    try:
+        task.loss(model, batch).backward()
+        grad = flat.gradient(1.0)
+        has_grad = flat.has_grad()
+        if mode == "sharded":
+            for s in range(_OWNERS):
+                sl = shard_slice(flat.size, _OWNERS, s)
+                owner = ShardOptimizer(optimizer, flat, sl.start, sl.stop)
+                out = flat.values_numpy()[sl].copy()
+                owner.step(grad[sl], has_grad, out)
+                state = owner.state()
+                owner.load_state(ShardState.from_bytes(state.to_bytes(), "self-check"))
+        else:
+            optimizer.step()
+            blob = encode_optimizer_state(optimizer)
+            optimizer.load_state_dict(decode_optimizer_state(blob, "self-check"))
+    except TaskError:
+        raise
+    except Exception as exc:
+        raise TaskError(
+            f"{type(task).__name__}.optimizer() returned a {name}, which smlt's workers cannot "
+            f"run ({mode}): {type(exc).__name__}: {exc}"
+        ) from exc
+    return mode
