@@ -1,13 +1,18 @@
-"""The ``smlt`` command line: ``smlt train TASK ...``.
+"""The ``smlt`` command line: ``smlt train TASK ...``, ``smlt resume RUN_DIR``, ``smlt clean``.
 
 Errors that smlt raises on purpose (bad task, unreachable Redis, a configuration that does not
 fit) print as one paragraph and exit with status 2; anything else is a bug and keeps its
-traceback.
+traceback. No credential is ever printed: Redis URLs appear as ``redis://:***@host:port``.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,9 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from smlt.errors import SmltError
+from smlt.errors import ConfigError, ObjectStoreError, SmltError
+from smlt.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore, open_object_store
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "parse_duration"]
 
 app = typer.Typer(
     add_completion=False,
@@ -82,6 +88,12 @@ def train(
         list[str] | None,
         typer.Option(help="AT:WORKERS[:MEMORY_MB]: from iteration AT on (repeatable)"),
     ] = None,
+    keep_checkpoints: Annotated[
+        int,
+        typer.Option(
+            help="committed checkpoints kept while the run goes on (the newest at the end)"
+        ),
+    ] = 2,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
     from smlt.client.driver import train as run_training
@@ -104,6 +116,7 @@ def train(
             checkpoint_every=checkpoint_every,
             heartbeat_timeout_s=heartbeat_timeout,
             rescales=_rescales(rescale or []),
+            keep_checkpoints=keep_checkpoints,
             progress=progress,
         )
     )
@@ -123,6 +136,155 @@ def resume(
             run_dir, redis_url=redis_url, ray_address=ray_address, progress=progress
         )
     )
+
+
+@app.command()
+def clean(
+    object_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_OBJECT_STORE",
+            help="folder or s3://bucket/prefix (default ~/.cache/smlt/objects)",
+        ),
+    ] = None,
+    older_than: Annotated[
+        str, typer.Option(help="remove what was last written longer ago: 90s, 30m, 12h, 7d, 2w")
+    ] = "7d",
+    dry_run: Annotated[
+        bool, typer.Option(help="list what would be removed; remove nothing")
+    ] = False,
+) -> None:
+    """Remove old job folders (jobs/JOB/ in the object store) and workers' local cache folders.
+
+    A folder goes when the newest file in it is older than --older-than; anything newer means
+    the job may be running, and it is left alone, as is a cache folder a worker holds.
+    """
+    try:
+        threshold_s = parse_duration(older_than, option="--older-than")
+        _clean(object_store, threshold_s, older_than, dry_run=dry_run)
+    except SmltError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, option: str = "duration") -> float:
+    """Seconds in ``90s``, ``30m``, ``12h``, ``7d`` or ``2w`` (a positive number and a unit)."""
+    match = _DURATION.fullmatch(text)
+    seconds = float(match[1]) * _UNIT_S[match[2]] if match else 0.0
+    if seconds <= 0:
+        raise ConfigError(
+            f"{option} {text!r} is not a duration: give a positive number and a unit, s, m, h, "
+            "d or w (90s, 30m, 12h, 7d, 2w)"
+        )
+    return seconds
+
+
+def _clean(object_store: str | None, threshold_s: float, shown: str, *, dry_run: bool) -> None:
+    from smlt.storage.artifacts import default_cache_dir
+    from smlt.worker.handler import remove_idle_caches
+
+    store = open_object_store(object_store)
+    verb = "would remove" if dry_run else "removed"
+    now = time.time()
+    freed = removed_jobs = kept_jobs = 0
+    for job, (size, newest) in sorted(_job_folders(store).items()):
+        if now - newest < threshold_s:
+            kept_jobs += 1
+            continue
+        if not dry_run:
+            _remove_job_folder(store, job)
+        print(f"{verb} {store.url}/jobs/{job}/ ({_size(size)}, last written {_age(now - newest)})")
+        freed += size
+        removed_jobs += 1
+    cache_root = default_cache_dir("job").parent
+    caches = remove_idle_caches(cache_root, older_than_s=threshold_s, dry_run=dry_run)
+    for folder in caches:
+        age = _age(now - folder.newest_unix_s)
+        print(f"{verb} cache {folder.path}/ ({_size(folder.size_bytes)}, last written {age})")
+        freed += folder.size_bytes
+    print(
+        f"{'would free' if dry_run else 'freed'} {_size(freed)} ({freed:,} bytes): "
+        f"{removed_jobs} job folder(s), {len(caches)} cache folder(s); "
+        f"{kept_jobs} job folder(s) written to in the last {shown} left alone"
+    )
+
+
+def _job_folders(store: ObjectStore) -> dict[str, tuple[int, float]]:
+    """Each job folder of the store: its bytes and the time of its newest object."""
+    folders: dict[str, tuple[int, float]] = {}
+    for key, size, modified in _objects_under(store, "jobs/"):
+        job, _, rest = key[len("jobs/") :].partition("/")
+        if not job or not rest:
+            continue
+        total, newest = folders.get(job, (0, 0.0))
+        folders[job] = (total + size, max(newest, modified))
+    return folders
+
+
+def _objects_under(store: ObjectStore, prefix: str) -> Iterator[tuple[str, int, float]]:
+    """(key, bytes, modified unix s) of every object under ``prefix``, in-flight writes of the
+    local store included (they show a job is active).
+
+    The ObjectStore interface lists keys only; sizes and times come from each implementation.
+    """
+    if isinstance(store, LocalObjectStore):
+        for dirpath, _dirnames, filenames in os.walk(store.root / prefix):
+            for name in filenames:
+                path = Path(dirpath) / name
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue  # deleted while we walk
+                yield path.relative_to(store.root).as_posix(), st.st_size, st.st_mtime
+        return
+    if isinstance(store, S3ObjectStore):
+        full = f"{store.prefix}/{prefix}" if store.prefix else prefix
+        strip = len(store.prefix) + 1 if store.prefix else 0
+        try:
+            pages = store.client.get_paginator("list_objects_v2").paginate(
+                Bucket=store.bucket, Prefix=full
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    modified = obj["LastModified"].timestamp()
+                    yield obj["Key"][strip:], int(obj["Size"]), modified
+        except ObjectStoreError:
+            raise
+        except Exception as exc:  # botocore's errors, translated at this boundary
+            raise ObjectStoreError(f"cannot list {store.url}/{prefix}: {exc}") from exc
+        return
+    raise ConfigError(f"smlt clean cannot list the sizes and times of objects in {store.url}")
+
+
+def _remove_job_folder(store: ObjectStore, job: str) -> None:
+    store.delete_prefix(f"jobs/{job}/")
+    if isinstance(store, LocalObjectStore):
+        # Temporary files of writes that never finished are not objects, so delete_prefix leaves
+        # them; they are as old as the rest (the folder's newest file is past the threshold).
+        shutil.rmtree(store.root / "jobs" / job, ignore_errors=True)
+
+
+def _size(size_bytes: int) -> str:
+    value = float(size_bytes)
+    for unit in ("bytes", "KB", "MB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
 
 
 def _rescales(specs: list[str]) -> tuple[tuple[int, int, int | None], ...]:
