@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +147,19 @@ class ScatterReduce(Exchange):
         self._uploader = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"smlt-ul-{self.rank}"
         )
+        self._uploads: Future[float] | None = None
 
     def close(self) -> None:
         self._uploader.shutdown(wait=True)
+
+    def _check_uploads(self) -> None:
+        """Raise our own upload's error while we wait for peers: a worker whose upload failed
+        would otherwise wait for shards that its failure holds back, until the timeout."""
+        uploads = self._uploads
+        if uploads is not None and uploads.done():
+            error = uploads.exception()
+            if error is not None:
+                raise error
 
     # -- sharded: the owner applies the optimizer to its shard ---------------------------------
 
@@ -163,6 +173,7 @@ class ScatterReduce(Exchange):
         side: Any,
     ) -> np.ndarray:
         uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
+        self._uploads = uploads
         try:
             published = self.published_shard(t + 1)
             self.adopted = published is not None
@@ -220,6 +231,7 @@ class ScatterReduce(Exchange):
         phases = PhaseTimes()
         started = time.monotonic()
         uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
+        self._uploads = uploads
         try:
             key = self.keys.mean_grad(t, self.rank)
             header = codec.FrameHeader("mgrad", self.keys.job, t, self.rank)
@@ -245,6 +257,7 @@ class ScatterReduce(Exchange):
             gather_started = time.monotonic()
             full = out if out is not None else np.empty(self.num_params, dtype=np.float32)
             full[self.slices[self.rank]] = own.array
+            first = True
             for s, got in self._collect(
                 self.keys.mean_grad_ready(t),
                 lambda s: (
@@ -255,6 +268,9 @@ class ScatterReduce(Exchange):
                 what=f"worker {self.rank} of {self.workers} gathering the mean of step {t}",
             ):
                 full[self.slices[s]] = got.array
+                if first:
+                    first = False
+                    self.on_phase("during-gather", t)
             phases.dl_grad_s = time.monotonic() - gather_started
         finally:
             upload_error = uploads.exception()
@@ -308,6 +324,7 @@ class ScatterReduce(Exchange):
             fold_order,
             timeout_s=self.timeout_s,
             what=f"owner {r} of {n} at iteration {t} waiting for gradient slices",
+            interrupt=self._check_uploads,
         )
         for peer in peers:
             key = self.keys.grad(t, r, peer)
@@ -391,7 +408,12 @@ class ScatterReduce(Exchange):
         r, n = self.rank, self.workers
         wanted = [(r + k) % n for k in range(n) if (r + k) % n != skip]
         announced = self.store.announcements(
-            _READY_INSTANCE, stream, wanted, timeout_s=self.timeout_s, what=what
+            _READY_INSTANCE,
+            stream,
+            wanted,
+            timeout_s=self.timeout_s,
+            what=what,
+            interrupt=self._check_uploads,
         )
         for s in announced:
             key, header = where(s)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 
 from smlt.errors import CodecError, TaskError, TrainingError
 from smlt.protocol.control import Heartbeat, should_stop
-from smlt.protocol.faults import FaultInjector
+from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
 from smlt.protocol.state import (
@@ -121,8 +122,9 @@ class Trainer:
             reader.manifest.num_samples, payload.batch_size, payload.seed
         )
         self._faults = FaultInjector.from_option(
-            str(payload.options.get("faults", "")), r, payload.attempt
+            str(payload.options.get("faults", "")), r, payload.attempt, on_fire=self._record_fault
         )
+        self._faults_lock = threading.Lock()  # the upload thread fires its phases too
         self.exchange = ScatterReduce(
             store,
             self.keys,
@@ -443,5 +445,12 @@ class Trainer:
 
     def _fire(self, phase: str, t: int) -> None:
         """Fault injection at ``phase`` of iteration ``t`` (SMLT_FAULTS)."""
-        if phase == "start":  # phases other than start arrive with the fault schedule's phases
-            self._faults.maybe_fire(t)
+        with self._faults_lock:
+            self._faults.maybe_fire(t, phase)
+
+    def _record_fault(self, fault: Fault, t: int, phase: str) -> None:
+        """Just before an injected fault acts: when it happened, for the scheduler to measure
+        how long it took to notice."""
+        p = self.payload
+        event = fault_event(fault, t, phase, generation=p.generation, attempt=p.attempt)
+        self.store.client(0).xadd(self.keys.progress(), cast(dict[Any, Any], event))
