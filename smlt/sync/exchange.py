@@ -9,9 +9,11 @@ three measure the same thing.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,10 @@ from smlt.sync.store import (
     ParameterStore,
 )
 
-__all__ = ["Exchange", "OrderedFold"]
+__all__ = ["UPLOAD_THREAD", "Exchange", "OrderedFold"]
+
+#: Name prefix of the threads that upload a worker's slices (their CPU work is counted apart).
+UPLOAD_THREAD = "smlt-ul"
 
 
 class OrderedFold:
@@ -91,6 +96,7 @@ class Exchange(ABC):
         self.last_phases = PhaseTimes()
         self._bytes_up = 0
         self._bytes_down = 0
+        self._cpu = {"main": 0.0, "upload": 0.0}
 
     def step(
         self, t: int, grad: np.ndarray, out: np.ndarray | None = None, side: Any = None
@@ -102,15 +108,34 @@ class Exchange(ABC):
         reduces. Raises ShardTimeoutError when a peer's contribution does not arrive within
         ``timeout_s``, StoreUnavailableError when Redis is lost, CodecError for a corrupt frame.
         """
+        phases, started = self._begin(grad)
+        result = self._step(t, grad, out, phases, started, side)
+        self._end(phases, started)
+        return result
+
+    def _begin(self, grad: np.ndarray) -> tuple[PhaseTimes, float]:
         self._check_grad(grad)
         self._bytes_up = self._bytes_down = 0
-        phases = PhaseTimes()
-        started = time.monotonic()
-        result = self._step(t, grad, out, phases, started, side)
+        self._cpu = {"main": 0.0, "upload": 0.0}
+        return PhaseTimes(), time.monotonic()
+
+    def _end(self, phases: PhaseTimes, started: float) -> None:
         phases.total_s = time.monotonic() - started
         phases.bytes_up, phases.bytes_down = self._bytes_up, self._bytes_down
+        phases.codec_s, phases.upload_codec_s = self._cpu["main"], self._cpu["upload"]
         self.last_phases = phases
-        return result
+
+    @contextlib.contextmanager
+    def _cpu_work(self) -> Iterator[None]:
+        """Count the enclosed CPU work (encode, decode, sum) as smlt's, per thread."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            bucket = (
+                "upload" if threading.current_thread().name.startswith(UPLOAD_THREAD) else "main"
+            )
+            self._cpu[bucket] += time.perf_counter() - began
 
     @abstractmethod
     def _step(
@@ -162,7 +187,8 @@ class Exchange(ABC):
         delivered the bytes lets the real transfer hide inside the emulated one instead of
         adding to it.
         """
-        frame = codec.encode(header, values, side)
+        with self._cpu_work():
+            frame = codec.encode(header, values, side)
         items = [*extra, (key, frame)]
         self._bytes_up += sum(len(v) for _k, v in items)
         if self.link.up.bytes_per_s is None:  # no emulated link: value and announcement in one trip
@@ -185,4 +211,5 @@ class Exchange(ABC):
         size = len(frame) if frame else 0
         self.link.down.after_receive(size, began)
         self._bytes_down += size
-        return codec.decode_frame(frame, header, key)
+        with self._cpu_work():
+            return codec.decode_frame(frame, header, key)

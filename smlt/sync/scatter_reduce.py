@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from smlt.sync import codec
-from smlt.sync.exchange import Exchange, OrderedFold
+from smlt.sync.exchange import UPLOAD_THREAD, Exchange, OrderedFold
 from smlt.sync.keys import JobKeys
 from smlt.sync.phases import PhaseTimes
 from smlt.sync.shards import shard_slice
@@ -145,7 +145,7 @@ class ScatterReduce(Exchange):
         #: The combined side the last :meth:`allreduce` published or read.
         self.combined_side: Any = None
         self._uploader = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"smlt-ul-{self.rank}"
+            max_workers=1, thread_name_prefix=f"{UPLOAD_THREAD}-{self.rank}"
         )
         self._uploads: Future[float] | None = None
 
@@ -184,6 +184,7 @@ class ScatterReduce(Exchange):
                 result = (
                     self.update(t, self.rank, mean, sides) if self.update else ShardUpdate(mean)
                 )
+                phases.update_s = time.monotonic() - aggr_started
                 self._publish_param(t + 1, result)
                 phases.ul_aggr_s = time.monotonic() - aggr_started
                 self.on_phase("after-publish", t)
@@ -226,10 +227,7 @@ class ScatterReduce(Exchange):
         ``combine`` hook's side (read back afterwards from :attr:`combined_side`). Call
         :meth:`publish` with the new parameters once the optimizer has stepped.
         """
-        self._check_grad(grad)
-        self._bytes_up = self._bytes_down = 0
-        phases = PhaseTimes()
-        started = time.monotonic()
+        phases, started = self._begin(grad)
         uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
         self._uploads = uploads
         try:
@@ -277,16 +275,21 @@ class ScatterReduce(Exchange):
         if upload_error is not None:
             raise upload_error
         phases.ul_shard_s = uploads.result()
-        phases.total_s = time.monotonic() - started
-        phases.bytes_up, phases.bytes_down = self._bytes_up, self._bytes_down
-        self.last_phases = phases
+        self._end(phases, started)
         return full
 
-    def publish(self, version: int, update: ShardUpdate) -> None:
-        """Publish this owner's parameter shard of ``version`` (after a replicated step)."""
+    def publish(self, version: int, update: ShardUpdate, *, update_s: float = 0.0) -> None:
+        """Publish this owner's parameter shard of ``version`` after a replicated step whose
+        optimizer update took ``update_s`` (counted in the step's phases)."""
         began = time.monotonic()
+        cpu_before = self._cpu["main"]
         self._publish_param(version, update)
-        self.last_phases.ul_aggr_s = time.monotonic() - began
+        phases = self.last_phases
+        phases.ul_aggr_s = time.monotonic() - began
+        phases.update_s = update_s
+        phases.codec_s += self._cpu["main"] - cpu_before
+        phases.total_s += phases.ul_aggr_s + update_s
+        phases.bytes_up = self._bytes_up
         self.on_phase("after-publish", version - 1)
 
     # -- shared moves --------------------------------------------------------------------------
@@ -330,8 +333,10 @@ class ScatterReduce(Exchange):
             key = self.keys.grad(t, r, peer)
             got = self._receive_frame(r, key, codec.FrameHeader("grad", job, t, r, peer))
             sides[peer] = got.side
-            fold.add(peer, got.array)
-        return fold.mean(n), sides
+            with self._cpu_work():
+                fold.add(peer, got.array)
+        with self._cpu_work():
+            return fold.mean(n), sides
 
     def _publish_param(self, version: int, result: ShardUpdate) -> None:
         r, t = self.rank, version - 1

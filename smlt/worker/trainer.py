@@ -86,7 +86,6 @@ MIN_MARGIN_S = float(os.environ.get("SMLT_MIN_MARGIN_S", "1.0"))
 class _Timing:
     data_s: float = 0.0
     compute_s: float = 0.0
-    update_s: float = 0.0
 
 
 class Trainer:
@@ -250,7 +249,6 @@ class Trainer:
             "batch": global_batch,
             "data_s": timing.data_s,
             "compute_s": timing.compute_s,
-            "update_s": timing.update_s,
             "sync_s": phases.total_s,
             "iter_s": iter_s,
             "bytes_up": phases.bytes_up,
@@ -307,7 +305,6 @@ class Trainer:
     def _owner_update(self, t: int, shard: int, mean: np.ndarray, sides: Any) -> ShardUpdate:
         """Step t's new shard: the optimizer on its parameters, the combined buffers."""
         assert self.shard_optimizer is not None and self._before is not None
-        began = time.monotonic()
         combined = combine(sides, self.flat)
         lo = self.slice.start
         out = self.flat.values_numpy()[self.slice].copy()
@@ -321,7 +318,6 @@ class Trainer:
             )
         ]
         extra += self._snapshot_extra(t, out, side)
-        self._timing.update_s = time.monotonic() - began
         return ShardUpdate(out, extra=extra, side=side)
 
     def _load_optimizer_state(self, version: int) -> None:
@@ -363,8 +359,10 @@ class Trainer:
         model = model_side(self.flat.discrete_state())
         extra = [(self.keys.optim(t + 1, r), self._replicated_frame(t + 1))]
         extra += self._snapshot_extra(t, params, model)
-        self._timing.update_s = time.monotonic() - began
-        self.exchange.publish(t + 1, ShardUpdate(params, extra=extra, side=model))
+        update_s = time.monotonic() - began
+        self.exchange.publish(
+            t + 1, ShardUpdate(params, extra=extra, side=model), update_s=update_s
+        )
 
     def _replicated_frame(self, version: int) -> bytes:
         """Our slice of the whole optimizer state's bytes, as an optimizer-state frame."""
