@@ -10,6 +10,7 @@ cache folder a worker holds.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from typer.testing import CliRunner
 
 from smlt.cli import app, parse_duration
 from smlt.client.artifacts import package_task
-from smlt.errors import ConfigError
+from smlt.errors import ConfigError, TrainingError
 from smlt.protocol.payload import WorkerPayload
-from smlt.storage.artifacts import default_cache_dir
+from smlt.storage.artifacts import artifact_prefix, default_cache_dir
+from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import LocalObjectStore, open_object_store
 from smlt.worker import handler
 
@@ -256,3 +258,80 @@ def test_a_warm_worker_keeps_its_job_and_recovers_from_its_cache_being_removed(
     assert len(reader.rows(np.arange(4))[0]) == 4  # downloaded again
     assert handler.remove_idle_caches(cache_root, keep="job-b") == []
     assert (cache_root / job_a / "shards").is_dir()
+
+
+# -- what a run removes itself -----------------------------------------------------------------
+
+SLOW_TASK = TASK + textwrap.dedent(
+    """
+    import time
+
+    class Slow(T):
+        # A floor on iteration time, so the run is still going at the driver's status polls.
+        def loss(self, model, batch):
+            time.sleep(0.02)
+            return super().loss(model, batch)
+
+    CALLS = [0]
+
+    class FailsLate(Slow):
+        # From its 13th loss on, a worker process raises: a bug that a retry does not fix.
+        def loss(self, model, batch):
+            CALLS[0] += 1
+            if CALLS[0] > 12:
+                raise RuntimeError("boom in the user's loss")
+            return super().loss(model, batch)
+    """
+)
+
+
+def _train_here(root: Path, name: str, cls: str, **options: object) -> tuple[Path, list[bool]]:
+    """``smlt.train`` in this process; also returns, for each status poll, whether the workers'
+    cache folder of the job existed then."""
+    import smlt
+
+    (root / f"{name}.py").write_text(SLOW_TASK)
+    out = root / name
+    seen: list[bool] = []
+
+    def progress(_status: dict[str, object]) -> None:
+        job = json.loads((out / "run.json").read_text())["job_id"]
+        seen.append(default_cache_dir(job).is_dir())
+
+    smlt.train(
+        f"{root / name}.py:{cls}",
+        workers=2,
+        batch_size=16,
+        output=out,
+        progress=progress,
+        **options,  # type: ignore[arg-type]
+    )
+    return out, seen
+
+
+@pytest.mark.slow
+def test_a_successful_run_leaves_only_its_result(in_process_runs: Path) -> None:
+    out, seen = _train_here(in_process_runs, "done", "Slow", epochs=4, checkpoint_every=3)
+    plan = json.loads((out / "run.json").read_text())
+    job = plan["job_id"]
+    assert any(seen), "the workers never had a cache folder of the job: nothing was tested"
+    assert not default_cache_dir(job).exists()
+    store = open_object_store(plan["object_store"])
+    assert store.list(artifact_prefix(job)) == []
+    assert CheckpointStore(store, job).list_committed() == [plan["total_iterations"]]
+    assert (out / "model.pt").is_file() and (out / "result.json").is_file()
+    assert len(plan["sessions"]) == 1
+
+
+@pytest.mark.slow
+def test_a_failed_run_removes_the_cache_and_keeps_what_a_resume_needs(
+    in_process_runs: Path,
+) -> None:
+    with pytest.raises(TrainingError, match="boom in the user's loss"):
+        _train_here(in_process_runs, "failed", "FailsLate", epochs=6, checkpoint_every=2)
+    plan = json.loads((in_process_runs / "failed" / "run.json").read_text())
+    job = plan["job_id"]
+    assert not default_cache_dir(job).exists()
+    store = open_object_store(plan["object_store"])
+    assert store.exists(artifact_prefix(job) + "manifest.json")
+    assert CheckpointStore(store, job).list_committed()
