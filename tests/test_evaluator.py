@@ -1,0 +1,87 @@
+"""Evaluation off the critical path: owners keep a copy of each epoch's last version, the
+evaluator reads it (then deletes it) and gets the metrics the model of that version has."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from smlt.actors.evaluator import Evaluator
+from smlt.protocol.model import FlatModel
+from smlt.storage.redis_server import RedisServer
+from smlt.task import run_evaluate
+from tests.worker_harness import ThreadedJob
+
+TASK = textwrap.dedent(
+    """
+    import torch
+    from smlt.task import Task
+
+    class Scored(Task):
+        def data(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(120, 6, generator=g)
+            return x, (x.sum(dim=1) > 0).long()
+
+        def model(self):
+            torch.manual_seed(1)
+            return torch.nn.Sequential(
+                torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                torch.nn.Linear(8, 2),
+            )
+
+        def optimizer(self, model):
+            return torch.optim.Adam(model.parameters(), lr=0.05)
+
+        def loss(self, model, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        def evaluate(self, model):
+            x, y = self.data()
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)
+            return {
+                "accuracy": (logits.argmax(1) == y).float().mean().item(),
+                "loss": torch.nn.functional.cross_entropy(logits, y).item(),
+                "tracked": float(model[1].num_batches_tracked),
+            }
+    """
+)
+
+
+def test_the_evaluator_scores_the_version_the_snapshot_was_taken_of(
+    tmp_path: Path, redis_server: RedisServer, job_id: str
+) -> None:
+    task_file = tmp_path / "scored.py"
+    task_file.write_text(TASK)
+    # 120 samples, batch 40: 3 iterations an epoch; snapshots of versions 3 and 6.
+    job = ThreadedJob(
+        tmp_path, redis_server, job_id, task_file, "Scored", workers=3, iterations=6, batch_size=40
+    )
+    outcome = job.run()
+    evaluator = Evaluator(job.objects.url, job_id, job.store, job.keys, job.initial.size)
+    try:
+        client = job.store.client(0)
+        assert client.exists(*(job.keys.snapshot(3, s) for s in range(3))) == 3
+        values, buffers = evaluator.take(6, 3)
+        assert client.exists(*(job.keys.snapshot(6, s) for s in range(3))) == 0  # deleted
+        metrics = evaluator.evaluate(values, buffers)
+        # The reference: the final version as the store holds it, in a fresh model.
+        torch.manual_seed(0)
+        model = job.task.model()
+        flat = FlatModel(model)
+        flat.values_numpy()[:] = outcome.final.values
+        flat.load_discrete(outcome.final.buffers)
+        assert metrics == run_evaluate(job.task, model)
+        assert metrics["tracked"] == 6  # num_batches_tracked travelled with the snapshot
+        early = evaluator.evaluate(*evaluator.take(3, 3))
+        assert early["tracked"] == 3 and early != metrics
+        with pytest.raises(Exception, match="no value in the store"):
+            evaluator.take(3, 3)
+    finally:
+        evaluator.close()
