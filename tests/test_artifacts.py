@@ -19,11 +19,11 @@ from smlt.storage.artifacts import (
     ArtifactManifest,
     DataReader,
     artifact_prefix,
+    load_packaged_task,
     manifest_key,
 )
 from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
 from smlt.task import check_task, load_task
-from smlt.worker.packaged import load_packaged_task
 
 pytest_plugins = ["tests.s3_server"]
 

@@ -18,12 +18,11 @@ from smlt.client.artifacts import package_task
 from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import WorkerPayload
 from smlt.protocol.state import Version, publish_version
-from smlt.storage.artifacts import DataReader
+from smlt.storage.artifacts import DataReader, load_packaged_task
 from smlt.storage.objects import LocalObjectStore
 from smlt.storage.redis_server import RedisServer
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
-from smlt.worker.packaged import load_packaged_task
 from smlt.worker.sampler import GlobalBatchSampler
 from smlt.worker.trainer import Trainer
 from tests.conftest import run_ranks

@@ -14,7 +14,7 @@ never trains on a truncated or corrupted download. Loading a shard therefore run
 file, and it is one read plus a few ``torch.frombuffer`` views.
 
 The client writes it (:func:`smlt.client.artifacts.package_task`); on the worker,
-:func:`smlt.worker.packaged.load_packaged_task` imports the task and :class:`DataReader` turns
+:func:`load_packaged_task` imports the task and :class:`DataReader` turns
 global sample indices into rows, downloading only the shards it needs into a local cache folder
 (``/tmp`` on Lambda) and keeping a few in memory.
 """
@@ -37,6 +37,7 @@ import torch
 
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
 from smlt.storage.objects import ObjectStore, open_object_store
+from smlt.task import Task, load_task
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -48,6 +49,7 @@ __all__ = [
     "artifact_prefix",
     "default_cache_dir",
     "file_sha256",
+    "load_packaged_task",
     "manifest_key",
 ]
 
@@ -169,6 +171,24 @@ class ArtifactManifest:
                 f"{store.url}/{key} belongs to job {manifest.job_id!r}, not {job_id!r}"
             )
         return manifest
+
+
+def load_packaged_task(store: ObjectStore, manifest: ArtifactManifest, cache_dir: Path) -> Task:
+    """Fetch the task file into ``cache_dir`` (verified against the manifest) and import it.
+
+    The file keeps its own name (tracebacks read naturally) inside a folder named by its hash,
+    so two jobs' ``task.py`` never overwrite each other.
+    """
+    path = Path(cache_dir) / "source" / manifest.source_sha256[:16] / manifest.source_file
+    if not (path.is_file() and file_sha256(path) == manifest.source_sha256):
+        store.get_file(manifest.source_key, path)
+        if file_sha256(path) != manifest.source_sha256:
+            path.unlink(missing_ok=True)
+            raise ObjectStoreError(
+                f"task source {store.url}/{manifest.source_key} does not match the hash in the "
+                f"manifest of job {manifest.job_id!r}; it was modified after packaging."
+            )
+    return load_task(f"{path}:{manifest.class_name}")
 
 
 def default_cache_dir(job_id: str) -> Path:

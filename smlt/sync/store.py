@@ -50,7 +50,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import redis
@@ -263,9 +263,23 @@ class ParameterStore:
                 self._unlink_script(keys=list(keys), client=self.client(shard))
 
     def announcements(
-        self, shard: int, stream: str, expected: Iterable[int], *, timeout_s: float, what: str
+        self,
+        shard: int,
+        stream: str,
+        expected: Iterable[int],
+        *,
+        timeout_s: float,
+        what: str,
+        interrupt: Callable[[], None] | None = None,
     ) -> Announcements:
-        return Announcements(self.client(shard), stream, expected, timeout_s=timeout_s, what=what)
+        return Announcements(
+            self.client(shard),
+            stream,
+            expected,
+            timeout_s=timeout_s,
+            what=what,
+            interrupt=interrupt,
+        )
 
 
 def _join_chunks(client: redis.Redis, key: str, marker: bytes) -> bytes:
@@ -297,7 +311,8 @@ class Announcements:
 
     Each expected rank is yielded once, in arrival order; duplicates (a re-executed worker) and
     unexpected ranks are skipped. Raises ShardTimeoutError, naming the missing ranks, once
-    ``timeout_s`` has passed without all of them.
+    ``timeout_s`` has passed without all of them. ``interrupt`` is called before every blocking
+    read (at least once a second); whatever it raises ends the wait.
     """
 
     def __init__(
@@ -308,17 +323,21 @@ class Announcements:
         *,
         timeout_s: float,
         what: str,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._stream = stream
         self._pending = set(expected)
         self._timeout_s = timeout_s
         self._what = what
+        self._interrupt = interrupt
 
     def __iter__(self) -> Iterator[int]:
         deadline = time.monotonic() + self._timeout_s
         last_id = b"0-0"
         while self._pending:
+            if self._interrupt is not None:
+                self._interrupt()  # raises to abandon the wait (e.g. our own upload failed)
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 missing = tuple(sorted(self._pending))

@@ -35,12 +35,12 @@ from smlt.storage.artifacts import (
     ArtifactManifest,
     DataReader,
     default_cache_dir,
+    load_packaged_task,
 )
 from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import open_object_store
 from smlt.sync.store import ParameterStore
 from smlt.task import Task
-from smlt.worker.packaged import load_packaged_task
 from smlt.worker.trainer import Trainer
 
 __all__ = ["CacheFolder", "handle", "remove_cache", "remove_idle_caches"]
