@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -272,3 +273,123 @@ def test_package_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(TaskError, match=r"Digits\.loss\(\) .*does not depend on the model"):
         package_task(f"{bad}:Digits", store, "j")
     assert store.list("") == []  # nothing written for a task that fails its checks
+
+
+# -- manifest paths cannot escape the job's artifact -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalObjectStore, dict[str, Any]]:
+    """A packaged job ("esc", three shards) and its manifest as JSON, to be tampered with."""
+    store = LocalObjectStore(tmp_path_factory.mktemp("escape"))
+    package_task(DIGITS, store, "esc", shard_bytes=500 * DIGITS_BYTES_PER_SAMPLE)
+    return store, json.loads(store.get_bytes(manifest_key("esc")))
+
+
+def _load_tampered(
+    packaged: tuple[LocalObjectStore, dict[str, Any]], field: str, value: object
+) -> ArtifactManifest:
+    store, raw = packaged
+    tampered = json.loads(json.dumps(raw))
+    if field == "shard":
+        tampered["shards"][2]["key"] = value
+    else:
+        tampered[field] = value
+    store.put_bytes(manifest_key("esc"), json.dumps(tampered).encode())
+    try:
+        return ArtifactManifest.load(store, "esc")
+    finally:
+        store.put_bytes(manifest_key("esc"), json.dumps(raw).encode())
+
+
+def test_untampered_manifest_passes(packaged: tuple[LocalObjectStore, dict[str, Any]]) -> None:
+    manifest = _load_tampered(packaged, "source_file", "digits.py")
+    assert manifest.source_file == "digits.py" and len(manifest.shards) == 3
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../digits.py",
+        "/home/user/.bashrc.py",
+        "sub/digits.py",
+        "..\\digits.py",
+        "sub\\digits.py",
+        "C:digits.py",
+        "digits.py\x00.txt",
+        "digits.txt",
+        ".py",
+        ".hidden.py",
+        "..py",
+        "",
+        7,
+    ],
+)
+def test_source_file_must_be_a_plain_py_name(
+    packaged: tuple[LocalObjectStore, dict[str, Any]], name: object
+) -> None:
+    with pytest.raises(
+        ObjectStoreError, match="source_file .* is not a plain .py file name"
+    ) as info:
+        _load_tampered(packaged, "source_file", name)
+    assert repr(name) in str(info.value)
+
+
+ESCAPING_KEYS = [
+    "jobs/other/artifact/source/digits.py",  # another job's artifact
+    "jobs/esc/artifact/../../other/artifact/x",  # climbs out
+    "jobs/esc/artifact/source/../../../../etc/passwd",
+    "jobs/esc/artifact/",  # the prefix itself
+    "jobs/esc/artifact//x",  # empty segment
+    "jobs/esc/artifact/.hidden",
+    "jobs/esc/artifact/source\\..\\..\\x",
+    "jobs/esc/artifact/x\x00y",
+    "/etc/passwd",
+    "jobs/esc/artifactx/y",
+]
+
+
+@pytest.mark.parametrize("key", ESCAPING_KEYS)
+def test_source_key_must_lie_under_the_artifact(
+    packaged: tuple[LocalObjectStore, dict[str, Any]], key: str
+) -> None:
+    with pytest.raises(ObjectStoreError, match="source_key .* does not lie under") as info:
+        _load_tampered(packaged, "source_key", key)
+    assert repr(key) in str(info.value) and "'jobs/esc/artifact/'" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [*ESCAPING_KEYS, None])
+def test_shard_keys_must_lie_under_the_artifact(
+    packaged: tuple[LocalObjectStore, dict[str, Any]], key: str | None
+) -> None:
+    with pytest.raises(ObjectStoreError, match=r"shards\[2\]\.key .* does not lie under"):
+        _load_tampered(packaged, "shard", key)
+
+
+def test_from_json_checks_paths_too() -> None:
+    """Not only load: whoever parses a manifest gets the check."""
+    raw: dict[str, Any] = {
+        "job_id": "j",
+        "source_file": "task.py",
+        "source_key": "jobs/j/artifact/source/task.py",
+        "source_sha256": "0" * 64,
+        "class_name": "T",
+        "num_samples": 1,
+        "tensors": [{"dtype": "float32", "sample_shape": []}],
+        "shards": [
+            {
+                "key": "jobs/k/artifact/shards/0.bin",
+                "start": 0,
+                "stop": 1,
+                "num_bytes": 4,
+                "sha256": "0" * 64,
+            }
+        ],
+        "total_bytes": 4,
+        "created_unix_s": 0.0,
+        "format": MANIFEST_FORMAT,
+    }
+    with pytest.raises(ObjectStoreError, match=r"m\.json: shards\[0\]\.key 'jobs/k/"):
+        ArtifactManifest.from_json(json.dumps(raw).encode(), where="m.json")
+    raw["shards"][0]["key"] = "jobs/j/artifact/shards/0.bin"
+    assert ArtifactManifest.from_json(json.dumps(raw).encode()).shards[0].num_bytes == 4

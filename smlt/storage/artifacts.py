@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class ArtifactManifest:
                     f"{where} has format {raw.get('format')!r}; this smlt reads "
                     f"{MANIFEST_FORMAT!r}. Package the task again with this version."
                 )
-            return cls(
+            manifest = cls(
                 **{
                     **raw,
                     "tensors": tuple(
@@ -151,8 +151,32 @@ class ArtifactManifest:
                     "shards": tuple(Shard(**s) for s in raw["shards"]),
                 }
             )
+            manifest._check_paths(where)
+            return manifest
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ObjectStoreError(f"{where} is not a valid artifact manifest: {exc}") from exc
+
+    def _check_paths(self, where: str) -> None:
+        """Refuse names that reach outside this job's artifact.
+
+        A worker writes ``source_file`` into its cache folder and fetches every key from the
+        store; a manifest it did not write (a shared bucket, a tampered object) must not be able
+        to make it overwrite ``~/.bashrc`` or read another job's data.
+        """
+        if not _is_plain_py_name(self.source_file):
+            raise ObjectStoreError(
+                f"{where}: source_file {self.source_file!r} is not a plain .py file name (no "
+                "'/', '\\', '..', NUL, drive or leading '.')"
+            )
+        prefix = artifact_prefix(self.job_id)  # ConfigError (a ValueError) for a bad job id
+        keys = [("source_key", self.source_key)]
+        keys += [(f"shards[{i}].key", shard.key) for i, shard in enumerate(self.shards)]
+        for field, key in keys:
+            if not _is_key_under(key, prefix):
+                raise ObjectStoreError(
+                    f"{where}: {field} {key!r} does not lie under {prefix!r} (or has an empty, "
+                    "'.'-prefixed or '..' segment, a backslash or NUL)"
+                )
 
     @classmethod
     def load(cls, store: ObjectStore, job_id: str) -> ArtifactManifest:
@@ -189,6 +213,28 @@ def load_packaged_task(store: ObjectStore, manifest: ArtifactManifest, cache_dir
                 f"manifest of job {manifest.job_id!r}; it was modified after packaging."
             )
     return load_task(f"{path}:{manifest.class_name}")
+
+
+def _is_plain_py_name(name: object) -> bool:
+    """A file name that is the same file name on POSIX and Windows, ending in ``.py``."""
+    return (
+        isinstance(name, str)
+        and len(name) > len(".py")
+        and name.endswith(".py")
+        and not name.startswith(".")
+        and ".." not in name
+        and not any(c in name for c in "/\\\0")
+        and PureWindowsPath(name).name == name  # no drive: "C:task.py"
+    )
+
+
+def _is_key_under(key: object, prefix: str) -> bool:
+    """``key`` names an object below ``prefix`` by the object store's key rules (no empty or
+    dot-led segment, hence no ``..``; no backslash) and has no NUL."""
+    if not (isinstance(key, str) and key.startswith(prefix) and len(key) > len(prefix)):
+        return False
+    segments = key[len(prefix) :].split("/")
+    return not any(not seg or seg.startswith(".") or "\\" in seg or "\0" in seg for seg in segments)
 
 
 def default_cache_dir(job_id: str) -> Path:
