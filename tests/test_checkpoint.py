@@ -1,15 +1,25 @@
-"""Checkpoints: committed atomically, verified on read, against a local folder and S3 (moto)."""
+"""Checkpoints: committed atomically from the writers' records, verified on read, pruned; against
+a local folder and S3 (moto)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
-from smlt.storage.checkpoint import MARKER_NAME, Checkpoint, CheckpointStore, checkpoint_prefix
-from smlt.storage.objects import ObjectStore
+from smlt.storage.checkpoint import (
+    MARKER_NAME,
+    Checkpoint,
+    CheckpointStore,
+    ShardRecord,
+    checkpoint_prefix,
+)
+from smlt.storage.objects import LocalObjectStore, ObjectStore
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -26,23 +36,37 @@ def shard_bytes(iteration: int, kind: str, shard: int) -> bytes:
     return f"{kind}/{iteration}/{shard}|".encode() * (10 + shard)
 
 
-def write_all(ckpts: CheckpointStore, iteration: int, workers: int) -> None:
-    for s in range(workers):
-        for kind in ("param", "optim"):
-            ckpts.write_shard(iteration, s, kind, shard_bytes(iteration, kind, s))
+Reported = dict[int, dict[str, list[Any]]]
+
+
+def reported(records: Iterable[ShardRecord]) -> Reported:
+    """The writers' reports of ``records``, as the scheduler hands them to ``commit``: per shard,
+    ``{"param": [size_bytes, sha256], "optim": [...]}``."""
+    out: Reported = {}
+    for rec in records:
+        out.setdefault(rec.shard, {})[rec.kind] = [rec.size_bytes, rec.sha256]
+    return out
+
+
+def write_all(ckpts: CheckpointStore, iteration: int, workers: int) -> Reported:
+    return reported(
+        ckpts.write_shard(iteration, s, kind, shard_bytes(iteration, kind, s))
+        for s in range(workers)
+        for kind in ("param", "optim")
+    )
 
 
 def checkpoint_at(ckpts: CheckpointStore, iteration: int, workers: int = 2) -> Checkpoint:
-    write_all(ckpts, iteration, workers)
-    return ckpts.commit(iteration, workers, num_params=100, meta={"at": iteration})
+    shards = write_all(ckpts, iteration, workers)
+    return ckpts.commit(iteration, workers, num_params=100, meta={"at": iteration}, shards=shards)
 
 
 def test_write_commit_load_round_trip(ckpts: CheckpointStore, store: ObjectStore) -> None:
     assert ckpts.latest() is None
     assert ckpts.list_committed() == []
-    write_all(ckpts, 40, workers=3)
+    shards = write_all(ckpts, 40, workers=3)
     meta = {"history": [{"t": 0, "loss": 2.5}, {"t": 1, "loss": float("nan")}], "sampler": [3, 7]}
-    committed = ckpts.commit(40, workers=3, num_params=1234, meta=meta)
+    committed = ckpts.commit(40, workers=3, num_params=1234, meta=meta, shards=shards)
 
     for checkpoint in (committed, ckpts.latest(), ckpts.load(40)):
         assert checkpoint is not None
@@ -113,14 +137,110 @@ def test_corrupted_shard_raises_naming_the_object(
 def test_commit_with_a_missing_shard_raises_naming_it(
     ckpts: CheckpointStore, store: ObjectStore
 ) -> None:
-    ckpts.write_shard(3, 0, "param", b"p0")
-    ckpts.write_shard(3, 0, "optim", b"o0")
-    ckpts.write_shard(3, 1, "param", b"p1")  # rank 1 died before its optimizer state
+    shards = write_all(ckpts, 3, workers=2)
+    store.delete_prefix(checkpoint_prefix(JOB, 3) + "optim-1.bin")  # reported, then lost
     with pytest.raises(ObjectStoreError, match="missing") as info:
-        ckpts.commit(3, workers=2, num_params=10, meta={})
+        ckpts.commit(3, workers=2, num_params=10, meta={}, shards=shards)
     assert not isinstance(info.value, ObjectNotFoundError)
     assert checkpoint_prefix(JOB, 3) + "optim-1.bin" in str(info.value)
     assert not store.exists(checkpoint_prefix(JOB, 3) + MARKER_NAME)
+    assert ckpts.latest() is None
+
+
+class CountingStore(ObjectStore):
+    """Another store, counting the objects read from it."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.reads: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.inner.put_bytes(key, data)
+
+    def put_file(self, key: str, src: Path) -> None:
+        self.inner.put_file(key, src)
+
+    def get_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return self.inner.get_bytes(key)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        self.reads.append(key)
+        self.inner.get_file(key, dest)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def delete_prefix(self, prefix: str) -> int:
+        return self.inner.delete_prefix(prefix)
+
+
+def test_commit_downloads_nothing(store: ObjectStore) -> None:
+    counting = CountingStore(store)
+    ckpts = CheckpointStore(counting, JOB)
+    shards = write_all(ckpts, 12, workers=3)
+    counting.reads.clear()
+    checkpoint = ckpts.commit(12, workers=3, num_params=5, meta={}, shards=shards)
+    assert counting.reads == []
+    assert checkpoint.record("optim", 2).sha256 == shards[2]["optim"][1]
+
+
+def test_a_misreported_size_is_caught_at_the_commit_or_at_the_first_read(
+    ckpts: CheckpointStore, store: ObjectStore
+) -> None:
+    shards = write_all(ckpts, 5, workers=2)
+    shards[1]["param"][0] += 1
+    key = checkpoint_prefix(JOB, 5) + "param-1.bin"
+    if isinstance(store, LocalObjectStore):  # a folder tells sizes cheaply: refused at once
+        with pytest.raises(ObjectStoreError, match="its writer reported") as info:
+            ckpts.commit(5, workers=2, num_params=10, meta={}, shards=shards)
+        assert key in str(info.value)
+        assert ckpts.latest() is None
+    else:  # S3 would need a request per shard to tell: the first read catches it
+        checkpoint = ckpts.commit(5, workers=2, num_params=10, meta={}, shards=shards)
+        with pytest.raises(ObjectStoreError, match="corrupted") as info:
+            checkpoint.read_shard("param", 1)
+        assert key in str(info.value)
+
+
+def test_a_misreported_hash_is_caught_at_the_first_read(ckpts: CheckpointStore) -> None:
+    shards = write_all(ckpts, 5, workers=2)
+    shards[0]["optim"][1] = hashlib.sha256(b"something else").hexdigest()
+    checkpoint = ckpts.commit(5, workers=2, num_params=10, meta={}, shards=shards)
+    with pytest.raises(ObjectStoreError, match="corrupted"):
+        checkpoint.read_shard("optim", 0)
+    assert checkpoint.read_shard("param", 0) == shard_bytes(5, "param", 0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda shards: shards.pop(1),
+        lambda shards: shards.__setitem__(1, None),
+        lambda shards: shards[1].pop("optim"),
+        lambda shards: shards[1].__setitem__("optim", [12]),
+        lambda shards: shards[1].__setitem__("optim", [-1, "a" * 64]),
+        lambda shards: shards[1].__setitem__("optim", ["twelve", "a" * 64]),
+        lambda shards: shards[1].__setitem__("optim", [12, "not a sha256"]),
+        lambda shards: shards[1].__setitem__("optim", "12 bytes"),
+    ],
+    ids=["no-rank", "rank-none", "no-kind", "short", "negative", "not-int", "bad-hash", "str"],
+)
+def test_a_missing_or_malformed_record_is_refused_naming_the_shard(
+    ckpts: CheckpointStore, damage: Any
+) -> None:
+    shards = write_all(ckpts, 8, workers=2)
+    damage(shards)
+    with pytest.raises(ObjectStoreError, match=r"(param|optim)-1\.bin") as info:
+        ckpts.commit(8, workers=2, num_params=10, meta={}, shards=shards)
+    assert "cannot commit checkpoint 8" in str(info.value)
     assert ckpts.latest() is None
 
 
@@ -150,11 +270,13 @@ def test_rewriting_identical_bytes_is_idempotent(ckpts: CheckpointStore) -> None
     again = ckpts.write_shard(9, 0, "param", b"same bytes")
     assert first == again
     assert first.sha256 == hashlib.sha256(b"same bytes").hexdigest() and first.size_bytes == 10
-    ckpts.write_shard(9, 0, "optim", b"state")
-    checkpoint = ckpts.commit(9, workers=1, num_params=3, meta={})
+    shards = reported([first, ckpts.write_shard(9, 0, "optim", b"state")])
+    checkpoint = ckpts.commit(9, workers=1, num_params=3, meta={}, shards=shards)
     # A re-executed owner after the commit: same bytes are fine, and the checkpoint still reads.
     ckpts.write_shard(9, 0, "param", b"same bytes")
-    assert ckpts.commit(9, workers=1, num_params=3, meta={}).shards == checkpoint.shards
+    assert ckpts.commit(9, workers=1, num_params=3, meta={}, shards=shards).shards == (
+        checkpoint.shards
+    )
     assert checkpoint.read_shard("param", 0) == b"same bytes"
     # Different bytes would silently invalidate the commit: refused, and nothing changes.
     with pytest.raises(ObjectStoreError, match="refusing to overwrite"):
@@ -164,9 +286,9 @@ def test_rewriting_identical_bytes_is_idempotent(ckpts: CheckpointStore) -> None
 
 def test_rewriting_before_the_commit_takes_the_last_bytes(ckpts: CheckpointStore) -> None:
     ckpts.write_shard(2, 0, "param", b"draft")
-    ckpts.write_shard(2, 0, "param", b"final")
-    ckpts.write_shard(2, 0, "optim", b"o")
-    assert ckpts.commit(2, 1, 1, {}).read_shard("param", 0) == b"final"
+    shards = reported([ckpts.write_shard(2, 0, "param", b"final")])
+    shards[0].update(reported([ckpts.write_shard(2, 0, "optim", b"o")])[0])
+    assert ckpts.commit(2, 1, 1, {}, shards).read_shard("param", 0) == b"final"
 
 
 def test_write_full(ckpts: CheckpointStore) -> None:
@@ -207,9 +329,8 @@ def test_bad_arguments_are_config_errors(store: ObjectStore) -> None:
     with pytest.raises(ConfigError):
         ckpts.write_shard(1, 0, "grad", b"")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
-        ckpts.commit(1, workers=0, num_params=1, meta={})
-    ckpts.write_shard(1, 0, "param", b"p")
-    ckpts.write_shard(1, 0, "optim", b"o")
+        ckpts.commit(1, workers=0, num_params=1, meta={}, shards={})
+    shards = write_all(ckpts, 1, workers=1)
     with pytest.raises(ConfigError, match="JSON"):
-        ckpts.commit(1, workers=1, num_params=1, meta={"x": object()})
+        ckpts.commit(1, workers=1, num_params=1, meta={"x": object()}, shards=shards)
     assert ckpts.latest() is None

@@ -1,10 +1,19 @@
 """The scheduler's view of training: the job's progress stream folded into a history.
 
-Every worker appends one report per iteration to ``smlt:J:progress`` (DESIGN §3 step 6, the
-paper's success flag). :class:`ProgressLog` folds the n reports of an iteration into one history
-entry (loss over the global batch, the slowest rank's times), keeps per-epoch metrics, knows
-which rank has finished which iteration, and notices when every rank has written its shard of a
-checkpoint. It is plain data behind a lock: the follower thread writes, ``status()`` reads.
+Every worker appends one report per iteration to the job's progress stream (DESIGN §3 step 6,
+the paper's success flag). :class:`ProgressLog` folds the n reports of an iteration into one
+history entry (loss over the global batch, the slowest rank's times), keeps per-epoch metrics,
+knows which rank has finished which iteration, and notices when every rank of a generation has
+written its shards of a checkpoint. It is plain data behind a lock: the follower thread writes,
+``status()`` reads.
+
+Not every entry is an iteration report. A worker about to suffer an injected fault writes a
+``fault`` event first (:func:`smlt.protocol.faults.fault_event`); the log keeps it until the
+scheduler pairs it with the failure it caused (:meth:`ProgressLog.take_fault`).
+
+Reports can come twice for one (generation, iteration, rank): a replacement re-running an
+iteration, or both copies of a duplicated invocation. Each iteration is recorded once, and each
+checkpoint is announced once.
 """
 
 from __future__ import annotations
@@ -13,16 +22,42 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ProgressLog"]
+__all__ = ["CheckpointReady", "FaultEvent", "ProgressLog"]
 
 _TIMES = ("data_s", "compute_s", "sync_s", "ul_shard_s", "dl_shard_s", "ul_aggr_s", "dl_grad_s")
 
 
+@dataclass(frozen=True)
+class CheckpointReady:
+    """Every rank of generation ``generation`` has written its shards of checkpoint
+    ``iteration``; ``shards`` holds what each rank reported about them:
+    ``{rank: {"param": [size_bytes, sha256], "optim": [...]}}`` (None: the rank said nothing)."""
+
+    iteration: int
+    generation: int
+    workers: int
+    shards: dict[int, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class FaultEvent:
+    """An injected fault, as the worker announced it just before it acted."""
+
+    rank: int
+    iteration: int
+    phase: str
+    action: str
+    at_unix_s: float
+    generation: int | None = None
+    attempt: int | None = None
+
+
 class ProgressLog:
-    """History, epochs, per-rank positions and checkpoint shards, from worker reports."""
+    """History, epochs, per-rank positions, checkpoint shards and fault events, from the
+    progress stream."""
 
     def __init__(
         self,
@@ -30,45 +65,117 @@ class ProgressLog:
         *,
         history: list[dict[str, Any]] | None = None,
         epochs: list[dict[str, Any]] | None = None,
-        on_checkpoint: Callable[[int, int], None] | None = None,
     ) -> None:
         self.iterations_per_epoch = iterations_per_epoch
         self.lock = threading.Lock()
+        #: When the log began, on the monotonic clock (what ``*_s`` times count from) and on the
+        #: wall clock (what workers' ``at_unix_s`` times are converted with).
         self.started = time.monotonic()
+        self.started_unix_s = time.time()
         self.history: list[dict[str, Any]] = list(history or [])
         self.epochs: list[dict[str, Any]] = list(epochs or [])
+        self.generation = 0
         self.workers = 1
-        self.rank_next: dict[int, int] = {}  # rank -> next iteration it will run
+        self.rank_next: dict[int, int] = {}  # rank -> next iteration it will run (this generation)
         self.first_report_of: dict[tuple[int, int, int], float] = {}  # (gen, rank, attempt)
+        self._workers_of: dict[int, int] = {}  # generation -> workers
+        self._recorded = {int(h["iteration"]) for h in self.history}
         self._pending: dict[tuple[int, int], dict[int, dict[str, str]]] = {}
-        self._ckpt: dict[int, set[int]] = {}
-        self._on_checkpoint = on_checkpoint
+        self._ckpt: dict[tuple[int, int], dict[int, dict[str, Any] | None]] = {}
+        self._ckpt_announced: set[tuple[int, int]] = set()
+        self._faults: list[FaultEvent] = []
 
-    def start_generation(self, workers: int) -> None:
+    def start_generation(self, generation: int, workers: int) -> None:
+        """Reports of ``generation`` come from ``workers`` ranks. Positions are per generation;
+        reports of an earlier one that arrive late still complete that generation's entries."""
         with self.lock:
+            self.generation = generation
             self.workers = workers
+            self._workers_of[generation] = workers
             self.rank_next.clear()
 
-    def fold(self, report: dict[str, str]) -> None:
-        """Add one rank's report; once all ranks reported an iteration, record it."""
+    def fold(self, report: dict[str, str]) -> CheckpointReady | None:
+        """Add one entry of the stream. Returns the checkpoint this report completed, if any,
+        for the caller to commit (elsewhere: committing means waiting on the object store)."""
+        if "event" in report:
+            self._fold_event(report)
+            return None
         rank, t, gen = int(report["rank"]), int(report["t"]), int(report["gen"])
         attempt = int(report.get("attempt", 0))
-        commit: int | None = None
+        ready: CheckpointReady | None = None
         with self.lock:
-            self.rank_next[rank] = max(self.rank_next.get(rank, 0), t + 1)
+            workers = self._workers_of.get(gen, self.workers)
+            if gen == self.generation:
+                self.rank_next[rank] = max(self.rank_next.get(rank, 0), t + 1)
             self.first_report_of.setdefault((gen, rank, attempt), time.monotonic())
             if "ckpt" in report:
-                ranks = self._ckpt.setdefault(int(report["ckpt"]), set())
-                ranks.add(rank)
-                if len(ranks) == self.workers:
-                    commit = int(report["ckpt"])
-            entry = self._pending.setdefault((gen, t), {})
-            entry[rank] = report  # a re-executed iteration's report replaces the first
-            if len(entry) == self.workers:
-                del self._pending[(gen, t)]
-                self._record(t, list(entry.values()))
-        if commit is not None and self._on_checkpoint is not None:
-            self._on_checkpoint(commit, self.workers)
+                ready = self._fold_checkpoint(gen, int(report["ckpt"]), rank, workers, report)
+            if t not in self._recorded:
+                entry = self._pending.setdefault((gen, t), {})
+                entry[rank] = report  # a re-executed iteration's report replaces the first
+                if len(entry) == workers:
+                    del self._pending[(gen, t)]
+                    self._recorded.add(t)
+                    self._record(t, list(entry.values()))
+        return ready
+
+    def _fold_checkpoint(
+        self, gen: int, version: int, rank: int, workers: int, report: dict[str, str]
+    ) -> CheckpointReady | None:
+        if (gen, version) in self._ckpt_announced:
+            return None
+        ranks = self._ckpt.setdefault((gen, version), {})
+        ranks[rank] = _shard_records(report.get("ckpt_shards"))
+        if len(ranks) < workers:
+            return None
+        del self._ckpt[(gen, version)]
+        self._ckpt_announced.add((gen, version))
+        return CheckpointReady(version, gen, workers, dict(ranks))
+
+    def _fold_event(self, report: dict[str, str]) -> None:
+        if report["event"] != "fault":
+            return  # an event of a newer worker that this scheduler does not know: not a report
+        gen, attempt = report.get("gen"), report.get("attempt")
+        event = FaultEvent(
+            rank=int(report["rank"]),
+            iteration=int(report["t"]),
+            phase=report.get("phase", "start"),
+            action=report["action"],
+            at_unix_s=float(report["at_unix_s"]),
+            generation=None if gen is None else int(gen),
+            attempt=None if attempt is None else int(attempt),
+        )
+        with self.lock:
+            self._faults.append(event)
+
+    def take_fault(
+        self, rank: int, generation: int, attempt: int, first_iteration: int
+    ) -> FaultEvent | None:
+        """The fault that made attempt ``attempt`` of ``rank`` fail in ``generation``, if one
+        was announced: the earliest unclaimed event of that rank at or after the invocation's
+        ``first_iteration`` (and of that generation and attempt, where the event says). Every
+        matching event is claimed: both copies of a duplicated invocation announce theirs."""
+        with self.lock:
+            mine = [
+                e
+                for e in self._faults
+                if e.rank == rank
+                and e.iteration >= first_iteration
+                and e.generation in (None, generation)
+                and e.attempt in (None, attempt)
+            ]
+            for event in mine:
+                self._faults.remove(event)
+        return min(mine, key=lambda e: e.at_unix_s, default=None)
+
+    def meta_before(self, iteration: int) -> dict[str, list[dict[str, Any]]]:
+        """The history and epochs of the iterations before ``iteration``: what a checkpoint of
+        ``iteration`` carries, however far the log has moved on since it was written."""
+        with self.lock:
+            return {
+                "history": [h for h in self.history if h["iteration"] < iteration],
+                "epochs": [e for e in self.epochs if e["iteration"] < iteration],
+            }
 
     def _record(self, t: int, reports: list[dict[str, str]]) -> None:
         batch = int(reports[0]["batch"])
@@ -110,3 +217,14 @@ class ProgressLog:
                 "epochs": list(self.epochs),
                 "rank_iteration": dict(self.rank_next),
             }
+
+
+def _shard_records(raw: str | None) -> dict[str, Any] | None:
+    """A report's ``ckpt_shards``; None if absent or unreadable (the commit then names it)."""
+    if not raw:
+        return None
+    try:
+        records = json.loads(raw)
+    except ValueError:
+        return None
+    return records if isinstance(records, dict) else None

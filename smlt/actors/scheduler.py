@@ -7,14 +7,22 @@ inside a threaded Ray actor so that :meth:`TaskScheduler.status` answers while
 - **generations**: n invocations of fixed memory start together from one iteration and stop
   together at an agreed boundary (:mod:`smlt.protocol.control`): the job's end, a function about
   to hit its time limit, or the resource manager re-scaling. At each boundary the checkpoint is
-  committed and, if the worker count changes, parameters and optimizer state are re-sharded;
+  committed, what the generation left in Redis that nobody will read is deleted, and, if the
+  worker count changes, parameters and optimizer state are re-sharded;
 - **failures**: a worker that raises, dies, or stops its heartbeat is re-invoked for the same
   rank at the iteration it had not finished; it resumes from the parameters and its optimizer
-  shard in the store while its peers wait (bounded by their shard timeout). The same cause twice
-  for one rank, or running out of attempts, ends the run with a TrainingError naming both;
+  shard in the store while its peers wait (bounded by their shard timeout). Whether to re-invoke
+  is :class:`~smlt.actors.failures.FailurePolicy`'s decision: a budget of attempts, causes and
+  time that starts afresh whenever the rank makes progress. A failure the budget does not cover
+  ends the run with a TrainingError naming rank and cause;
+- **duplicates**: a ``duplicate`` fault (:mod:`smlt.protocol.faults`) delivers one invocation
+  twice at once, as at-least-once platforms do; the rank succeeds if either copy does, and both
+  are billed;
 - **progress**: a follower folds the workers' reports into the history
-  (:class:`~smlt.actors.progress.ProgressLog`) and commits periodic checkpoints when every rank
-  has written its shard.
+  (:class:`~smlt.actors.progress.ProgressLog`); when every rank has written its shards of a
+  checkpoint it hands the checkpoint to a committer task of its own, so that following never
+  waits on the object store. The committer writes the marker from the shard records the
+  workers reported, and prunes to the newest ``keep_checkpoints``.
 
 Decisions (how many workers, how much memory, when to re-scale) come from the resource
 manager; the scheduler only executes them.
@@ -23,20 +31,23 @@ manager; the scheduler only executes them.
 from __future__ import annotations
 
 import functools
-import random
+import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 import trio
 
-from smlt.actors.progress import ProgressLog
+from smlt.actors.failures import FailurePolicy, RetryPolicy
+from smlt.actors.progress import CheckpointReady, ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
-from smlt.errors import SmltError, StoreUnavailableError, TrainingError
+from smlt.errors import ConfigError, SmltError, StoreUnavailableError, TrainingError
 from smlt.protocol.control import request_stop
+from smlt.protocol.faults import parse_faults
 from smlt.protocol.payload import WorkerPayload, WorkerReport
 from smlt.protocol.state import reshard_store
 from smlt.storage.checkpoint import CheckpointStore
@@ -44,28 +55,20 @@ from smlt.storage.objects import open_object_store
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
 
-__all__ = ["DEFAULT_WORKER_TIMEOUT_S", "JobSpec", "RetryPolicy", "TaskScheduler"]
+__all__ = [
+    "DEFAULT_WORKER_TIMEOUT_S",
+    "JobSpec",
+    "RetryPolicy",
+    "TaskScheduler",
+    "generation_leftovers",
+]
 
 #: Upper bound on one invocation when the backend has no time limit of its own (Ray).
 DEFAULT_WORKER_TIMEOUT_S = 24 * 3600.0
 _PROGRESS_BLOCK_MS = 500
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How a failed worker is re-invoked: at most ``max_attempts`` per rank and generation,
-    after ``backoff_s`` x 2^k with +-``jitter`` (so n failed ranks do not all return at once),
-    and never after ``deadline_s`` since the rank's first failure in the generation."""
-
-    max_attempts: int = 4
-    backoff_s: float = 0.2
-    max_backoff_s: float = 10.0
-    jitter: float = 0.5
-    deadline_s: float = 600.0
-
-    def delay_s(self, attempt: int) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 1))
-        return base * (1 + self.jitter * (2 * random.random() - 1))
+# How long the scheduler waits for the follower to read what is already in the stream.
+_CATCH_UP_S = 5.0
+_UNLINK_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class JobSpec:
     function_timeout_s: float | None = None
     worker_timeout_s: float = DEFAULT_WORKER_TIMEOUT_S
     checkpoint_every: int = 0
+    #: Committed checkpoints kept in the object store; older ones are pruned after each commit.
+    keep_checkpoints: int = 2
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 15.0
     startup_timeout_s: float = 120.0
@@ -93,6 +98,55 @@ class JobSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     history: tuple[dict[str, Any], ...] = ()
     epochs: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ConfigError(
+                f"keep_checkpoints must be >= 1 (the latest checkpoint is the restart point), "
+                f"got {self.keep_checkpoints}"
+            )
+
+
+def generation_leftovers(
+    keys: JobKeys,
+    generation: int,
+    start: int,
+    stop: int,
+    workers: int,
+    attempts: Mapping[int, int],
+) -> list[str]:
+    """The keys generation ``generation`` (iterations ``[start, stop)`` on ``workers`` ranks,
+    rank r up to attempt ``attempts[r]``) leaves in Redis that nobody will read again.
+
+    Workers delete what step t-1 wrote once step t is published (a replacement for a worker
+    that died in step t still needs step t's inputs), so the last step's keys outlive the
+    generation: the gradient slices and announcements of ``stop - 1``, the parameter and
+    optimizer shards of version ``stop - 1`` (version ``stop`` is what the next generation, or
+    the driver, reads), and the generation's stop hash and heartbeats. Every shard and rank of
+    *this* generation is listed, so after a re-scale to fewer workers nothing of the dropped
+    ranks remains.
+    """
+    found = [keys.stop(generation)]
+    for rank in range(workers):
+        found += [keys.heartbeat(generation, rank, a) for a in range(attempts.get(rank, 0) + 1)]
+    if stop > start:
+        last = stop - 1
+        found += [keys.param_ready(last), keys.mean_grad_ready(last)]
+        for s in range(workers):
+            found += [keys.param(last, s), keys.optim(last, s), keys.mean_grad(last, s)]
+            found += [keys.grad_ready(last, s)]
+            found += [keys.grad(last, s, r) for r in range(workers)]
+    return found
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """How one delivery of an invocation failed, and when the scheduler noticed."""
+
+    error: SmltError
+    detected_s: float  # monotonic
+    detected_unix_s: float  # wall clock, to compare with the worker's fault events
+    hung: bool
 
 
 class TaskScheduler:
@@ -107,16 +161,15 @@ class TaskScheduler:
         self.store = ParameterStore.from_urls(list(spec.redis_urls))
         self.checkpoints = CheckpointStore(open_object_store(spec.object_store_url), spec.job_id)
         self.log = ProgressLog(
-            spec.iterations_per_epoch,
-            history=list(spec.history),
-            epochs=list(spec.epochs),
-            on_checkpoint=self._commit_periodic,
+            spec.iterations_per_epoch, history=list(spec.history), epochs=list(spec.epochs)
         )
         self._lock = threading.Lock()
         self._state = "pending"
         self._error: str | None = None
-        self._running: dict[int, tuple[Invocation, float, int]] = {}  # rank -> (inv, t0, attempt)
-        self._hung: set[tuple[int, int, int]] = set()
+        # (rank, copy) -> (invocation, invoked at, attempt); copy 1 only for a duplicate.
+        self._running: dict[tuple[int, int], tuple[Invocation, float, int]] = {}
+        # (gen, rank, attempt) -> when its heartbeat was found expired (monotonic, wall clock)
+        self._hung: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._billed: list[tuple[int, float]] = []  # (memory_mb, billed_s) per ended invocation
         self._generations: list[dict[str, Any]] = []
         self._configs: list[dict[str, Any]] = [self.config.to_dict()]
@@ -125,6 +178,8 @@ class TaskScheduler:
         self._generation = 0
         self._beaten: set[tuple[int, int, int]] = set()  # (gen, rank, attempt) seen beating
         self._followed_id: bytes = b"0-0"  # the last progress entry folded into the log
+        self._duplicates = [f for f in parse_faults(spec.faults) if f.action == "duplicate"]
+        self._commits: trio.MemorySendChannel[CheckpointReady] | None = None
 
     # -- what the driver sees ------------------------------------------------------------------
 
@@ -168,6 +223,7 @@ class TaskScheduler:
                 "checkpoints": list(self._checkpoints),
                 "cost_usd": self._cost(include_running=False),
                 "billed_worker_s": sum(s for _m, s in self._billed),
+                "invocations": len(self._billed),
                 "pricing": self.backend.pricing.name,
             }
 
@@ -176,6 +232,8 @@ class TaskScheduler:
         first report (None if none came). Caller holds ``self.log.lock``."""
         if "rank" not in failure:  # a missed checkpoint, not a worker
             return dict(failure)
+        if failure.get("duplicate"):  # its twin carried on: nothing was replaced
+            return {**failure, "recovery_s": None}
         replacement = (failure["generation"], failure["rank"], failure["attempt"] + 1)
         first = self.log.first_report_of.get(replacement)
         detected = self.log.started + failure["detected_s"]
@@ -208,45 +266,56 @@ class TaskScheduler:
         start = self.spec.start_iteration
         try:
             async with trio.open_nursery() as nursery:
-                done = trio.Event()
-                nursery.start_soon(self._follow_progress, done)
-                while start < self.spec.total_iterations:
-                    stop, why = await self._run_generation(self._generation, start, self.config)
-                    nxt = self.manager.after_generation(stop, why)
-                    if stop < self.spec.total_iterations and nxt.workers != self.config.workers:
-                        await trio.to_thread.run_sync(
-                            functools.partial(
-                                reshard_store,
-                                self.store,
-                                self.keys,
-                                stop,
-                                self.config.workers,
-                                nxt.workers,
-                                self.spec.num_params,
-                            )
-                        )
-                    if nxt != self.config and stop < self.spec.total_iterations:
-                        with self._lock:
-                            self.config = nxt
-                            self._configs.append(nxt.to_dict())
-                    start = stop
-                    self._generation += 1
-                done.set()
+                send, receive = trio.open_memory_channel[CheckpointReady](math.inf)
+                nursery.start_soon(self._commit_checkpoints, receive)
+                async with send:  # closed once nothing more can come: the committer drains it
+                    self._commits = send
+                    async with trio.open_nursery() as following:
+                        done = trio.Event()
+                        following.start_soon(self._follow_progress, done)
+                        while start < self.spec.total_iterations:
+                            start = await self._next_generation(start)
+                        done.set()
         finally:
             await self.backend.clean()
 
+    async def _next_generation(self, start: int) -> int:
+        """Run one generation from ``start`` and apply the manager's next decision; returns
+        where the next generation starts."""
+        stop, why = await self._run_generation(self._generation, start, self.config)
+        nxt = self.manager.after_generation(stop, why)
+        if stop < self.spec.total_iterations and nxt.workers != self.config.workers:
+            await trio.to_thread.run_sync(
+                functools.partial(
+                    reshard_store,
+                    self.store,
+                    self.keys,
+                    stop,
+                    self.config.workers,
+                    nxt.workers,
+                    self.spec.num_params,
+                )
+            )
+        if nxt != self.config and stop < self.spec.total_iterations:
+            with self._lock:
+                self.config = nxt
+                self._configs.append(nxt.to_dict())
+        self._generation += 1
+        return stop
+
     async def _run_generation(self, gen: int, start: int, cfg: Config) -> tuple[int, str]:
         began = time.monotonic()
-        self.log.start_generation(cfg.workers)
+        self.log.start_generation(gen, cfg.workers)
         await self.backend.deploy(self.spec.job_id, cfg.workers, cfg.memory_mb)
         reports: dict[int, WorkerReport] = {}
+        attempts: dict[int, int] = {}  # rank -> its last attempt in this generation
         requested = trio.Event()
         async with trio.open_nursery() as watchers:
             watchers.start_soon(self._watch_heartbeats, gen)
             watchers.start_soon(self._watch_rescale, gen, requested)
             async with trio.open_nursery() as ranks:
                 for rank in range(cfg.workers):
-                    ranks.start_soon(self._run_rank, gen, rank, start, cfg, reports)
+                    ranks.start_soon(self._run_rank, gen, rank, start, cfg, reports, attempts)
             watchers.cancel_scope.cancel()
         stops = {r.next_iteration for r in reports.values()}
         if len(stops) != 1:
@@ -260,8 +329,11 @@ class TaskScheduler:
             why = "re-scaling"
         else:
             why = "function time limit"
-        if all(r.checkpoint_iteration == stop for r in reports.values()):
-            await trio.to_thread.run_sync(self._commit, stop, cfg.workers)
+        await self._caught_up()  # the history holds the whole generation before it is saved
+        self._commit_boundary(gen, start, stop, cfg.workers, reports)
+        await trio.to_thread.run_sync(
+            self._drop_generation_keys, gen, start, stop, cfg.workers, attempts
+        )
         with self._lock:
             self._generations.append(
                 {
@@ -302,83 +374,157 @@ class TaskScheduler:
             },
         )
 
+    def _drop_generation_keys(
+        self, gen: int, start: int, stop: int, workers: int, attempts: Mapping[int, int]
+    ) -> None:
+        leftovers = generation_leftovers(self.keys, gen, start, stop, workers, attempts)
+        # Every instance: which one holds a key is the sync layer's business, and unlinking a
+        # key an instance does not have costs nothing.
+        for instance in range(self.store.instances):
+            for i in range(0, len(leftovers), _UNLINK_BATCH):
+                self.store.unlink(instance, leftovers[i : i + _UNLINK_BATCH])
+
     # -- one rank, with re-invocation ----------------------------------------------------------
 
     async def _run_rank(
-        self, gen: int, rank: int, start: int, cfg: Config, reports: dict[int, WorkerReport]
+        self,
+        gen: int,
+        rank: int,
+        start: int,
+        cfg: Config,
+        reports: dict[int, WorkerReport],
+        attempts: dict[int, int],
     ) -> None:
+        policy = FailurePolicy(self.spec.retry)
         attempt, resume = 0, start
-        causes: list[str] = []
-        first_failure: float | None = None
         while True:
-            invocation = await self.backend.invoke(self._payload(gen, rank, resume, attempt, cfg))
-            with self._lock:
-                self._running[rank] = (invocation, time.monotonic(), attempt)
-            try:
-                timeout_s = self.spec.worker_timeout_s
-                if self.spec.function_timeout_s is not None:
-                    timeout_s = min(timeout_s, self.spec.function_timeout_s + 30)
-                reports[rank] = await invocation.result(timeout_s)
-                self._ended(rank, invocation)
+            attempts[rank] = attempt
+            payload = self._payload(gen, rank, resume, attempt, cfg)
+            outcome = await self._deliver(payload, copies=2 if self._duplicate(payload) else 1)
+            if isinstance(outcome, WorkerReport):
+                reports[rank] = outcome
                 return
-            except SmltError as exc:
-                detected = time.monotonic()
-                await invocation.cancel()  # a hung process must not keep the slot
-                self._ended(rank, invocation)
-                if not await trio.to_thread.run_sync(self._store_alive):
-                    # Re-invoking cannot help: everything a worker resumes from is gone.
-                    await self._cancel_all()
-                    raise StoreUnavailableError(
-                        f"worker {rank} failed and the parameter store is unreachable: {exc}"
-                    ) from exc
-                hung = (gen, rank, attempt) in self._hung
-                cause = (
-                    "heartbeat timeout (worker stopped responding)"
-                    if hung
-                    else (f"{type(exc).__name__}: {exc}")
-                )
-                resume = max(start, await self._rank_position(rank))
-                record = {
-                    "rank": rank,
-                    "generation": gen,
-                    "iteration": resume,
-                    "attempt": attempt,
-                    "cause": cause,
-                    "detected_s": detected - self.log.started,
-                }
-                with self._lock:
-                    self._failures.append(record)
-                repeated = _cause_key(cause) in causes
-                causes.append(_cause_key(cause))
-                first_failure = detected if first_failure is None else first_failure
-                late = detected - first_failure > self.spec.retry.deadline_s
-                if repeated or late or attempt + 1 >= self.spec.retry.max_attempts:
-                    await self._cancel_all()
-                    if repeated:
-                        why = "failed the same way twice"
-                    elif late:
-                        why = f"kept failing for over {self.spec.retry.deadline_s:g} s"
-                    else:
-                        why = f"failed {attempt + 1} times"
-                    raise TrainingError(
-                        f"worker {rank} {why} at iteration {resume} (generation {gen}); last "
-                        f"cause: {cause}"
-                    ) from exc
-                attempt += 1
-                await trio.sleep(self.spec.retry.delay_s(attempt))
+            exc = outcome.error
+            if not await trio.to_thread.run_sync(self._store_alive):
+                # Re-invoking cannot help: everything a worker resumes from is gone.
+                await self._cancel_all()
+                raise StoreUnavailableError(
+                    f"worker {rank} failed and the parameter store is unreachable: {exc}"
+                ) from exc
+            resume = max(start, await self._rank_position(rank))
+            record = self._failure_record(payload, outcome, resume)
+            decision = policy.decide(resume, record["cause"], outcome.detected_s)
+            record["budget_failures"] = decision.failures
+            with self._lock:
+                self._failures.append(record)
+            if not decision.retry:
+                await self._cancel_all()
+                raise TrainingError(
+                    f"worker {rank} {decision.why} at iteration {resume} (generation {gen}); "
+                    f"last cause: {record['cause']}"
+                ) from exc
+            attempt += 1
+            await trio.sleep(decision.delay_s)
 
-    async def _rank_position(self, rank: int) -> int:
-        """The iteration ``rank`` had not finished, once the follower has read every report
-        already in the stream (a report it has not read yet would make us recompute)."""
+    def _failure_record(
+        self, payload: WorkerPayload, failed: _Failed, iteration: int | None
+    ) -> dict[str, Any]:
+        """What ``summary()["failures"]`` says about one failure; with the injected fault's
+        time and the measured detection time when the worker announced the fault."""
+        rank, gen, attempt = payload.rank, payload.generation, payload.attempt
+        exc = failed.error
+        cause = (
+            "heartbeat timeout (worker stopped responding)"
+            if failed.hung
+            else f"{type(exc).__name__}: {exc}"
+        )
+        record: dict[str, Any] = {
+            "rank": rank,
+            "generation": gen,
+            "iteration": iteration,
+            "attempt": attempt,
+            "cause": cause,
+            "detected_s": failed.detected_s - self.log.started,
+        }
+        fault = self.log.take_fault(rank, gen, attempt, payload.start_iteration)
+        if fault is not None:
+            record["fault"] = f"{fault.action} at iteration {fault.iteration} ({fault.phase})"
+            record["fault_at_s"] = fault.at_unix_s - self.log.started_unix_s
+            record["detection_s"] = failed.detected_unix_s - fault.at_unix_s
+        return record
+
+    def _duplicate(self, payload: WorkerPayload) -> bool:
+        """True (once per scheduled ``duplicate``) if ``payload`` is to be delivered twice: the
+        first invocation of the fault's rank whose range of iterations holds its iteration."""
+        for fault in self._duplicates:
+            if (
+                fault.rank == payload.rank
+                and payload.start_iteration <= fault.iteration < payload.end_iteration
+            ):
+                self._duplicates.remove(fault)
+                return True
+        return False
+
+    async def _deliver(self, payload: WorkerPayload, copies: int) -> WorkerReport | _Failed:
+        """Invoke ``payload`` ``copies`` times at once and wait for every copy. The report of a
+        copy that succeeded, else how the first one failed (noticed when the last one did)."""
+        outcomes: list[WorkerReport | _Failed] = []
+        async with trio.open_nursery() as nursery:
+            for copy in range(copies):
+                invocation = await self.backend.invoke(payload)
+                with self._lock:
+                    self._running[(payload.rank, copy)] = (
+                        invocation,
+                        time.monotonic(),
+                        payload.attempt,
+                    )
+                nursery.start_soon(self._await_copy, copy, invocation, outcomes)
+        failed = [o for o in outcomes if isinstance(o, _Failed)]
+        report = next((o for o in outcomes if isinstance(o, WorkerReport)), None)
+        if report is not None:
+            for copy_failed in failed:  # its twin succeeded: recorded, nothing to recover
+                record = self._failure_record(payload, copy_failed, None)
+                with self._lock:
+                    self._failures.append({**record, "duplicate": True})
+            return report
+        last = failed[-1]
+        return _Failed(failed[0].error, last.detected_s, last.detected_unix_s, failed[0].hung)
+
+    async def _await_copy(
+        self, copy: int, invocation: Invocation, outcomes: list[WorkerReport | _Failed]
+    ) -> None:
+        p = invocation.payload
+        timeout_s = self.spec.worker_timeout_s
+        if self.spec.function_timeout_s is not None:
+            timeout_s = min(timeout_s, self.spec.function_timeout_s + 30)
+        try:
+            outcomes.append(await invocation.result(timeout_s))
+        except SmltError as exc:
+            detected = time.monotonic(), time.time()
+            hung = self._hung.get((p.generation, p.rank, p.attempt))
+            await invocation.cancel()  # a hung process must not keep the slot
+            detected_s, detected_unix_s = hung or detected
+            outcomes.append(_Failed(exc, detected_s, detected_unix_s, hung is not None))
+        finally:
+            self._ended((p.rank, copy), invocation)
+
+    async def _caught_up(self) -> None:
+        """Wait (a few seconds at most) until the follower has folded every entry that is in
+        the progress stream now."""
         client = self.store.client(0)
         newest = await trio.to_thread.run_sync(
             functools.partial(client.xrevrange, self.keys.progress(), count=1)
         )
         if newest:
             target = _stream_id(cast(bytes, newest[0][0]))
-            with trio.move_on_after(5):
+            with trio.move_on_after(_CATCH_UP_S):
                 while _stream_id(self._followed_id) < target:
                     await trio.sleep(0.02)
+
+    async def _rank_position(self, rank: int) -> int:
+        """The iteration ``rank`` had not finished, once the follower has read every report
+        already in the stream (a report it has not read yet would make us recompute)."""
+        await self._caught_up()
         with self.log.lock:
             return self.log.rank_next.get(rank, 0)
 
@@ -388,9 +534,9 @@ class TaskScheduler:
         except redis.RedisError:
             return False
 
-    def _ended(self, rank: int, invocation: Invocation) -> None:
+    def _ended(self, key: tuple[int, int], invocation: Invocation) -> None:
         with self._lock:
-            self._running.pop(rank, None)
+            self._running.pop(key, None)
             self._billed.append((invocation.payload.memory_mb, invocation.billed_s))
 
     async def _cancel_all(self) -> None:
@@ -403,21 +549,24 @@ class TaskScheduler:
     # -- watchers --------------------------------------------------------------------------------
 
     async def _watch_heartbeats(self, gen: int) -> None:
-        """Cancel a rank whose heartbeat expired (or never came) so that it is re-invoked."""
+        """Cancel a rank whose heartbeat expired (or never came) so that it is re-invoked.
+
+        Both copies of a duplicated invocation beat the same key: a hung copy is noticed once
+        its twin has stopped beating too (at its end), and is then cancelled like any other."""
         client = self.store.client(0)
         spec = self.spec
         while True:
             await trio.sleep(spec.heartbeat_interval_s)
             with self._lock:
                 running = dict(self._running)
-            for rank, (inv, invoked_at, attempt) in running.items():
+            for (rank, _copy), (inv, invoked_at, attempt) in running.items():
                 key = self.keys.heartbeat(gen, rank, attempt)
                 alive = await trio.to_thread.run_sync(client.exists, key)
                 seen = (gen, rank, attempt) in self._beaten
                 if alive:
                     self._beaten.add((gen, rank, attempt))
                 elif seen or time.monotonic() - invoked_at > spec.startup_timeout_s:
-                    self._hung.add((gen, rank, attempt))
+                    self._hung.setdefault((gen, rank, attempt), (time.monotonic(), time.time()))
                     await inv.cancel()
 
     async def _watch_rescale(self, gen: int, requested: trio.Event) -> None:
@@ -433,20 +582,69 @@ class TaskScheduler:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _commit_periodic(self, iteration: int, workers: int) -> None:
-        try:
-            self._commit(iteration, workers)
-        except SmltError as exc:  # a missed periodic checkpoint costs progress, not the run
+    def _commit_boundary(
+        self, gen: int, start: int, stop: int, workers: int, reports: Mapping[int, WorkerReport]
+    ) -> None:
+        """Queue the checkpoint every rank wrote at the generation's end, or record that some
+        rank did not (workers that write no checkpoints at all are left alone)."""
+        written = {r: rep for r, rep in reports.items() if rep.checkpoint_iteration == stop}
+        if stop == start or all(rep.checkpoint_iteration is None for rep in reports.values()):
+            return
+        if len(written) < workers:
+            missing = sorted(set(range(workers)) - set(written))
             with self._lock:
-                self._failures.append({"checkpoint": iteration, "cause": str(exc)})
+                self._failures.append(
+                    {
+                        "checkpoint": stop,
+                        "generation": gen,
+                        "cause": f"ranks {missing} wrote no shards of the boundary checkpoint",
+                    }
+                )
+            return
+        shards = {r: rep.checkpoint_shards for r, rep in written.items()}
+        assert self._commits is not None
+        self._commits.send_nowait(CheckpointReady(stop, gen, workers, dict(shards)))
 
-    def _commit(self, iteration: int, workers: int) -> None:
-        with self.log.lock:
-            meta = {"history": list(self.log.history), "epochs": list(self.log.epochs)}
-        self.checkpoints.commit(iteration, workers, self.spec.num_params, meta)
+    async def _commit_checkpoints(self, ready: trio.MemoryReceiveChannel[CheckpointReady]) -> None:
+        """The committer: one checkpoint at a time, in the order they became ready."""
+        async with ready:
+            async for checkpoint in ready:
+                await trio.to_thread.run_sync(self._commit, checkpoint)
+
+    def _commit(self, ready: CheckpointReady) -> None:
         with self._lock:
-            if iteration not in self._checkpoints:
-                self._checkpoints.append(iteration)
+            if ready.iteration <= max(self._checkpoints, default=-1):
+                return  # committed already (periodic and boundary at once), or superseded
+        meta = self.log.meta_before(ready.iteration)
+        try:
+            self.checkpoints.commit(
+                ready.iteration, ready.workers, self.spec.num_params, meta, ready.shards
+            )
+        except SmltError as exc:
+            # A missed checkpoint costs progress after a later loss of Redis, not the run:
+            # Redis still holds the state.
+            with self._lock:
+                self._failures.append(
+                    {
+                        "checkpoint": ready.iteration,
+                        "generation": ready.generation,
+                        "cause": str(exc),
+                    }
+                )
+            return
+        with self._lock:
+            self._checkpoints.append(ready.iteration)
+        try:
+            self.checkpoints.prune(self.spec.keep_checkpoints)
+        except SmltError as exc:
+            with self._lock:
+                self._failures.append(
+                    {
+                        "checkpoint": ready.iteration,
+                        "generation": ready.generation,
+                        "cause": f"pruning older checkpoints failed: {exc}",
+                    }
+                )
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -467,8 +665,11 @@ class TaskScheduler:
             for _name, entries in cast(list[Any], reply or []):
                 for entry_id, fields in entries:
                     report = {k.decode(): v.decode() for k, v in fields.items()}
-                    await trio.to_thread.run_sync(self.log.fold, report)
+                    ready = await trio.to_thread.run_sync(self.log.fold, report)
                     self._followed_id = entry_id
+                    if ready is not None:
+                        assert self._commits is not None
+                        self._commits.send_nowait(ready)  # never waits: the buffer is unbounded
             if finishing and not reply:
                 return
 
@@ -477,11 +678,6 @@ def _stream_id(entry_id: bytes) -> tuple[int, int]:
     """A Redis stream id ``b"<ms>-<seq>"`` as numbers: ids do not sort as strings."""
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
-
-
-def _cause_key(cause: str) -> str:
-    """What makes two failures 'the same': the cause without its rank/iteration numbers."""
-    return "".join(c for c in cause if not c.isdigit())[:200]
 
 
 def _primary_error(group: BaseExceptionGroup) -> BaseException:

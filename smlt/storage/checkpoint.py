@@ -9,7 +9,9 @@ copied to the object store. Layout, under ``jobs/<job>/checkpoints/<iteration:09
 The bytes of a shard are the caller's business (in smlt, :mod:`smlt.sync.codec` frames); this
 module stores them and their sha256. The marker holds the iteration, the sharding (``workers``,
 ``num_params``), every shard's name, size and hash, the time of the commit and the caller's
-``meta`` (JSON: the history so far, the sampler position).
+``meta`` (JSON: the history so far, the sampler position). The sizes and hashes are the ones the
+writers computed from the bytes in hand and reported: the commit checks that every shard is
+there without downloading the checkpoint again.
 
 Why a marker: object stores make single writes atomic but not groups of writes. A folder without
 its marker is invisible to :meth:`CheckpointStore.latest` and :meth:`CheckpointStore.load`, so a
@@ -27,12 +29,12 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
-from smlt.storage.objects import ObjectStore
+from smlt.storage.objects import LocalObjectStore, ObjectStore
 
 __all__ = [
     "MARKER_NAME",
@@ -50,6 +52,7 @@ _KINDS: tuple[ShardKind, ...] = get_args(ShardKind)
 MARKER_NAME = "COMMITTED.json"
 _MARKER_VERSION = 1
 _FOLDER = re.compile(r"[0-9]{9,}")  # ``{iteration:09d}``: 9 digits, more past 10**9
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def checkpoint_prefix(job_id: str, iteration: int) -> str:
@@ -185,31 +188,47 @@ class CheckpointStore:
         return record
 
     def commit(
-        self, iteration: int, workers: int, num_params: int, meta: Mapping[str, Any]
+        self,
+        iteration: int,
+        workers: int,
+        num_params: int,
+        meta: Mapping[str, Any],
+        shards: Mapping[int, Mapping[str, Sequence[Any]] | None],
     ) -> Checkpoint:
-        """Make ``iteration`` a checkpoint: check every shard is there, then write the marker.
+        """Make ``iteration`` a checkpoint from its writers' records, then write the marker.
 
-        Every expected object (``param`` and ``optim`` for each s in ``range(workers)``) is read
-        back and hashed here, rather than trusting hashes reported by the writers: the writers
-        are other processes, and reading back proves that what the marker vouches for is what the
-        store holds. It costs one download of the checkpoint, paid by the scheduler, off the
-        workers' critical path. A missing shard is ObjectStoreError naming it, and no marker is
-        written. Committing the same iteration again rewrites the marker (atomically).
+        ``shards`` is what each owner reported about the shards it wrote:
+        ``{s: {"param": [size_bytes, sha256], "optim": [size_bytes, sha256]}}`` for every s in
+        ``range(workers)`` (a worker's ``checkpoint_shards``). Nothing is downloaded: one listing
+        of the folder proves every shard is there, and where the store tells sizes cheaply (a
+        local folder) each size is checked too. The hashes are the writers', and every later
+        read verifies them (:meth:`Checkpoint.read_shard`), so a shard that does not match is
+        still never loaded. A missing shard, a missing or malformed record, or a size that
+        disagrees is ObjectStoreError naming the object, and no marker is written. Committing
+        the same iteration again rewrites the marker (atomically).
         """
         if workers < 1:
             raise ConfigError(f"a checkpoint needs workers >= 1, got {workers}")
+        what = f"cannot commit checkpoint {iteration} of job {self.job_id}"
+        prefix = self._prefix(iteration)
+        stored = _stored_sizes(self.store, prefix)
         records = []
         for s in range(workers):
             for kind in _KINDS:
                 key = self._key(iteration, kind, s)
-                try:
-                    data = self.store.get_bytes(key)
-                except ObjectNotFoundError:
+                record = _reported_record(kind, s, key, shards.get(s), f"{what}: shard {s}")
+                if key not in stored:
                     raise ObjectStoreError(
-                        f"cannot commit checkpoint {iteration} of job {self.job_id}: shard "
-                        f"{self.store.url}/{key} is missing ({workers} workers expected)"
-                    ) from None
-                records.append(ShardRecord.of(kind, s, key, data))
+                        f"{what}: shard {self.store.url}/{key} is missing "
+                        f"({workers} workers expected)"
+                    )
+                size = stored[key]
+                if size is not None and size != record.size_bytes:
+                    raise ObjectStoreError(
+                        f"{what}: shard {self.store.url}/{key} has {size} bytes, but its "
+                        f"writer reported {record.size_bytes}"
+                    )
+                records.append(record)
         return self._write_marker(iteration, workers, num_params, records, meta)
 
     def write_full(
@@ -389,3 +408,39 @@ class CheckpointStore:
         for iteration in sorted({*doomed, *stale}):
             self.store.delete_prefix(self._prefix(iteration))
         return sorted({*doomed, *stale})
+
+
+def _reported_record(
+    kind: ShardKind, shard: int, key: str, reported: Mapping[str, Sequence[Any]] | None, what: str
+) -> ShardRecord:
+    """The record of one shard from its writer's report ``{kind: [size_bytes, sha256]}``."""
+    entry = None if reported is None else reported.get(kind)
+    if entry is None:
+        raise ObjectStoreError(f"{what}: its writer reported no {_shard_name(kind, shard)}")
+    try:
+        size, digest = entry
+        size_bytes = int(size)
+    except (TypeError, ValueError):
+        size_bytes, digest = -1, None
+    if size_bytes < 0 or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise ObjectStoreError(
+            f"{what}: the reported record of {_shard_name(kind, shard)} is {entry!r}, "
+            "not [size_bytes, sha256]"
+        )
+    return ShardRecord(kind, shard, key, size_bytes, digest)
+
+
+def _stored_sizes(store: ObjectStore, prefix: str) -> dict[str, int | None]:
+    """The objects under ``prefix`` (one listing) with their sizes where they are cheap to
+    know: a local folder stats its files. The store interface has no sizes (S3's listing has
+    them, so one day it may); None means "exists, size unknown"."""
+    keys = store.list(prefix)
+    if not isinstance(store, LocalObjectStore):
+        return dict.fromkeys(keys)
+    sizes: dict[str, int | None] = {}
+    for key in keys:
+        try:
+            sizes[key] = store.root.joinpath(*key.split("/")).stat().st_size
+        except OSError:
+            continue  # deleted since the listing: missing
+    return sizes
