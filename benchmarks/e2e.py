@@ -1,4 +1,4 @@
-"""End-to-end iteration time of real ``smlt.train`` runs, split into compute, sync and overhead.
+"""End-to-end iteration time of real ``smlt.train`` runs: where an iteration's time goes.
 
     python -m benchmarks.e2e --json OUT.json --plot OUT.png \\
         --examples digits,resnet18,transformer --workers 1,2,4 --iterations 8
@@ -6,7 +6,8 @@
 For every example and worker count ``n`` this runs ``smlt.train`` exactly as a user would (Ray
 backend, default memory per worker, a local object store and output folder in a temporary
 directory), for ``--iterations`` iterations of a fixed global batch, and asks where the time of
-one iteration went.
+one iteration went: the user's compute, the optimizer update, smlt's own work, or communication
+and waiting. No category may hide smlt's own cost under another name.
 
 How the iterations are bounded. ``smlt.train`` runs whole epochs. To run exactly N iterations of
 global batch B without touching the driver, the benchmark trains one epoch of a *derived task*: a
@@ -19,39 +20,62 @@ What is measured. Every worker appends one report per iteration to the job's pro
 (``smlt/worker/trainer.py::_iteration``); the benchmark reads that stream from Redis while the run
 goes (it starts the Redis server itself, the same :class:`RedisServer` the driver would embed, so
 it can read the raw per-rank reports before the driver deletes the job's keys). A rank's report
-holds, all from ``time.monotonic()`` on that rank:
+holds, all from that rank's clock:
 
 - ``iter_s``: from the start of the iteration to the end of sync (and of a checkpoint write, if
-  the iteration ends on one); the driver's history takes its max over ranks;
-- ``data_s``: smlt's data iterator (sampler + local shard cache -> tensors);
-- ``compute_s``: the user's loss, backward, and flattening the gradient;
-- ``sync_s``: the wall time of the scatter-reduce step (``Exchange.step``), with its phases
-  ``ul_shard_s``, ``dl_shard_s``, ``ul_aggr_s``, ``dl_grad_s``, each measured from where the
-  phase can begin. UL-shard runs on its own thread while the owner downloads, so UL-shard and
-  DL-shard overlap and the phases do not add up to ``sync_s``.
+  the iteration ends on one);
+- ``data_s``: smlt's data pipeline (sampler + local shard cache -> tensors);
+- ``compute_s``: the user's loss and backward, plus smlt copying the gradient into its flat
+  vector (scaled) and snapshotting the model's buffers; the report does not split these;
+- ``sync_s``: the wall time of the scatter-reduce step, with its phases ``ul_shard_s``,
+  ``dl_shard_s``, ``ul_aggr_s``, ``dl_grad_s`` (they overlap: UL-shard runs on its own thread),
+  and inside it (``smlt/sync/phases.py``): ``update_s``, the optimizer step on the rank's shard
+  (sharded: combining the buffers' sides, the step, and encoding the new optimizer-state frame
+  for the store; replicated: the whole optimizer's step and its state frame); ``codec_s``,
+  smlt's CPU work on the step's own thread (encoding and checksumming frames, decoding them,
+  summing contributions); ``upload_codec_s``, the same on the upload thread, which overlaps the
+  rest. ``codec_s`` and ``upload_codec_s`` are wall time inside those sections
+  (``perf_counter``), so on a busy machine they include time the thread waited for a core.
 
-The redis stream id of each report is the Redis server's clock (ms) at the XADD, so consecutive
+The Redis stream id of each report is the Redis server's clock (ms) at the XADD, so consecutive
 ids of one rank also give its full cycle per iteration, including what ``iter_s`` leaves out: the
 generation's stop check (a Redis round trip) before the iteration and the report's own XADD.
 
-Definitions (per iteration t, on the *slowest rank*: the rank with the largest ``iter_s``, whose
-breakdown adds up because it is one rank's own clock; faster ranks spend their slack waiting
-inside sync):
+The breakdown (per iteration t, on the *slowest rank*: the rank with the largest ``iter_s``, whose
+parts add up because they are one rank's own clock; faster ranks spend their slack waiting inside
+sync). These are the categories of the JSON (``breakdown``) and of the plot, bottom to top:
 
-- ``overhead_s = iter_s - compute_s - sync_s`` = ``data_s + other_s``: everything in the
-  iteration that is neither the user's compute nor store traffic. ``data_s`` counts as
-  overhead because the data iterator is smlt's, not the user's; ``other_s`` is the rest of the
-  timed iteration (bookkeeping; a checkpoint write when one falls in the iteration);
-- ``overhead_fraction = overhead_s / iter_s``: the issue's target is < 10 % for ResNet-18 at n=4;
-- ``between_s = cycle_s - iter_s`` with ``cycle_s`` = that rank's stream-id difference from its
-  report of t - 1 to t: untimed per-iteration cost outside ``iter_s`` (stop check, XADD), with a
+- ``compute_s``: user compute (as reported; see above for the smlt work it contains);
+- ``update_s``: optimizer update;
+- ``smlt_data_s`` = ``data_s``: smlt's data pipeline;
+- ``smlt_codec_s`` = ``codec_s``: smlt's CPU work inside the step, on the step's thread;
+- ``smlt_other_s`` = ``iter_s - data_s - compute_s - sync_s``: the rest of smlt's work in the
+  iteration (loading the new buffers, adopting a published optimizer state, a checkpoint write
+  when one falls in the iteration);
+- ``comm_wait_s`` = ``sync_s - update_s - codec_s``: transfers to and from Redis and waiting for
+  peers (and for a core: on a shared 2-core machine the three cannot be told apart);
+- ``smlt_between_s`` = ``cycle_s - iter_s`` with ``cycle_s`` the difference of that rank's stream
+  ids for t - 1 and t: smlt's per-iteration work outside ``iter_s`` (stop check, report), with a
   ~1 ms resolution (left out for the epoch's last iteration, where rank 0 evaluates the model
-  before reporting); ``overhead_fraction_of_cycle = (overhead_s + between_s) / cycle_s``.
+  before reporting).
+
+Beside them, not stacked because it overlaps the rest: ``upload_codec_s`` (``overlapped``).
+
+Framework overhead counts all of smlt's own work, on both threads:
+
+- ``overhead_s = data_s + codec_s + smlt_other_s + upload_codec_s``;
+- ``overhead_fraction = overhead_s / iter_s`` (the issue's target: < 10 % for ResNet-18 at n=4);
+  ``inline_overhead_fraction = (data_s + codec_s + smlt_other_s) / iter_s`` is the part that
+  lengthens the iteration directly (the upload thread's share competes for a core instead);
+- ``overhead_fraction_of_cycle = (overhead_s + smlt_between_s) / cycle_s``;
+- ``overhead_fraction_max_rank``: ``overhead_s / iter_s`` of the rank where it is largest, in
+  case the slowest rank is not the one doing most of smlt's work.
 
 The first ``--warmup`` iterations of each run are left out (cold start: workers import torch,
 fetch data shards, Redis grows its memory), and every figure is the median over the remaining
-iterations of the per-iteration value (fractions too: the median of per-iteration fractions).
-The machine is shared and small, so compare ratios within one run, not across runs.
+iterations of the per-iteration value (fractions too: the median of per-iteration fractions), so
+the parts' medians need not add up to the median iteration exactly. The machine is shared and
+small, so compare ratios within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -71,18 +95,45 @@ from typing import Any
 
 from benchmarks._output import command_line, write_outputs
 
-__all__ = ["EXAMPLES", "Example", "ReportReader", "main", "measure_run", "summarize"]
+__all__ = [
+    "CATEGORIES",
+    "EXAMPLES",
+    "OVERLAPPED",
+    "Example",
+    "ReportReader",
+    "main",
+    "measure_run",
+    "per_iteration",
+    "summarize",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("ul_shard_s", "dl_shard_s", "ul_aggr_s", "dl_grad_s")
-#: The stacked parts of the plot, bottom to top; data, other and between are the overhead.
-PARTS = ("compute_s", "sync_s", "data_s", "other_s", "between_s")
+#: What a worker's report must hold for the breakdown (older workers lack the last three).
+REPORTED = ("iter_s", "data_s", "compute_s", "sync_s", *PHASES, "update_s", "codec_s")
+#: The categories of an iteration, bottom to top in the plot and in this order in the JSON's
+#: ``breakdown``: (key, label, how it is computed from the slowest rank's report).
+CATEGORIES = (
+    ("compute_s", "user compute", "compute_s"),
+    ("update_s", "optimizer update", "update_s"),
+    ("smlt_data_s", "smlt: data pipeline", "data_s"),
+    ("smlt_codec_s", "smlt: encode/decode/sum in step", "codec_s"),
+    ("smlt_other_s", "smlt: other in iteration", "iter_s - data_s - compute_s - sync_s"),
+    ("comm_wait_s", "communication and wait", "sync_s - update_s - codec_s"),
+    ("smlt_between_s", "smlt: between iterations", "cycle_s - iter_s"),
+)
+#: smlt's work that overlaps the categories above: drawn beside the stack, never in it.
+OVERLAPPED = (("upload_codec_s", "smlt: upload thread (overlapped)", "upload_codec_s"),)
 OVERHEAD_FORMULA = (
-    "per iteration, on the rank with the largest iter_s: overhead_s = iter_s - compute_s - sync_s "
-    "(= data_s + other_s; data_s is smlt's data iterator), overhead_fraction = overhead_s / "
-    "iter_s; between_s = cycle_s - iter_s where cycle_s is the difference of that rank's progress "
-    "stream ids (Redis ms clock) for t-1 and t; overhead_fraction_of_cycle = (overhead_s + "
-    "between_s) / cycle_s; every figure is the median over measured iterations"
+    "per iteration, on the rank with the largest iter_s: overhead_s = data_s + codec_s + "
+    "smlt_other_s + upload_codec_s (all of smlt's own work: data pipeline, encode/decode/sum on "
+    "the step's thread and on the upload thread, the rest of the iteration outside compute and "
+    "sync), smlt_other_s = iter_s - data_s - compute_s - sync_s; overhead_fraction = overhead_s "
+    "/ iter_s; inline_overhead_fraction = (data_s + codec_s + smlt_other_s) / iter_s; "
+    "overhead_fraction_of_cycle = (overhead_s + smlt_between_s) / cycle_s, smlt_between_s = "
+    "cycle_s - iter_s, cycle_s = difference of that rank's progress stream ids (Redis ms clock) "
+    "for t-1 and t; overhead_fraction_max_rank = max over ranks of that rank's overhead_s / "
+    "iter_s; every figure is the median over measured iterations"
 )
 
 
@@ -142,9 +193,10 @@ def dataset_size(spec: str) -> int:
 class ReportReader:
     """The ``progress`` callback of ``smlt.train``: copies the job's progress stream as it grows.
 
-    The job id is read from ``run.json``, which the driver writes into the output folder before
-    any worker starts. The driver calls this every half second and once more after the scheduler
-    finished, before it deletes the job's keys, so the last call sees every report.
+    The job id and session (keys carry both) are read from ``run.json``, which the driver writes
+    into the output folder before it writes any key. The driver calls this every half second and
+    once more after the scheduler finished, before it deletes the job's keys, so the last call
+    sees every report.
     """
 
     def __init__(self, redis_url: str, output_dir: Path) -> None:
@@ -160,8 +212,13 @@ class ReportReader:
         if self.stream is None:
             from smlt.sync.keys import JobKeys
 
-            run = json.loads((self.output_dir / "run.json").read_text())
-            self.stream = JobKeys(run["job_id"]).progress()
+            try:
+                run = json.loads((self.output_dir / "run.json").read_text())
+            except (FileNotFoundError, ValueError):
+                return  # not written yet, or caught mid-write: the next call reads it
+            if not run.get("sessions"):
+                return  # saved before its session was chosen: no key written yet
+            self.stream = JobKeys(run["job_id"], run["sessions"][-1]).progress()
         start = "-" if self.last_id == "-" else f"({self.last_id}"
         for raw_id, fields in self.client.xrange(self.stream, min=start, max="+"):
             entry_id = raw_id.decode()
@@ -170,27 +227,58 @@ class ReportReader:
             self.entries.append((int(entry_id.split("-")[0]), report))
 
 
+def _smlt_inline_s(rep: dict[str, float]) -> float:
+    """smlt's own work that lengthens one rank's iteration: data, codec, the rest."""
+    other = rep["iter_s"] - rep["data_s"] - rep["compute_s"] - rep["sync_s"]
+    return rep["data_s"] + rep["codec_s"] + other
+
+
+def _report(raw: dict[str, str]) -> dict[str, float]:
+    missing = [k for k in REPORTED if k not in raw]
+    if missing:
+        raise RuntimeError(
+            f"rank {raw.get('rank')} iteration {raw.get('t')}: the report lacks {missing}; "
+            "the worker predates the phase times this benchmark splits the step by"
+        )
+    rep = {k: float(raw[k]) for k in REPORTED}
+    rep["upload_codec_s"] = float(raw.get("upload_codec_s", 0.0))
+    return rep
+
+
 def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, float]]:
     """One row per iteration: the slowest rank's breakdown and cycle.
 
-    A re-executed rank's later report replaces its earlier one, as in the scheduler's fold.
+    Events (``{"event": ...}``, e.g. an injected fault's) are not reports and are skipped. A
+    re-executed rank's later report replaces its earlier one, as in the scheduler's fold.
     """
     by_rank: dict[int, dict[int, tuple[int, dict[str, str]]]] = {}
     for ms, report in entries:
+        if "event" in report:
+            continue
         by_rank.setdefault(int(report["rank"]), {})[int(report["t"])] = (ms, report)
+    if not by_rank:
+        raise RuntimeError("no iteration report in the progress stream")
     ranks = sorted(by_rank)
     iterations = sorted(set.intersection(*(set(by_rank[r]) for r in ranks)))
     rows = []
     for t in iterations:
-        slowest = max(ranks, key=lambda r: float(by_rank[r][t][1]["iter_s"]))
-        ms, rep = by_rank[slowest][t]
-        row = {k: float(rep[k]) for k in ("iter_s", "data_s", "compute_s", "sync_s", *PHASES)}
-        row["t"] = t
-        row["samples"] = float(rep["batch"])
-        row["other_s"] = row["iter_s"] - row["data_s"] - row["compute_s"] - row["sync_s"]
-        row["overhead_s"] = row["iter_s"] - row["compute_s"] - row["sync_s"]
-        row["overhead_fraction"] = row["overhead_s"] / row["iter_s"]
-        computes = [float(by_rank[r][t][1]["compute_s"]) for r in ranks]
+        reports = {r: _report(by_rank[r][t][1]) for r in ranks}
+        slowest = max(ranks, key=lambda r: reports[r]["iter_s"])
+        ms, raw = by_rank[slowest][t]
+        rep = reports[slowest]
+        row: dict[str, float] = {**rep, "t": t, "samples": float(raw["batch"])}
+        row["smlt_data_s"] = rep["data_s"]
+        row["smlt_codec_s"] = rep["codec_s"]
+        row["smlt_other_s"] = rep["iter_s"] - rep["data_s"] - rep["compute_s"] - rep["sync_s"]
+        row["comm_wait_s"] = rep["sync_s"] - rep["update_s"] - rep["codec_s"]
+        row["inline_overhead_s"] = _smlt_inline_s(rep)
+        row["overhead_s"] = row["inline_overhead_s"] + rep["upload_codec_s"]
+        row["overhead_fraction"] = row["overhead_s"] / rep["iter_s"]
+        row["inline_overhead_fraction"] = row["inline_overhead_s"] / rep["iter_s"]
+        row["overhead_fraction_max_rank"] = max(
+            (_smlt_inline_s(q) + q["upload_codec_s"]) / q["iter_s"] for q in reports.values()
+        )
+        computes = [q["compute_s"] for q in reports.values()]
         row["compute_min_s"] = min(computes)
         row["compute_max_s"] = max(computes)
         row["bytes_through_store"] = float(
@@ -202,11 +290,11 @@ def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, f
         previous = by_rank[slowest].get(t - 1)
         # Rank 0 evaluates the model at an epoch's end before it reports: an epoch's cost, not
         # an iteration's, so that cycle is left out.
-        if previous is not None and "metrics" not in rep:
+        if previous is not None and "metrics" not in raw:
             row["cycle_s"] = (ms - previous[0]) / 1000
-            row["between_s"] = max(0.0, row["cycle_s"] - row["iter_s"])
-            row["overhead_fraction_of_cycle"] = (row["overhead_s"] + row["between_s"]) / max(
-                row["cycle_s"], row["iter_s"]
+            row["smlt_between_s"] = max(0.0, row["cycle_s"] - rep["iter_s"])
+            row["overhead_fraction_of_cycle"] = (row["overhead_s"] + row["smlt_between_s"]) / max(
+                row["cycle_s"], rep["iter_s"]
             )
         rows.append(row)
     return rows
@@ -226,16 +314,16 @@ def summarize(rows: list[dict[str, float]], warmup: int) -> dict[str, Any]:
     return {
         "iterations_measured": len(measured),
         "iter_s": iter_s,
-        "compute_s": med("compute_s"),
-        "data_s": med("data_s"),
-        "sync_s": med("sync_s"),
-        "phases": {p: med(p) for p in PHASES},
-        "other_s": med("other_s"),
+        "breakdown": {key: med(key) for key, _label, _formula in CATEGORIES},
+        "overlapped": {key: med(key) for key, _label, _formula in OVERLAPPED},
         "overhead_s": med("overhead_s"),
         "overhead_fraction": med("overhead_fraction"),
-        "cycle_s": med("cycle_s"),
-        "between_s": med("between_s"),
+        "inline_overhead_s": med("inline_overhead_s"),
+        "inline_overhead_fraction": med("inline_overhead_fraction"),
         "overhead_fraction_of_cycle": med("overhead_fraction_of_cycle"),
+        "overhead_fraction_max_rank": med("overhead_fraction_max_rank"),
+        "cycle_s": med("cycle_s"),
+        "reported": {key: med(key) for key in (*REPORTED, "upload_codec_s") if key != "iter_s"},
         "compute_spread_s": med("compute_max_s") - med("compute_min_s"),
         "bytes_through_store": med("bytes_through_store"),
         "samples_per_s": measured[0]["samples"] / iter_s,
@@ -291,46 +379,82 @@ def measure_run(
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """One panel per example (their scales differ by 100x): a stacked bar per n."""
+    """One panel per example (their scales differ by 100x): per n, a stacked bar of the JSON's
+    ``breakdown`` and, beside it, the overlapped upload-thread work; a tick at the median
+    iteration (the parts are medians too, so they need not reach it exactly)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["example"] for r in data["results"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(max(6.0, 4.4 * len(names)), 5.6), squeeze=False
+    )
     colors = {
         "compute_s": "#4c72b0",
-        "sync_s": "#dd8452",
-        "data_s": "#c44e52",
-        "other_s": "#8c1c13",
-        "between_s": "#e8a0a0",
+        "update_s": "#55a868",
+        "smlt_data_s": "#c44e52",
+        "smlt_codec_s": "#8c1c13",
+        "smlt_other_s": "#e17c05",
+        "comm_wait_s": "#dd8452",
+        "smlt_between_s": "#e8a0a0",
+        "upload_codec_s": "#8c1c13",
     }
-    labels = {
-        "compute_s": "compute",
-        "sync_s": "sync (scatter-reduce)",
-        "data_s": "overhead: data",
-        "other_s": "overhead: other in iteration",
-        "between_s": "overhead: between iterations",
-    }
+    width = 0.6
     for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in data["results"] if r["example"] == name]
         rows.sort(key=lambda r: r["workers"])
-        xs = range(len(rows))
+        xs = [float(x) for x in range(len(rows))]
         bottom = [0.0] * len(rows)
-        for part in PARTS:
-            values = [max(0.0, r[part]) if not math.isnan(r[part]) else 0.0 for r in rows]
-            ax.bar(xs, values, bottom=bottom, color=colors[part], label=labels[part])
+        for key, label, _formula in CATEGORIES:
+            values = [_bar(r["breakdown"][key]) for r in rows]
+            ax.bar(xs, values, width, bottom=bottom, color=colors[key], label=label)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        for key, label, _formula in OVERLAPPED:
+            values = [_bar(r["overlapped"][key]) for r in rows]
+            ax.bar(
+                [x + width / 2 + 0.08 for x in xs],
+                values,
+                0.14,
+                color="white",
+                edgecolor=colors[key],
+                hatch="////",
+                label=label,
+            )
+        ax.hlines(
+            [r["iter_s"] for r in rows],
+            [x - width / 2 for x in xs],
+            [x + width / 2 for x in xs],
+            colors="black",
+            linewidth=1,
+            label="median iteration (iter_s)",
+        )
         for x, r, top in zip(xs, rows, bottom, strict=True):
-            ax.text(x, top, f"{100 * r['overhead_fraction']:.1f}%", ha="center", va="bottom")
-        ax.set_xticks(list(xs), [f"n={r['workers']}\n{r['memory_mb']} MB" for r in rows])
+            ax.text(
+                x,
+                max(top, r["iter_s"]),
+                f"{100 * r['overhead_fraction']:.1f}%",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_xticks(xs, [f"n={r['workers']}\n{r['memory_mb']} MB" for r in rows])
         ax.set(title=f"{name} (B={rows[0]['batch_size']})", ylabel="seconds per iteration")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("median iteration, slowest rank; label: overhead % of iter_s", fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(
+        "median iteration, slowest rank (smlt: between iterations lies outside iter_s)\n"
+        "label: framework overhead = all of smlt's own work, both threads, % of iter_s",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
+
+
+def _bar(value: float) -> float:
+    return 0.0 if math.isnan(value) else max(0.0, value)
 
 
 def machine() -> dict[str, Any]:
@@ -381,11 +505,16 @@ def main(argv: list[str] | None = None) -> int:
                         name, EXAMPLES[name], n, args.iterations, args.warmup, Path(tmp)
                     )
                     results.append(row)
+                    parts = "  ".join(
+                        f"{key.removesuffix('_s')} {row['breakdown'][key]:.4f}"
+                        for key, _label, _formula in CATEGORIES
+                    )
                     log(
-                        f"{name:<12} n={n} iter {row['iter_s']:.3f} s  compute "
-                        f"{row['compute_s']:.3f}  sync {row['sync_s']:.3f}  data "
-                        f"{row['data_s']:.4f}  overhead {100 * row['overhead_fraction']:.1f}% "
-                        f"(of cycle {100 * row['overhead_fraction_of_cycle']:.1f}%)  "
+                        f"{name:<12} n={n} iter {row['iter_s']:.4f} s  {parts}  upload_codec "
+                        f"{row['overlapped']['upload_codec_s']:.4f}  overhead "
+                        f"{100 * row['overhead_fraction']:.2f}% (in line "
+                        f"{100 * row['inline_overhead_fraction']:.2f}%, of cycle "
+                        f"{100 * row['overhead_fraction_of_cycle']:.2f}%)  "
                         f"[{time.monotonic() - began:.0f} s]"
                     )
     finally:
@@ -400,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
         "warmup": args.warmup,
         "overhead_formula": OVERHEAD_FORMULA,
+        "categories": [
+            {"key": key, "label": label, "formula": formula} for key, label, formula in CATEGORIES
+        ],
+        "overlapped_categories": [
+            {"key": key, "label": label, "formula": formula} for key, label, formula in OVERLAPPED
+        ],
         "results": results,
     }
     write_outputs(data, args.json, args.plot, plot)

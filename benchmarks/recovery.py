@@ -1,17 +1,41 @@
-"""Recovery time per fault kind, measured on real runs (digits, 4 workers, local Ray + Redis).
+"""Detection and recovery time per fault, measured on real runs (digits, 4 workers, local Ray).
 
-    python -m benchmarks.recovery --json benchmarks/results/recovery.json
+    python -m benchmarks.recovery --json benchmarks/results/recovery.json \\
+        --cases kill@start,kill@after-publish,kill@during-gather,raise@start,hang@start \\
+        --repeats 3
 
-For each fault kind (``kill``, ``raise``, ``hang``, injected at rank 1, iteration 5 through
-``SMLT_FAULTS``) it runs ``smlt train`` and reads, from the run's ``result.json``:
+Each case is a fault ``ACTION@PHASE`` injected at rank ``--rank``, iteration ``--iteration``
+through ``SMLT_FAULTS`` (``smlt/protocol/faults.py``); where in the step a worker dies changes
+what recovery costs (``after-publish``: its new parameter shard is already in the store, so the
+replacement adopts it instead of stepping again; ``during-gather``: every peer has moved on). For
+every repeat the benchmark runs ``smlt train`` once without a fault and once per case, in that
+order, and reads each run's ``result.json`` and the job's progress stream (a Redis server the
+benchmark starts and hands to ``smlt train`` as ``SMLT_REDIS_URL``, polled while the run goes).
 
-- ``recovery_s``: from the moment the scheduler saw the failure to the replacement worker's
-  first report (re-invocation, cold start, reloading state from the store, recomputing the
-  interrupted iteration);
-- ``detection_s`` (hang only): the heartbeat timeout that had to expire first;
-- ``extra_wall_s``: the run's wall time minus the fault-free run's, measured in the same
-  session;
-- whether ``model.pt`` is bit-identical to the fault-free run's.
+Measured, per faulted run (all on this machine's clocks; none is a configured value):
+
+- ``detection_s``: from the fault acting to the scheduler noticing the failure. The worker writes
+  a ``fault`` event with its wall clock just before the fault acts; the scheduler subtracts it
+  from its wall clock when it noticed, and puts the result in the failure record
+  (``detection_source: "scheduler"``). If a scheduler does not report it, the benchmark derives
+  it from the stream instead, ``fault_to_replacement_report_s - recovery_s``
+  (``detection_source: "progress stream"``; this also counts the scheduler's lag in reading the
+  replacement's first report, a few ms with its blocking XREAD);
+- ``recovery_s``: from the scheduler noticing the failure to the replacement's first report
+  (back-off before re-invoking, the invocation and cold start, reloading state from the store,
+  redoing the interrupted iteration), from the failure record;
+- ``fault_to_replacement_report_s``: from the fault event's time to the Redis clock of the
+  replacement's first report in the stream, a check that needs no scheduler field: it should
+  be close to ``detection_s + recovery_s``;
+- ``extra_wall_s``: the run's wall time minus the fault-free run's of the same repeat;
+- ``bit_identical``: whether ``model.pt`` equals the fault-free run's, tensor by tensor, bit by
+  bit (every fault-free repeat is checked against the first too).
+
+The heartbeat timeout (``--heartbeat-timeout``) is configuration, recorded under ``config``: it
+bounds how long a ``hang`` goes unnoticed, and the measured detection shows how the scheduler's
+heartbeat check (once per heartbeat interval) lands around it. Medians over repeats go into
+``summary``; every run's values are in ``runs``. The machine is shared and small, so compare
+figures within one invocation, not across invocations.
 """
 
 from __future__ import annotations
@@ -19,69 +43,239 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks._output import write_outputs
+from benchmarks._output import command_line, write_outputs
+from benchmarks.e2e import ReportReader
+
+__all__ = ["Case", "detection_from_stream", "main", "parse_cases", "summarize"]
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
 ARGS = ["--epochs", "3", "--batch-size", "128", "--workers", "4", "--seed", "3"]
+DEFAULT_CASES = "kill@start,kill@after-publish,kill@during-gather,raise@start,hang@start"
+RUN_TIMEOUT_S = 900.0
+POLL_S = 0.2
+
+Case = tuple[str, str]  # (action, phase)
 
 
-def _run(work: Path, out: str, faults: str, extra: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "SMLT_FAULTS": faults, "SMLT_OBJECT_STORE": str(work / "objects")}
-    subprocess.run(
-        [sys.executable, "-m", "smlt", "train", DIGITS, *ARGS, "--output", out, *extra],
-        cwd=work,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+def parse_cases(text: str) -> list[Case]:
+    """``kill@start,hang@start`` -> ``[("kill", "start"), ("hang", "start")]``, checked
+    against the fault schedule's own vocabulary."""
+    from smlt.protocol.faults import PHASES, WORKER_ACTIONS
+
+    cases = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        action, _, phase = entry.partition("@")
+        phase = phase or "start"
+        if action not in WORKER_ACTIONS or phase not in PHASES:
+            raise ValueError(
+                f"case {entry!r}: expected ACTION@PHASE with ACTION one of {WORKER_ACTIONS} "
+                f"and PHASE one of {PHASES}"
+            )
+        cases.append((action, phase))
+    return cases
+
+
+def _run(
+    work: Path, out: str, faults: str, extra: list[str], redis_url: str
+) -> tuple[dict[str, Any], list[tuple[int, dict[str, str]]]]:
+    """One ``smlt train``: its ``result.json`` and the progress stream as read during the run."""
+    env = {
+        **os.environ,
+        "SMLT_FAULTS": faults,
+        "SMLT_OBJECT_STORE": str(work / "objects"),
+        "SMLT_REDIS_URL": redis_url,
+    }
+    command = [sys.executable, "-m", "smlt", "train", DIGITS, *ARGS, "--output", out, *extra]
+    reader = ReportReader(redis_url, work / out)
+    began = time.monotonic()
+    with (
+        tempfile.TemporaryFile() as stdout,
+        subprocess.Popen(command, cwd=work, env=env, stdout=stdout, stderr=subprocess.STDOUT) as p,
+    ):
+        try:
+            while p.poll() is None:
+                if time.monotonic() - began > RUN_TIMEOUT_S:
+                    raise TimeoutError(f"{out}: smlt train ran over {RUN_TIMEOUT_S:g} s")
+                reader({})
+                time.sleep(POLL_S)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        reader({})  # whatever came after the last poll, unless the driver deleted it already
+        if p.returncode != 0:
+            stdout.seek(0)
+            tail = stdout.read().decode(errors="replace")[-4000:]
+            raise RuntimeError(f"{out}: smlt train exited with {p.returncode}:\n{tail}")
     result: dict[str, Any] = json.loads((work / out / "result.json").read_text())
-    return result
+    return result, reader.entries
 
 
 def _identical(a: Path, b: Path) -> bool:
+    """Both runs' ``model.pt`` hold the same tensors, bit for bit (``torch.equal`` would take
+    -0.0 for 0.0 and never NaN for NaN)."""
     sa, sb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
-    return all(torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(_bits(sa[k]) == _bits(sb[k]) for k in sa)
+
+
+def _bits(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+    return str(tensor.dtype), tuple(tensor.shape), tensor.contiguous().numpy().tobytes()
+
+
+def detection_from_stream(
+    entries: list[tuple[int, dict[str, str]]], failure: dict[str, Any]
+) -> dict[str, float | None]:
+    """What the progress stream alone says about ``failure``: the fault event's wall clock and
+    the Redis clock of the replacement's (next attempt's) first report of the same rank and
+    generation."""
+    rank, gen, attempt = failure["rank"], failure["generation"], failure["attempt"]
+    fault_at = next(
+        (
+            float(r["at_unix_s"])
+            for _ms, r in entries
+            if r.get("event") == "fault"
+            and int(r["rank"]) == rank
+            and int(r.get("gen", gen)) == gen
+            and int(r.get("attempt", attempt)) == attempt
+        ),
+        None,
+    )
+    replaced_at = next(
+        (
+            ms / 1000
+            for ms, r in entries
+            if "event" not in r
+            and int(r["rank"]) == rank
+            and int(r["gen"]) == gen
+            and int(r.get("attempt", 0)) == attempt + 1
+        ),
+        None,
+    )
+    total = None if fault_at is None or replaced_at is None else replaced_at - fault_at
+    return {"fault_at_unix_s": fault_at, "fault_to_replacement_report_s": total}
+
+
+def _faulted(
+    case: Case,
+    repeat: int,
+    result: dict[str, Any],
+    entries: list[tuple[int, dict[str, str]]],
+    base: dict[str, Any],
+    identical: bool,
+    rank: int,
+) -> dict[str, Any]:
+    action, phase = case
+    failures = [f for f in result["failures"] if f.get("rank") == rank]
+    if not failures:
+        raise RuntimeError(f"{action}@{phase}: the run reported no failure of rank {rank}")
+    failure = failures[0]
+    stream = detection_from_stream(entries, failure)
+    detection, source = failure.get("detection_s"), "scheduler"
+    if detection is None:
+        total, recovery = stream["fault_to_replacement_report_s"], failure.get("recovery_s")
+        detection = None if total is None or recovery is None else total - recovery
+        source = "progress stream"
+    return {
+        "fault": action,
+        "phase": phase,
+        "repeat": repeat,
+        "cause": failure["cause"],
+        "failure_fault": failure.get("fault"),
+        "failures_of_rank": len(failures),
+        "fault_at_s": failure.get("fault_at_s"),
+        "detected_s": failure.get("detected_s"),
+        "detection_s": detection,
+        "detection_source": source if detection is not None else None,
+        "recovery_s": failure.get("recovery_s"),
+        "fault_to_replacement_report_s": stream["fault_to_replacement_report_s"],
+        "wall_s": result["wall_s"],
+        "extra_wall_s": result["wall_s"] - base["wall_s"],
+        "bit_identical": identical,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case, in the order first seen: the median (and range) of each measured figure over
+    repeats, and whether every repeat ended bit-identical."""
+    cases = list(dict.fromkeys((r["fault"], r["phase"]) for r in runs))
+    rows = []
+    for action, phase in cases:
+        mine = [r for r in runs if (r["fault"], r["phase"]) == (action, phase)]
+        row: dict[str, Any] = {"fault": action, "phase": phase, "repeats": len(mine)}
+        for key in ("detection_s", "recovery_s", "fault_to_replacement_report_s", "extra_wall_s"):
+            values = [r[key] for r in mine if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_range"] = [min(values), max(values)] if values else None
+        row["detection_sources"] = sorted({r["detection_source"] for r in mine} - {None})
+        row["bit_identical"] = all(r["bit_identical"] for r in mine)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated ACTION@PHASE")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every case (and base)")
+    parser.add_argument("--rank", type=int, default=1, help="the rank that fails")
+    parser.add_argument("--iteration", type=int, default=5, help="the iteration it fails at")
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        cases = parse_cases(args.cases)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    from smlt.storage.redis_server import RedisServer
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     hb = ["--heartbeat-timeout", str(args.heartbeat_timeout)]
-    with tempfile.TemporaryDirectory() as tmp:
+    runs: list[dict[str, Any]] = []
+    bases: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="smlt-recovery-") as tmp, RedisServer() as server:
         work = Path(tmp)
-        base = _run(work, "base", "", hb)
-        rows = []
-        for action in ("kill", "raise", "hang"):
-            result = _run(work, action, f"{action}:rank=1:iteration=5", hb)
-            [failure] = result["failures"]
-            rows.append(
-                {
-                    "fault": action,
-                    "cause": failure["cause"],
-                    "recovery_s": failure["recovery_s"],
-                    "detection_s": args.heartbeat_timeout if action == "hang" else None,
-                    "extra_wall_s": result["wall_s"] - base["wall_s"],
-                    "bit_identical": _identical(work / action, work / "base"),
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for repeat in range(args.repeats):
+            out = f"base-{repeat}"
+            base, _ = _run(work, out, "", hb, server.url)
+            same = _identical(work / out, work / "base-0")
+            bases.append({"repeat": repeat, "wall_s": base["wall_s"], "bit_identical": same})
+            log(f"base #{repeat}: wall {base['wall_s']:.2f} s, same as base #0: {same}")
+            for action, phase in cases:
+                out = f"{action}-{phase}-{repeat}"
+                spec = f"{action}:rank={args.rank}:iteration={args.iteration}:phase={phase}"
+                result, entries = _run(work, out, spec, hb, server.url)
+                identical = _identical(work / out, work / f"base-{repeat}")
+                row = _faulted((action, phase), repeat, result, entries, base, identical, args.rank)
+                runs.append(row)
+                log(json.dumps({k: v for k, v in row.items() if k != "cause"}))
     data = {
-        "command": "python -m benchmarks.recovery "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "baseline_wall_s": base["wall_s"],
-        "results": rows,
+        "command": command_line("benchmarks.recovery", argv),
+        "task": DIGITS.rsplit("/", 1)[-1],
+        "train_args": ARGS,
+        "config": {
+            "heartbeat_timeout_s": args.heartbeat_timeout,
+            "fault_rank": args.rank,
+            "fault_iteration": args.iteration,
+            "note": "configured values, not measurements",
+        },
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "baselines": bases,
+        "summary": summarize(runs),
+        "runs": runs,
     }
     write_outputs(data, args.json)
     return 0
