@@ -9,25 +9,36 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import torch
+
+from smlt.storage.redis_server import RedisServer, connect
+from smlt.sync.keys import JobKeys
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "examples" / "digits.py"
 
 
 def _smlt(
-    args: list[str], tmp_path: Path, timeout_s: float
+    args: list[str], tmp_path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], str]:
     marker = uuid.uuid4().hex
-    env = {**os.environ, "SMLT_TEST_MARKER": marker, "SMLT_OBJECT_STORE": str(tmp_path / "objects")}
+    env = {
+        **os.environ,
+        "SMLT_TEST_MARKER": marker,
+        "SMLT_OBJECT_STORE": str(tmp_path / "objects"),
+        **(extra_env or {}),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "smlt", *args],
         capture_output=True,
@@ -208,4 +219,120 @@ def test_worker_exception_stops_the_run_naming_rank_and_cause(tmp_path: Path) ->
     assert "failed the same way twice" in proc.stderr
     assert "worker" in proc.stderr and "boom in the user's loss" in proc.stderr
     assert "RuntimeError" in proc.stderr
+    _assert_nothing_left(marker)
+
+
+SLOW_TASK = GOOD_TASK + textwrap.dedent(
+    """
+    import time
+
+    class Slow(T):
+        def data(self):  # the same data in every process that packages it
+            g = torch.Generator().manual_seed(0)
+            return torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
+
+        # A floor on iteration time: the run is still going when the test kills its driver.
+        def loss(self, model, batch):
+            time.sleep(0.05)
+            return super().loss(model, batch)
+    """
+)
+# 64 samples / 16 = 4 iterations per epoch.
+SLOW_RUN = {"workers": 2, "epochs": 10, "batch_size": 16, "seed": 3}
+SLOW_ARGS = [a for k, v in SLOW_RUN.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _session_keys(client: redis.Redis, job: str, session: str) -> list[bytes]:
+    return list(client.scan_iter(JobKeys(job, session).pattern(), count=1000))
+
+
+@pytest.mark.slow
+def test_resume_on_a_users_redis_starts_a_session_and_drops_the_dead_ones_keys(
+    tmp_path: Path, in_process_runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import smlt
+    from smlt.client.driver import resume
+
+    (tmp_path / "task.py").write_text(SLOW_TASK)
+    monkeypatch.chdir(tmp_path)  # run.json names the task file and output folder relatively
+    baseline = smlt.train("task.py:Slow", **SLOW_RUN, output="baseline")
+    with RedisServer() as server:
+        client = connect(server.url)
+        # A run on the user's Redis whose driver is SIGKILLed after its first checkpoint.
+        marker = uuid.uuid4().hex
+        env = {**os.environ, "SMLT_TEST_MARKER": marker, "SMLT_REDIS_URL": server.url}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smlt", "train", "task.py:Slow", *SLOW_ARGS, "--output", "run"],
+            env={**env, "SMLT_OBJECT_STORE": str(tmp_path / "objects")},
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            plan = _wait_for_first_checkpoint(tmp_path / "run", tmp_path / "objects")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        _assert_nothing_left(marker)  # no worker of the dead run writes any more
+        [dead] = plan["sessions"]
+        assert _session_keys(client, plan["job_id"], dead), "the killed run left no keys"
+
+        leftovers: list[int] = []
+
+        def progress(_status: dict[str, object]) -> None:
+            leftovers.append(len(_session_keys(client, plan["job_id"], dead)))
+
+        result = resume("run", redis_url=server.url, progress=progress)
+        sessions = json.loads((tmp_path / "run" / "run.json").read_text())["sessions"]
+        assert sessions[0] == dead and len(sessions) == 2 and sessions[1] != dead
+        assert leftovers and set(leftovers) == {0}, "the dead session's keys were still there"
+        assert not list(client.scan_iter(f"smlt:{plan['job_id']}:*"))  # the end removes the rest
+    assert [h["iteration"] for h in result.history] == list(range(baseline.iterations))
+    expected, actual = torch.load(baseline.model_path), torch.load(result.model_path)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), f"{name} differs"
+
+
+def _wait_for_first_checkpoint(run_dir: Path, objects: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run_dir / "run.json").exists():
+            plan: dict[str, Any] = json.loads((run_dir / "run.json").read_text())
+            job = plan["job_id"]
+            if plan["sessions"] and list(objects.glob(f"jobs/{job}/checkpoints/*/COMMITTED.json")):
+                assert not (run_dir / "result.json").exists(), "the run ended before the kill"
+                return plan
+        time.sleep(0.05)
+    pytest.fail("no checkpoint was committed within 180 s")
+
+
+@pytest.mark.slow
+def test_a_redis_password_from_the_environment_is_never_printed_or_written(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "task.py").write_text(GOOD_TASK)
+    with RedisServer() as server:
+        secret = server.password
+        env = {"SMLT_REDIS_URL": server.url}
+        args = ["--workers", "2", "--epochs", "2", "--batch-size", "16", "--output", "out"]
+        proc, marker = _smlt(["train", "task.py:T", *args], tmp_path, 240, env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (
+            "redis://:***@127.0.0.1"
+            in json.loads((tmp_path / "out/result.json").read_text())["redis"]
+        )
+        # The same password on a port nobody listens on: the error names the URL, redacted.
+        closed = server.url.replace(f":{server.port}/", ":1/")
+        failed, _ = _smlt(["resume", "out"], tmp_path, 120, {"SMLT_REDIS_URL": closed})
+        assert failed.returncode == 2
+        assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in failed.stderr
+        helped, _ = _smlt(["train", "--help"], tmp_path, 60, env)
+        assert helped.returncode == 0
+    for shown in (proc, failed, helped):
+        assert secret not in shown.stdout + shown.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"run.json", "result.json", "model.pt", "loss.png"} <= {p.name for p in files}
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
     _assert_nothing_left(marker)
