@@ -17,7 +17,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -285,18 +287,28 @@ SLOW_TASK = TASK + textwrap.dedent(
 )
 
 
-def _train_here(root: Path, name: str, cls: str, **options: object) -> tuple[Path, list[bool]]:
-    """``smlt.train`` in this process; also returns, for each status poll, whether the workers'
-    cache folder of the job existed then."""
+@dataclass(frozen=True)
+class Poll:
+    """What the test saw at one of the driver's status polls during a run."""
+
+    iteration: int
+    cache_exists: bool  # the workers' cache folder of the job
+    committed: int  # committed checkpoints in the object store
+
+
+def _train_here(root: Path, name: str, cls: str, **options: object) -> tuple[Path, list[Poll]]:
+    """``smlt.train`` in this process, watched at every status poll."""
     import smlt
 
     (root / f"{name}.py").write_text(SLOW_TASK)
     out = root / name
-    seen: list[bool] = []
+    polls: list[Poll] = []
 
-    def progress(_status: dict[str, object]) -> None:
-        job = json.loads((out / "run.json").read_text())["job_id"]
-        seen.append(default_cache_dir(job).is_dir())
+    def progress(status: dict[str, Any]) -> None:
+        plan = json.loads((out / "run.json").read_text())
+        job = plan["job_id"]
+        committed = CheckpointStore(open_object_store(plan["object_store"]), job).list_committed()
+        polls.append(Poll(status["iteration"], default_cache_dir(job).is_dir(), len(committed)))
 
     smlt.train(
         f"{root / name}.py:{cls}",
@@ -306,15 +318,22 @@ def _train_here(root: Path, name: str, cls: str, **options: object) -> tuple[Pat
         progress=progress,
         **options,  # type: ignore[arg-type]
     )
-    return out, seen
+    return out, polls
 
 
 @pytest.mark.slow
 def test_a_successful_run_leaves_only_its_result(in_process_runs: Path) -> None:
-    out, seen = _train_here(in_process_runs, "done", "Slow", epochs=4, checkpoint_every=3)
+    # A checkpoint every iteration, at most 3 kept while the run goes on.
+    out, polls = _train_here(
+        in_process_runs, "done", "Slow", epochs=6, checkpoint_every=1, keep_checkpoints=3
+    )
     plan = json.loads((out / "run.json").read_text())
     job = plan["job_id"]
-    assert any(seen), "the workers never had a cache folder of the job: nothing was tested"
+    assert any(p.cache_exists for p in polls), "the workers never cached the job: nothing tested"
+    later = [p.committed for p in polls if p.iteration >= 8]
+    assert later, f"the run ended before the test could watch it: {polls}"
+    # 4 for a moment: the scheduler commits the newest checkpoint before it prunes the oldest.
+    assert set(later) <= {3, 4}, polls
     assert not default_cache_dir(job).exists()
     store = open_object_store(plan["object_store"])
     assert store.list(artifact_prefix(job)) == []

@@ -185,6 +185,15 @@ def test_unreachable_redis_fails_fast_and_clean(tmp_path: Path) -> None:
     _assert_nothing_left(marker)
 
 
+def test_keep_checkpoints_below_one_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    (tmp_path / "task.py").write_text(GOOD_TASK)
+    proc, marker = _smlt(["train", "task.py:T", "--keep-checkpoints", "0"], tmp_path, 60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --keep-checkpoints must be >= 1, got 0")
+    assert not (tmp_path / "objects").exists()
+    _assert_nothing_left(marker)
+
+
 def test_worker_exception_stops_the_run_naming_rank_and_cause(tmp_path: Path) -> None:
     failing = GOOD_TASK + textwrap.dedent(
         """

@@ -410,6 +410,7 @@ def _job_spec(
         shard_timeout_s=plan.shard_timeout_s,
         function_timeout_s=plan.function_timeout_s,
         checkpoint_every=plan.checkpoint_every,
+        keep_checkpoints=plan.keep_checkpoints,
         heartbeat_timeout_s=plan.heartbeat_timeout_s,
         faults=faults,
         history=tuple(meta.get("history", ())),
