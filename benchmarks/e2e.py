@@ -72,10 +72,12 @@ Framework overhead counts all of smlt's own work, on both threads:
   case the slowest rank is not the one doing most of smlt's work.
 
 The first ``--warmup`` iterations of each run are left out (cold start: workers import torch,
-fetch data shards, Redis grows its memory), and every figure is the median over the remaining
-iterations of the per-iteration value (fractions too: the median of per-iteration fractions), so
-the parts' medians need not add up to the median iteration exactly. The machine is shared and
-small, so compare ratios within one run, not across runs.
+fetch data shards, Redis grows its memory). Every figure is the *mean* over the remaining
+iterations, and every fraction a ratio of means (of sums): the parts of a mean add up to the mean
+iteration, so the breakdown accounts for every second, where medians of parts would not. The
+median iteration (``iter_median_s``) and the median of the per-iteration overhead fractions
+(``overhead_fraction_median``) are given beside them, as a check against one slow iteration.
+The machine is shared and small, so compare ratios within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ OVERHEAD_FORMULA = (
     "overhead_fraction_of_cycle = (overhead_s + smlt_between_s) / cycle_s, smlt_between_s = "
     "cycle_s - iter_s, cycle_s = difference of that rank's progress stream ids (Redis ms clock) "
     "for t-1 and t; overhead_fraction_max_rank = max over ranks of that rank's overhead_s / "
-    "iter_s; every figure is the median over measured iterations"
+    "iter_s; every figure is the mean over measured iterations and every fraction a ratio of "
+    "means, so the parts add up to the mean iteration"
 )
 
 
@@ -245,7 +248,7 @@ def _report(raw: dict[str, str]) -> dict[str, float]:
     return rep
 
 
-def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, float]]:
+def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, Any]]:
     """One row per iteration: the slowest rank's breakdown and cycle.
 
     Events (``{"event": ...}``, e.g. an injected fault's) are not reports and are skipped. A
@@ -263,10 +266,11 @@ def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, f
     rows = []
     for t in iterations:
         reports = {r: _report(by_rank[r][t][1]) for r in ranks}
+        ranked = [reports[r] for r in ranks]
         slowest = max(ranks, key=lambda r: reports[r]["iter_s"])
         ms, raw = by_rank[slowest][t]
         rep = reports[slowest]
-        row: dict[str, float] = {**rep, "t": t, "samples": float(raw["batch"])}
+        row: dict[str, Any] = {**rep, "t": t, "samples": float(raw["batch"])}
         row["smlt_data_s"] = rep["data_s"]
         row["smlt_codec_s"] = rep["codec_s"]
         row["smlt_other_s"] = rep["iter_s"] - rep["data_s"] - rep["compute_s"] - rep["sync_s"]
@@ -275,9 +279,8 @@ def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, f
         row["overhead_s"] = row["inline_overhead_s"] + rep["upload_codec_s"]
         row["overhead_fraction"] = row["overhead_s"] / rep["iter_s"]
         row["inline_overhead_fraction"] = row["inline_overhead_s"] / rep["iter_s"]
-        row["overhead_fraction_max_rank"] = max(
-            (_smlt_inline_s(q) + q["upload_codec_s"]) / q["iter_s"] for q in reports.values()
-        )
+        row["overhead_s_by_rank"] = [_smlt_inline_s(q) + q["upload_codec_s"] for q in ranked]
+        row["iter_s_by_rank"] = [q["iter_s"] for q in ranked]
         computes = [q["compute_s"] for q in reports.values()]
         row["compute_min_s"] = min(computes)
         row["compute_max_s"] = max(computes)
@@ -300,32 +303,50 @@ def per_iteration(entries: list[tuple[int, dict[str, str]]]) -> list[dict[str, f
     return rows
 
 
-def summarize(rows: list[dict[str, float]], warmup: int) -> dict[str, Any]:
-    """Medians over the iterations after the first ``warmup``."""
+def summarize(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """Means over the iterations after the first ``warmup``: the parts of a mean add up to the
+    mean iteration (medians of parts do not), so the breakdown accounts for every second; the
+    median iteration and the median per-iteration overhead fraction are given beside them."""
     measured = [r for r in rows if r["t"] >= warmup]
     if not measured:
         raise ValueError(f"no iteration left after skipping {warmup}: raise --iterations")
 
-    def med(key: str) -> float:
-        values = [r[key] for r in measured if key in r]
-        return statistics.median(values) if values else math.nan
+    def mean(key: str, among: list[dict[str, Any]] = measured) -> float:
+        values = [r[key] for r in among if key in r]
+        return statistics.fmean(values) if values else math.nan
 
-    iter_s = med("iter_s")
+    iter_s = mean("iter_s")
+    cycled = [r for r in measured if "cycle_s" in r]
+    ranks = len(measured[0]["iter_s_by_rank"])
+    by_rank = [
+        sum(r["overhead_s_by_rank"][k] for r in measured)
+        / sum(r["iter_s_by_rank"][k] for r in measured)
+        for k in range(ranks)
+    ]
     return {
         "iterations_measured": len(measured),
         "iter_s": iter_s,
-        "breakdown": {key: med(key) for key, _label, _formula in CATEGORIES},
-        "overlapped": {key: med(key) for key, _label, _formula in OVERLAPPED},
-        "overhead_s": med("overhead_s"),
-        "overhead_fraction": med("overhead_fraction"),
-        "inline_overhead_s": med("inline_overhead_s"),
-        "inline_overhead_fraction": med("inline_overhead_fraction"),
-        "overhead_fraction_of_cycle": med("overhead_fraction_of_cycle"),
-        "overhead_fraction_max_rank": med("overhead_fraction_max_rank"),
-        "cycle_s": med("cycle_s"),
-        "reported": {key: med(key) for key in (*REPORTED, "upload_codec_s") if key != "iter_s"},
-        "compute_spread_s": med("compute_max_s") - med("compute_min_s"),
-        "bytes_through_store": med("bytes_through_store"),
+        "iter_median_s": statistics.median(r["iter_s"] for r in measured),
+        "breakdown": {key: mean(key) for key, _label, _formula in CATEGORIES},
+        "overlapped": {key: mean(key) for key, _label, _formula in OVERLAPPED},
+        "overhead_s": mean("overhead_s"),
+        "overhead_fraction": mean("overhead_s") / iter_s,
+        "inline_overhead_s": mean("inline_overhead_s"),
+        "inline_overhead_fraction": mean("inline_overhead_s") / iter_s,
+        "overhead_fraction_of_cycle": (
+            (mean("overhead_s", cycled) + mean("smlt_between_s", cycled))
+            / statistics.fmean(max(r["cycle_s"], r["iter_s"]) for r in cycled)
+            if cycled
+            else math.nan
+        ),
+        "overhead_fraction_max_rank": max(by_rank),
+        "overhead_fraction_median": statistics.median(r["overhead_fraction"] for r in measured),
+        "cycle_s": mean("cycle_s"),
+        "reported": {key: mean(key) for key in (*REPORTED, "upload_codec_s") if key != "iter_s"},
+        "compute_spread_s": statistics.fmean(
+            r["compute_max_s"] - r["compute_min_s"] for r in measured
+        ),
+        "bytes_through_store": mean("bytes_through_store"),
         "samples_per_s": measured[0]["samples"] / iter_s,
         "per_iteration": rows,
     }
@@ -380,8 +401,8 @@ def measure_run(
 
 def plot(data: dict[str, Any], path: Path) -> None:
     """One panel per example (their scales differ by 100x): per n, a stacked bar of the JSON's
-    ``breakdown`` and, beside it, the overlapped upload-thread work; a tick at the median
-    iteration (the parts are medians too, so they need not reach it exactly)."""
+    ``breakdown`` (means: the parts below the tick add up to the mean iteration, the one above
+    it is outside ``iter_s``) and, beside it, the overlapped upload-thread work."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,7 +449,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             [x + width / 2 for x in xs],
             colors="black",
             linewidth=1,
-            label="median iteration (iter_s)",
+            label="mean iteration (iter_s)",
         )
         for x, r, top in zip(xs, rows, bottom, strict=True):
             ax.text(
@@ -445,7 +466,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(
-        "median iteration, slowest rank (smlt: between iterations lies outside iter_s)\n"
+        "mean of the measured iterations, slowest rank; smlt between iterations is outside "
+        "iter_s\n"
         "label: framework overhead = all of smlt's own work, both threads, % of iter_s",
         fontsize=9,
     )

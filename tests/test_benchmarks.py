@@ -58,16 +58,29 @@ def test_breakdown_names_every_part_of_the_slowest_ranks_iteration() -> None:
     # Rank 1 spends a larger share of its iteration in smlt than the slowest rank does.
     rank1 = (0.1 + 0.1 + (0.8 - 0.1 - 0.5 - 0.15) + 0.02) / 0.8
     assert rank1 > row["overhead_fraction"]
-    assert row["overhead_fraction_max_rank"] == pytest.approx(rank1)
+    summary = e2e.summarize(rows, warmup=1)
+    assert summary["overhead_fraction_max_rank"] == pytest.approx(rank1)
 
 
-def test_summary_has_the_plots_categories() -> None:
-    entries = [(1000 * (t + 1), _report(0, t)) for t in range(4)]
+def test_summary_has_the_plots_categories_and_they_add_up() -> None:
+    # Iterations of very different shapes: medians of the parts would not add up to anything.
+    shapes = [
+        {"iter_s": 1.0, "compute_s": 0.9, "sync_s": 0.05},
+        {"iter_s": 2.0, "compute_s": 0.5, "sync_s": 1.4},
+        {"iter_s": 3.0, "compute_s": 0.5, "sync_s": 2.4, "codec_s": 0.5},
+        {"iter_s": 1.5, "compute_s": 1.4, "sync_s": 0.08},
+    ]
+    entries = [(4000 * (t + 1), _report(0, t, **shape)) for t, shape in enumerate(shapes)]
     summary = e2e.summarize(e2e.per_iteration(entries), warmup=1)
     assert list(summary["breakdown"]) == [key for key, _label, _formula in e2e.CATEGORIES]
     assert list(summary["overlapped"]) == [key for key, _label, _formula in e2e.OVERLAPPED]
     assert summary["iterations_measured"] == 3
-    assert not math.isnan(summary["breakdown"]["smlt_between_s"])
+    parts = summary["breakdown"]
+    in_iteration = sum(v for k, v in parts.items() if k != "smlt_between_s")
+    assert in_iteration == pytest.approx(summary["iter_s"]) == pytest.approx(6.5 / 3)
+    assert parts["smlt_between_s"] == pytest.approx((2.0 + 1.0 + 2.5) / 3)
+    assert summary["overhead_fraction"] == pytest.approx(summary["overhead_s"] / (6.5 / 3))
+    assert not math.isnan(summary["overhead_fraction_of_cycle"])
 
 
 def test_a_report_without_the_phase_split_is_refused() -> None:
