@@ -194,6 +194,35 @@ def test_keep_checkpoints_below_one_is_refused_before_anything_starts(tmp_path: 
     _assert_nothing_left(marker)
 
 
+@pytest.mark.parametrize("command", ["train", "resume"])
+def test_a_password_in_the_redis_url_query_is_refused_without_showing_it(
+    tmp_path: Path, command: str
+) -> None:
+    """redis-py also takes ``?password=``; smlt redacts passwords in the URL's userinfo only, so
+    a URL with one in its query is refused, before anything could print it."""
+    (tmp_path / "task.py").write_text(GOOD_TASK)
+    url = "redis://127.0.0.1:1/0?db=0&password=s3cret"
+    target = "task.py:T" if command == "train" else "run"
+    if command == "resume":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run/run.json").write_text("{}")  # never read: the URL is checked first
+    proc, marker = _smlt([command, target, "--redis-url", url], tmp_path, 60)
+    assert proc.returncode == 2
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert "redis://:PASSWORD@host:port" in proc.stderr
+    _assert_nothing_left(marker)
+
+
+def test_resume_of_a_folder_with_a_broken_run_json_is_a_typed_error(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/run.json").write_text('{"job_id": "x"}')
+    proc, marker = _smlt(["resume", "run"], tmp_path, 60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: run/run.json is not a run.json that smlt wrote")
+    assert "Traceback" not in proc.stderr
+    _assert_nothing_left(marker)
+
+
 def test_worker_exception_stops_the_run_naming_rank_and_cause(tmp_path: Path) -> None:
     failing = GOOD_TASK + textwrap.dedent(
         """

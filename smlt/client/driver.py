@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
@@ -160,10 +161,13 @@ class RunPlan:
         path = Path(run_dir) / "run.json"
         if not path.is_file():
             raise ConfigError(f"{run_dir} is not an smlt run folder: it has no run.json")
-        data = json.loads(path.read_text())
-        data["rescales"] = tuple(tuple(r) for r in data.get("rescales", ()))
-        data["sessions"] = tuple(data.get("sessions", ()))
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text())
+            data["rescales"] = tuple(tuple(r) for r in data.get("rescales", ()))
+            data["sessions"] = tuple(data.get("sessions", ()))
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path} is not a run.json that smlt wrote: {exc}") from None
 
 
 def train(
@@ -196,6 +200,7 @@ def train(
     what went wrong.
     """
     spec = _task_spec(task)
+    _redis_urls(redis_url)
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -253,6 +258,7 @@ def resume(
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Finish a run whose driver died, from its last committed checkpoint."""
+    _redis_urls(redis_url)
     plan = RunPlan.load(Path(run_dir))
     user_task = load_task(plan.task)
     if CheckpointStore(open_object_store(plan.object_store), plan.job_id).latest() is None:
@@ -460,10 +466,37 @@ def _parameter_store(redis_url: str | None, cleanup: ExitStack) -> tuple[Paramet
     """The user's Redis (checked now, so a bad URL fails before any worker starts), or an
     embedded one that lives as long as the run."""
     if redis_url is not None:
-        urls = [u.strip() for u in redis_url.split(",") if u.strip()]
+        urls = _redis_urls(redis_url)
         return ParameterStore.from_urls(urls), urls
     server = cleanup.enter_context(RedisServer())
     return ParameterStore.from_urls(server.url), [server.url]
+
+
+def _redis_urls(redis_url: str | None) -> list[str]:
+    """The URLs of ``--redis-url`` (comma-separated), checked before anything starts.
+
+    A password must be in a URL's userinfo, where smlt redacts it in everything it prints or
+    writes (:func:`~smlt.storage.redis_server.redact_url`). redis-py also takes one as
+    ``?password=``, which no redaction covers, so such a URL is refused, without echoing it.
+    """
+    if redis_url is None:
+        return []
+    urls = [u.strip() for u in redis_url.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError("--redis-url (or SMLT_REDIS_URL) is empty: give redis://host:port/db")
+    for url in urls:
+        try:
+            query = urlsplit(url).query
+        except ValueError:  # the message would quote the URL
+            raise ConfigError("a --redis-url (or SMLT_REDIS_URL) is not a valid URL") from None
+        fields = {name.lower() for name in parse_qs(query, keep_blank_values=True)}
+        if fields & {"password", "username"}:
+            raise ConfigError(
+                "a --redis-url (or SMLT_REDIS_URL) has credentials in its query string; give "
+                "them as redis://:PASSWORD@host:port/db (or redis://USER:PASSWORD@...), which "
+                "smlt never prints or writes"
+            )
+    return urls
 
 
 def _delete_session_keys(store: ParameterStore, job_id: str, sessions: tuple[str, ...]) -> None:
