@@ -18,9 +18,9 @@ publishing its shard of u + 1 is re-invoked at u, and its peers may already have
 (they had its contribution). So the stop hash also records the highest iteration any check has let
 through (``started``, updated by every check in the same script), and a proposal is
 ``max(u, started) + 1``: past everything already started, and still the earliest boundary nobody
-has reached. A proposal can lower an earlier one, since it too is above ``started``; a scheduler
-request is turned into a proposal by the first check that sees it. Every worker then stops at the
-same boundary, whoever asked and however far behind they were.
+has reached. Once a stop is agreed, ``started`` is the iteration before it, so a later proposal
+lands on the same boundary; a scheduler request is turned into a proposal by the first check that
+sees it. Every worker then stops at the same boundary, whoever asked and however far behind.
 
 **Heartbeats.** A thread renews ``hb:{rank}`` every ``interval_s`` with a TTL of
 ``timeout_s``; the scheduler declares a rank hung when its key has expired. A frozen process
