@@ -204,6 +204,8 @@ def packaged(tmp_path: Path) -> Iterator[tuple[LocalObjectStore, list[str]]]:
     for job in jobs:
         package_task(f"{tmp_path / 'task.py'}:T", store, job, check=False)
     yield store, jobs
+    for warm in handler._WARM.values():  # this process played a warm worker: let go
+        warm.lease.release()
     handler._WARM.clear()
 
 
