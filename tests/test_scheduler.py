@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 
+from smlt.actors.committer import Committer
 from smlt.actors.failures import FailurePolicy, RetryPolicy, cause_key
 from smlt.actors.progress import CheckpointReady, ProgressLog
 from smlt.actors.resource_manager import ResourceManager
@@ -219,6 +220,34 @@ def test_leftover_keys_of_a_generation() -> None:
     assert all(k.startswith("smlt:j:s:") for k in found)
     # A generation that ran no iteration leaves no step keys (version 9 is the previous one's).
     assert generation_leftovers(keys, 4, 20, 20, 1, {}) == [keys.stop(4), keys.heartbeat(4, 0, 0)]
+
+
+def test_the_committer_skips_what_a_newer_commit_superseded(tmp_path: Path) -> None:
+    ckpts = CheckpointStore(open_object_store(tmp_path), "job")
+    failures: list[dict[str, Any]] = []
+    committer = Committer(
+        ckpts, 10, keep=1, meta_before=lambda t: {"before": t}, on_failure=failures.append
+    )
+
+    def ready(version: int) -> CheckpointReady:
+        shards = {}
+        for kind in ("param", "optim"):
+            rec = ckpts.write_shard(version, 0, kind, shard_bytes("job", version, 0, kind))  # type: ignore[arg-type]
+            shards[kind] = [rec.size_bytes, rec.sha256]
+        return CheckpointReady(version, 0, 1, {0: shards})
+
+    late = ready(2)
+    assert committer.commit(ready(4))
+    assert not committer.commit(late)  # the boundary and periodic checkpoint of 4, or a late 2
+    assert not committer.commit(ready(4))
+    assert committer.commit(ready(6))
+    assert committer.committed() == [4, 6]
+    assert committer.statistics() == {"committed": 2, "skipped": 2}
+    assert ckpts.list_committed() == [6]  # keep=1
+    assert ckpts.load(6).meta == {"before": 6}
+    assert not committer.commit(CheckpointReady(8, 1, 1, {0: None}))
+    assert [f["checkpoint"] for f in failures] == [8]
+    assert "reported no param-0.bin" in failures[0]["cause"]
 
 
 def test_keep_checkpoints_must_keep_one() -> None:
@@ -506,7 +535,8 @@ def test_committing_never_holds_up_the_progress_follower(
     redis_server: RedisServer, ray_and_objects: Path, job_id: str
 ) -> None:
     run = scheduler(redis_server, ray_and_objects, job_id, checkpoint_every=2)
-    commit = run.checkpoints.commit
+    store = run.committer.checkpoints
+    commit = store.commit
     seen_while_committing: list[int] = []
 
     def slow_commit(iteration: int, *args: Any, **kwargs: Any) -> Any:
@@ -521,7 +551,7 @@ def test_committing_never_holds_up_the_progress_follower(
             seen_while_committing.append(len(run.log.history))
         return commit(iteration, *args, **kwargs)
 
-    run.checkpoints.commit = slow_commit  # type: ignore[method-assign]
+    store.commit = slow_commit  # type: ignore[method-assign]
     summary = run.run()
     assert seen_while_committing == [8]
     assert summary["failures"] == []

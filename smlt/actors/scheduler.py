@@ -20,9 +20,8 @@ inside a threaded Ray actor so that :meth:`TaskScheduler.status` answers while
   are billed;
 - **progress**: a follower folds the workers' reports into the history
   (:class:`~smlt.actors.progress.ProgressLog`); when every rank has written its shards of a
-  checkpoint it hands the checkpoint to a committer task of its own, so that following never
-  waits on the object store. The committer writes the marker from the shard records the
-  workers reported, and prunes to the newest ``keep_checkpoints``.
+  checkpoint it hands the checkpoint to the :class:`~smlt.actors.committer.Committer`, a task
+  of its own, so that following never waits on the object store.
 
 Decisions (how many workers, how much memory, when to re-scale) come from the resource
 manager; the scheduler only executes them.
@@ -41,6 +40,7 @@ from typing import Any, cast
 import redis
 import trio
 
+from smlt.actors.committer import Committer
 from smlt.actors.failures import FailurePolicy, RetryPolicy
 from smlt.actors.progress import CheckpointReady, ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
@@ -159,9 +159,15 @@ class TaskScheduler:
         self.config = manager.initial(spec.start_iteration)
         self.keys = JobKeys(spec.job_id, spec.session)
         self.store = ParameterStore.from_urls(list(spec.redis_urls))
-        self.checkpoints = CheckpointStore(open_object_store(spec.object_store_url), spec.job_id)
         self.log = ProgressLog(
             spec.iterations_per_epoch, history=list(spec.history), epochs=list(spec.epochs)
+        )
+        self.committer = Committer(
+            CheckpointStore(open_object_store(spec.object_store_url), spec.job_id),
+            spec.num_params,
+            keep=spec.keep_checkpoints,
+            meta_before=self.log.meta_before,
+            on_failure=self._record_failure,
         )
         self._lock = threading.Lock()
         self._state = "pending"
@@ -174,7 +180,6 @@ class TaskScheduler:
         self._generations: list[dict[str, Any]] = []
         self._configs: list[dict[str, Any]] = [self.config.to_dict()]
         self._failures: list[dict[str, Any]] = []
-        self._checkpoints: list[int] = []
         self._generation = 0
         self._beaten: set[tuple[int, int, int]] = set()  # (gen, rank, attempt) seen beating
         self._followed_id: bytes = b"0-0"  # the last progress entry folded into the log
@@ -220,7 +225,7 @@ class TaskScheduler:
                 "generations": list(self._generations),
                 "configs": list(self._configs),
                 "failures": [self._with_recovery(f) for f in self._failures],
-                "checkpoints": list(self._checkpoints),
+                "checkpoints": self.committer.committed(),
                 "cost_usd": self._cost(include_running=False),
                 "billed_worker_s": sum(s for _m, s in self._billed),
                 "invocations": len(self._billed),
@@ -267,7 +272,7 @@ class TaskScheduler:
         try:
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[CheckpointReady](math.inf)
-                nursery.start_soon(self._commit_checkpoints, receive)
+                nursery.start_soon(self.committer.run, receive)
                 async with send:  # closed once nothing more can come: the committer drains it
                     self._commits = send
                     async with trio.open_nursery() as following:
@@ -415,8 +420,7 @@ class TaskScheduler:
             record = self._failure_record(payload, outcome, resume)
             decision = policy.decide(resume, record["cause"], outcome.detected_s)
             record["budget_failures"] = decision.failures
-            with self._lock:
-                self._failures.append(record)
+            self._record_failure(record)
             if not decision.retry:
                 await self._cancel_all()
                 raise TrainingError(
@@ -484,8 +488,7 @@ class TaskScheduler:
         if report is not None:
             for copy_failed in failed:  # its twin succeeded: recorded, nothing to recover
                 record = self._failure_record(payload, copy_failed, None)
-                with self._lock:
-                    self._failures.append({**record, "duplicate": True})
+                self._record_failure({**record, "duplicate": True})
             return report
         last = failed[-1]
         return _Failed(failed[0].error, last.detected_s, last.detected_unix_s, failed[0].hung)
@@ -527,6 +530,10 @@ class TaskScheduler:
         await self._caught_up()
         with self.log.lock:
             return self.log.rank_next.get(rank, 0)
+
+    def _record_failure(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._failures.append(record)
 
     def _store_alive(self) -> bool:
         try:
@@ -592,59 +599,17 @@ class TaskScheduler:
             return
         if len(written) < workers:
             missing = sorted(set(range(workers)) - set(written))
-            with self._lock:
-                self._failures.append(
-                    {
-                        "checkpoint": stop,
-                        "generation": gen,
-                        "cause": f"ranks {missing} wrote no shards of the boundary checkpoint",
-                    }
-                )
+            self._record_failure(
+                {
+                    "checkpoint": stop,
+                    "generation": gen,
+                    "cause": f"ranks {missing} wrote no shards of the boundary checkpoint",
+                }
+            )
             return
         shards = {r: rep.checkpoint_shards for r, rep in written.items()}
         assert self._commits is not None
         self._commits.send_nowait(CheckpointReady(stop, gen, workers, dict(shards)))
-
-    async def _commit_checkpoints(self, ready: trio.MemoryReceiveChannel[CheckpointReady]) -> None:
-        """The committer: one checkpoint at a time, in the order they became ready."""
-        async with ready:
-            async for checkpoint in ready:
-                await trio.to_thread.run_sync(self._commit, checkpoint)
-
-    def _commit(self, ready: CheckpointReady) -> None:
-        with self._lock:
-            if ready.iteration <= max(self._checkpoints, default=-1):
-                return  # committed already (periodic and boundary at once), or superseded
-        meta = self.log.meta_before(ready.iteration)
-        try:
-            self.checkpoints.commit(
-                ready.iteration, ready.workers, self.spec.num_params, meta, ready.shards
-            )
-        except SmltError as exc:
-            # A missed checkpoint costs progress after a later loss of Redis, not the run:
-            # Redis still holds the state.
-            with self._lock:
-                self._failures.append(
-                    {
-                        "checkpoint": ready.iteration,
-                        "generation": ready.generation,
-                        "cause": str(exc),
-                    }
-                )
-            return
-        with self._lock:
-            self._checkpoints.append(ready.iteration)
-        try:
-            self.checkpoints.prune(self.spec.keep_checkpoints)
-        except SmltError as exc:
-            with self._lock:
-                self._failures.append(
-                    {
-                        "checkpoint": ready.iteration,
-                        "generation": ready.generation,
-                        "cause": f"pruning older checkpoints failed: {exc}",
-                    }
-                )
 
     # -- progress ------------------------------------------------------------------------------
 
