@@ -109,56 +109,87 @@ class ShardState:
     blob: bytes = b""
     blob_start: int = 0
     blob_total: int = 0
+    #: The arrays' bytes, one after the other in ``arrays`` order, when the arrays are views of
+    #: one buffer (as :meth:`ShardOptimizer.state` builds them): encoding then copies nothing.
+    packed: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def empty(self) -> bool:
         return not self.params and not self.blob_total
 
-    def to_bytes(self) -> bytes:
-        """msgpack: no pickle, so a worker never unpickles what another process wrote."""
-        return msgpack.packb(
-            {
-                "format": _STATE_FORMAT,
-                "lo": self.lo,
-                "hi": self.hi,
-                "arrays": {
-                    k: [str(v.dtype), np.ascontiguousarray(v).tobytes()]
-                    for k, v in self.arrays.items()
-                },
-                "params": [
-                    [p.index, p.start, p.stop, list(p.arrays), p.scalars]
-                    for p in self.params.values()
-                ],
-                "blob": [self.blob_start, self.blob_total, self.blob],
+    def encode(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """The state as a flat byte payload (the arrays one after the other, or the replicated
+        slice) and a small description of it: a frame's array and side value. Large states
+        travel without a pass through msgpack, and decode as views into the frame."""
+        layout: list[list[Any]] = []
+        if self.blob_total:
+            payload = np.frombuffer(self.blob, dtype=np.uint8)
+        elif self.packed is not None:
+            payload, offset = self.packed, 0
+            for name, values in self.arrays.items():
+                layout.append([name, str(values.dtype), offset, values.nbytes])
+                offset += values.nbytes
+        else:
+            views, offset = [], 0
+            for name, values in self.arrays.items():
+                raw = np.ascontiguousarray(values).view(np.uint8)
+                layout.append([name, str(values.dtype), offset, raw.size])
+                views.append(raw)
+                offset += raw.size
+            payload = _joined(views, offset)
+        meta = {
+            "format": _STATE_FORMAT,
+            "lo": self.lo,
+            "hi": self.hi,
+            "arrays": layout,
+            "params": [
+                [r.index, r.start, r.stop, list(r.arrays), r.scalars] for r in self.params.values()
+            ],
+            "blob": [self.blob_start, self.blob_total],
+        }
+        return payload, meta
+
+    @classmethod
+    def decode(cls, payload: np.ndarray, meta: Any, where: str) -> ShardState:
+        """The inverse of :meth:`encode`; arrays are read-only views into ``payload``."""
+        try:
+            if meta.get("format") != _STATE_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {_STATE_FORMAT}")
+            lo, hi = int(meta["lo"]), int(meta["hi"])
+            raw = payload.view(np.uint8)
+            arrays = {
+                name: raw[offset : offset + size].view(np.dtype(dtype))
+                for name, dtype, offset, size in meta["arrays"]
             }
-        )
+            params = {
+                int(p[0]): ParamRecord(int(p[0]), int(p[1]), int(p[2]), tuple(p[3]), dict(p[4]))
+                for p in meta["params"]
+            }
+            blob_start, blob_total = (int(v) for v in meta["blob"])
+            blob = raw.tobytes() if blob_total else b""
+            state = cls(lo, hi, arrays, params, blob, blob_start, blob_total)
+        except Exception as exc:
+            raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
+        for name, flat in arrays.items():
+            if flat.size != hi - lo:
+                raise CodecError(
+                    f"{where}: state {name!r} has {flat.size} elements, expected {hi - lo}"
+                )
+        return state
+
+    def to_bytes(self) -> bytes:
+        """One self-contained byte string (msgpack; no pickle, so a worker never unpickles
+        what another process wrote). Equal states give equal bytes."""
+        payload, meta = self.encode()
+        return msgpack.packb([meta, payload.tobytes()])
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> ShardState:
         try:
-            raw = msgpack.unpackb(data, strict_map_key=False)
-            if raw.get("format") != _STATE_FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {_STATE_FORMAT}")
-            arrays = {
-                k: np.frombuffer(v[1], dtype=np.dtype(v[0])) for k, v in raw["arrays"].items()
-            }
-            params = {
-                int(p[0]): ParamRecord(int(p[0]), int(p[1]), int(p[2]), tuple(p[3]), dict(p[4]))
-                for p in raw["params"]
-            }
-            blob_start, blob_total, blob = raw["blob"]
-            state = cls(
-                int(raw["lo"]), int(raw["hi"]), arrays, params, bytes(blob), blob_start, blob_total
-            )
+            meta, payload = msgpack.unpackb(data, strict_map_key=False)
         except Exception as exc:
             raise CodecError(f"{where}: optimizer state is not readable ({exc})") from exc
-        for name, flat in arrays.items():
-            if flat.size != state.hi - state.lo:
-                raise CodecError(
-                    f"{where}: state {name!r} has {flat.size} elements, "
-                    f"expected {state.hi - state.lo}"
-                )
-        return state
+        return cls.decode(np.frombuffer(payload, dtype=np.uint8), meta, where)
 
     @staticmethod
     def concatenate(parts: list[ShardState]) -> ShardState:
@@ -261,14 +292,26 @@ def _decode_object(code: int, data: bytes) -> Any:
 
 
 def optim_frame(keys: JobKeys, version: int, shard: int, state: ShardState) -> bytes:
-    """The frame of one optimizer-state shard, as stored in Redis and in checkpoints."""
-    raw = np.frombuffer(state.to_bytes(), dtype=np.uint8)
-    return codec.encode(codec.FrameHeader("optim", keys.job, version, shard), raw)
+    """The frame of one optimizer-state shard, as stored in Redis and in checkpoints: the
+    state's payload as the array, its description as the side value."""
+    payload, meta = state.encode()
+    return codec.encode(codec.FrameHeader("optim", keys.job, version, shard), payload, meta)
 
 
 def _decode_state(frame: bytes | None, job: str, version: int, shard: int, key: str) -> ShardState:
-    raw = codec.decode(frame, codec.FrameHeader("optim", job, version, shard), key)
-    return ShardState.from_bytes(raw.tobytes(), key)
+    got = codec.decode_frame(frame, codec.FrameHeader("optim", job, version, shard), key)
+    return ShardState.decode(got.array, got.side, key)
+
+
+def _joined(parts: list[np.ndarray], size: int) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    out = np.empty(size, dtype=np.uint8)
+    offset = 0
+    for part in parts:
+        out[offset : offset + part.size] = part
+        offset += part.size
+    return out
 
 
 def read_optim_state(

@@ -75,13 +75,18 @@ def rebuild_optimizer(
 
 
 class ShardOptimizer:
-    """The user's optimizer over elements ``[lo, hi)`` of ``flat``'s vector."""
+    """The user's optimizer over elements ``[lo, hi)`` of ``flat``'s vector.
+
+    The pieces are views of one shard-sized vector, :attr:`values`, which the optimizer steps
+    in place; the owner publishes that vector, so a step copies nothing it does not have to.
+    """
 
     def __init__(
         self, user_optimizer: torch.optim.Optimizer, flat: FlatModel, lo: int, hi: int
     ) -> None:
         self.flat = flat
         self.lo, self.hi = lo, hi
+        self.values = flat.values[lo:hi].clone()
         by_tensor = {id(seg.tensor): seg for seg in flat.param_segments}
         groups: list[dict[str, Any]] = []
         #: (piece, start, stop, parameter index, parameter's [start, stop))
@@ -98,48 +103,48 @@ class ShardOptimizer:
                     )
                 a, b = max(seg.start, lo), min(seg.stop, hi)
                 if a < b:
-                    piece = torch.nn.Parameter(flat.values[a:b].clone())
+                    piece = torch.nn.Parameter(self.values[a - lo : b - lo])  # a view
                     pieces.append(piece)
                     self.pieces.append((piece, a, b, seg.index, seg.start, seg.stop))
             if pieces:
                 groups.append({**hyper, "params": pieces})
         self.optimizer = rebuild_optimizer(user_optimizer, groups) if groups else None
 
-    def step(self, mean: np.ndarray, has_grad: Sequence[bool], out: np.ndarray) -> None:
-        """Write the new values of the pieces into ``out`` (the shard, ``[lo, hi)``) from the
-        shard's mean gradient; pieces of parameters without a gradient anywhere are skipped."""
+    def values_numpy(self) -> np.ndarray:
+        """:attr:`values` as a numpy view: the shard as this owner last stepped or loaded it."""
+        return self.values.numpy()
+
+    def step(self, mean: np.ndarray, has_grad: Sequence[bool]) -> np.ndarray:
+        """Step the pieces on the shard's mean gradient, in place in :attr:`values` (returned);
+        pieces of parameters without a gradient on any worker are skipped. Elements outside the
+        pieces (buffers, parameters the optimizer does not hold) are the caller's to set."""
         lo = self.lo
         mean_t = torch.from_numpy(np.asarray(mean))
         for piece, a, b, index, _start, _stop in self.pieces:
-            piece.grad = mean_t[a - lo : b - lo].clone() if has_grad[index] else None
+            # A view, not a copy: optimizers read gradients and the mean is not used after.
+            piece.grad = mean_t[a - lo : b - lo] if has_grad[index] else None
         if self.optimizer is not None:
             self.optimizer.step()
-        for piece, a, b, _index, _start, _stop in self.pieces:
-            out[a - lo : b - lo] = piece.detach().numpy()
+        for piece, *_rest in self.pieces:
             piece.grad = None
+        return self.values.numpy()
 
     def sync_from_flat(self) -> None:
-        """Reload the pieces from the flat vector (after loading parameters from elsewhere)."""
+        """Reload the shard from the flat vector (after loading parameters from elsewhere)."""
         with torch.no_grad():
-            for piece, a, b, *_rest in self.pieces:
-                piece.copy_(self.flat.values[a:b])
+            self.values.copy_(self.flat.values[self.lo : self.hi])
 
     def state(self) -> ShardState:
         """This shard's optimizer state: per-element arrays over ``[lo, hi)`` and, per parameter
         with any state, which arrays it has and its scalars. Names are sorted, so the same state
         always gives the same bytes, however it came to be (stepped, or loaded)."""
-        size = self.hi - self.lo
-        arrays: dict[str, np.ndarray] = {}
-        records: dict[int, ParamRecord] = {}
         if self.optimizer is None:
             return ShardState(self.lo, self.hi)
-        for piece, a, b, index, start, stop in self.pieces:
-            entry = self.optimizer.state.get(piece)
-            if not entry:
-                continue
-            names, scalars = [], {}
-            for name in sorted(entry):
-                value = entry[name]
+        size = self.hi - self.lo
+        entries = [(p, self.optimizer.state.get(p[0])) for p in self.pieces]
+        dtypes: dict[str, np.dtype[Any]] = {}
+        for (_piece, a, b, *_r), entry in entries:
+            for name, value in (entry or {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     if value.numel() != b - a:
                         raise TaskError(
@@ -147,21 +152,35 @@ class ShardOptimizer:
                             f"{value.numel()} elements for a parameter of {b - a}: it is not "
                             "elementwise and cannot be sharded"
                         )
-                    flat = value.detach().reshape(-1).numpy()
-                    if name not in arrays:
-                        arrays[name] = np.zeros(size, dtype=flat.dtype)
-                    arrays[name][a - self.lo : b - self.lo] = flat
-                    names.append(name)
+                    dtypes.setdefault(name, np.dtype(str(value.dtype).removeprefix("torch.")))
+        # One buffer for every array, zeros where a parameter has no such state.
+        names = sorted(dtypes)
+        packed = np.zeros(sum(size * dtypes[n].itemsize for n in names), dtype=np.uint8)
+        arrays, offset = {}, 0
+        for name in names:
+            nbytes = size * dtypes[name].itemsize
+            arrays[name] = packed[offset : offset + nbytes].view(dtypes[name])
+            offset += nbytes
+        records: dict[int, ParamRecord] = {}
+        for (_piece, a, b, index, start, stop), entry in entries:
+            if not entry:
+                continue
+            have, scalars = [], {}
+            for name in sorted(entry):
+                value = entry[name]
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    arrays[name][a - self.lo : b - self.lo] = value.detach().reshape(-1).numpy()
+                    have.append(name)
                 else:
                     scalars[name] = _encode_scalar(value)
             previous = records.get(index)
             if previous is not None and (previous.arrays, previous.scalars) != (
-                tuple(names),
+                tuple(have),
                 scalars,
             ):
                 raise TaskError(f"pieces of parameter {index} disagree on their optimizer state")
-            records[index] = ParamRecord(index, start, stop, tuple(names), scalars)
-        return ShardState(self.lo, self.hi, dict(sorted(arrays.items())), records)
+            records[index] = ParamRecord(index, start, stop, tuple(have), scalars)
+        return ShardState(self.lo, self.hi, arrays, records, packed=packed)
 
     def load_state(self, state: ShardState) -> None:
         """Restore a :meth:`state` taken over the same element range (re-cut first if not).

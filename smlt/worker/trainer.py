@@ -306,10 +306,9 @@ class Trainer:
         """Step t's new shard: the optimizer on its parameters, the combined buffers."""
         assert self.shard_optimizer is not None and self._before is not None
         combined = combine(sides, self.flat)
-        lo = self.slice.start
-        out = self.flat.values_numpy()[self.slice].copy()
-        apply_buffers(out, mean, lo, self.flat, combined, self._before)
-        self.shard_optimizer.step(mean, combined.has_grad, out)
+        out = self.shard_optimizer.values_numpy()
+        apply_buffers(out, mean, self.slice.start, self.flat, combined, self._before)
+        self.shard_optimizer.step(mean, combined.has_grad)
         side = model_side(self.flat.discrete_state_of(new_discrete(self._before, combined)))
         extra = [
             (
