@@ -486,6 +486,8 @@ class TaskScheduler:
         failed = [o for o in outcomes if isinstance(o, _Failed)]
         report = next((o for o in outcomes if isinstance(o, WorkerReport)), None)
         if report is not None:
+            if failed:
+                await self._caught_up()  # so that the fault event, if any, is in the log
             for copy_failed in failed:  # its twin succeeded: recorded, nothing to recover
                 record = self._failure_record(payload, copy_failed, None)
                 self._record_failure({**record, "duplicate": True})
