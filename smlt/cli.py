@@ -190,10 +190,11 @@ def _clean(object_store: str | None, threshold_s: float, shown: str, *, dry_run:
     store = open_object_store(object_store)
     verb = "would remove" if dry_run else "removed"
     now = time.time()
-    freed = removed_jobs = kept_jobs = 0
+    freed = removed_jobs = 0
+    active = set()
     for job, (size, newest) in sorted(_job_folders(store).items()):
         if now - newest < threshold_s:
-            kept_jobs += 1
+            active.add(job)
             continue
         if not dry_run:
             _remove_job_folder(store, job)
@@ -201,7 +202,8 @@ def _clean(object_store: str | None, threshold_s: float, shown: str, *, dry_run:
         freed += size
         removed_jobs += 1
     cache_root = default_cache_dir("job").parent
-    caches = remove_idle_caches(cache_root, older_than_s=threshold_s, dry_run=dry_run)
+    # A cache folder goes by its own age and leases, and never while its job looks active.
+    caches = remove_idle_caches(cache_root, keep=active, older_than_s=threshold_s, dry_run=dry_run)
     for folder in caches:
         age = _age(now - folder.newest_unix_s)
         print(f"{verb} cache {folder.path}/ ({_size(folder.size_bytes)}, last written {age})")
@@ -209,7 +211,7 @@ def _clean(object_store: str | None, threshold_s: float, shown: str, *, dry_run:
     print(
         f"{'would free' if dry_run else 'freed'} {_size(freed)} ({freed:,} bytes): "
         f"{removed_jobs} job folder(s), {len(caches)} cache folder(s); "
-        f"{kept_jobs} job folder(s) written to in the last {shown} left alone"
+        f"{len(active)} job folder(s) written to in the last {shown} left alone"
     )
 
 

@@ -122,6 +122,7 @@ def test_clean_removes_old_jobs_and_caches_and_leaves_active_ones(
     _write(objects / "elsewhere/not-a-job.bin", 10, old)
     freed += _write(cache_root / "old-cache/shards/abc.bin", 700, old)
     _write(cache_root / "fresh-cache/shards/abc.bin", 10)
+    _write(cache_root / "active-job/shards/abc.bin", 10, old)  # its job folder is active
     _write(cache_root / "held-cache/shards/abc.bin", 10, old)
     held = _Held(cache_root / "held-cache")
     try:
@@ -147,10 +148,12 @@ def test_clean_removes_old_jobs_and_caches_and_leaves_active_ones(
     assert (objects / "elsewhere/not-a-job.bin").is_file()
     assert (cache_root / "fresh-cache/shards/abc.bin").is_file()
     assert (cache_root / "held-cache/shards/abc.bin").is_file()
+    assert (cache_root / "active-job/shards/abc.bin").is_file()
     # A shorter threshold makes the active job old enough; the held cache stays held no matter.
     again = _smlt(["clean", *store, "--older-than", "30m"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert not (objects / "jobs/active-job").exists()
+    assert not (cache_root / "active-job").exists()
     assert not (cache_root / "held-cache").exists()  # released above: now it may go
 
 
@@ -251,7 +254,7 @@ def test_a_warm_worker_keeps_its_job_and_recovers_from_its_cache_being_removed(
     first = handler._warm(_payload(store, job_a))
     assert handler._warm(_payload(store, job_a)) == first  # warm: nothing reloaded
     # Another worker taking up another job must not remove ours: we hold it.
-    assert handler.remove_idle_caches(cache_root, keep="job-b") == []
+    assert handler.remove_idle_caches(cache_root, keep={"job-b"}) == []
     assert (cache_root / job_a).is_dir()
     # The driver removes the cache when the run ends; a later run of the job (a resume) on this
     # warm worker starts a fresh folder and holds it again.
@@ -260,7 +263,7 @@ def test_a_warm_worker_keeps_its_job_and_recovers_from_its_cache_being_removed(
     assert not (cache_root / job_a).exists()
     _task, reader = handler._warm(_payload(store, job_a))
     assert len(reader.rows(np.arange(4))[0]) == 4  # downloaded again
-    assert handler.remove_idle_caches(cache_root, keep="job-b") == []
+    assert handler.remove_idle_caches(cache_root, keep={"job-b"}) == []
     assert (cache_root / job_a / "shards").is_dir()
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ def _warm(payload: WorkerPayload) -> tuple[Task, DataReader]:
     cache_dir = default_cache_dir(payload.job_id)
     lease = _CacheLease(cache_dir)
     try:
-        remove_idle_caches(cache_dir.parent, keep=cache_dir.name)
+        remove_idle_caches(cache_dir.parent, keep={cache_dir.name})
         objects = open_object_store(payload.object_store_url)
         manifest = ArtifactManifest.load(objects, payload.job_id)
         task = load_packaged_task(objects, manifest, cache_dir)
@@ -163,13 +163,13 @@ class CacheFolder:
 def remove_idle_caches(
     root: Path,
     *,
-    keep: str | None = None,
+    keep: Collection[str] = (),
     older_than_s: float | None = None,
     dry_run: bool = False,
 ) -> list[CacheFolder]:
     """Remove the job folders under the cache ``root`` that no worker holds; return them.
 
-    ``keep`` names a job folder to leave alone (the caller's own). With ``older_than_s``, only
+    ``keep`` names job folders to leave alone (the caller's own). With ``older_than_s``, only
     folders whose newest file is older than that are removed. With ``dry_run`` nothing is
     removed; the folders that would be are returned. A cache is only a cache: a folder that
     cannot be removed (permissions, a race with another remover) is skipped, never an error.
@@ -181,7 +181,7 @@ def remove_idle_caches(
     now = time.time()
     removed = []
     for path in entries:
-        if path.name == keep or not path.is_dir() or path.is_symlink():
+        if path.name in keep or not path.is_dir() or path.is_symlink():
             continue
         if path.name.startswith(_TRASH_PREFIX):  # left by a remover that died halfway
             if not dry_run:
