@@ -34,11 +34,6 @@ import smlt
 from smlt.errors import TaskError
 from tests.reference import reference_state_dict
 
-# smlt's loss plot places its legend with matplotlib's loc="best", which warns when placing it
-# takes over a second, as it can on a loaded 2-core machine; pytest makes the warning an error
-# and a finished run fails while drawing its plots. Plots are not what this module tests.
-pytestmark = pytest.mark.filterwarnings("ignore:Creating legend with loc=.best.:UserWarning")
-
 SEED = 3
 EPOCHS = 2
 #: Global batch: divisible by none of the worker counts, so slices are uneven (17/17/16 at 3).

@@ -92,7 +92,7 @@ def plot_run(
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.plot(its, [h["iter_s"] for h in history], "k-", lw=0.8, label="iteration (slowest rank)")
     ax.set(xlabel="iteration", ylabel="seconds", title="Time per iteration by phase (slowest rank)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")  # "best" placement can take seconds
     written.append(_save(fig, output_dir / "phases.png"))
     return written
 
