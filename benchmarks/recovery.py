@@ -27,7 +27,12 @@ Measured, per faulted run (all on this machine's clocks; none is a configured va
 - ``fault_to_replacement_report_s``: from the fault event's time to the Redis clock of the
   replacement's first report in the stream, a check that needs no scheduler field: it should
   be close to ``detection_s + recovery_s``;
-- ``extra_wall_s``: the run's wall time minus the fault-free run's of the same repeat;
+- ``lost_s``: the time the faulted run itself lost around the fault: from iteration T - 1
+  complete (every rank reported it) to T + 2 complete, minus three times the run's median step
+  (:func:`lost_in_run`), all from the Redis clock of the stream;
+- ``extra_wall_s``: the run's wall time minus the fault-free run's of the same repeat (on a busy
+  shared machine this carries the noise of two whole runs, start-up included, so it can even
+  come out negative; ``lost_s`` is the steadier figure);
 - ``bit_identical``: whether ``model.pt`` equals the fault-free run's, tensor by tensor, bit by
   bit (every fault-free repeat is checked against the first too).
 
@@ -56,7 +61,7 @@ import torch
 from benchmarks._output import command_line, write_outputs
 from benchmarks.e2e import ReportReader
 
-__all__ = ["Case", "detection_from_stream", "main", "parse_cases", "summarize"]
+__all__ = ["Case", "detection_from_stream", "lost_in_run", "main", "parse_cases", "summarize"]
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
@@ -134,14 +139,14 @@ def _bits(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
 
 def detection_from_stream(
     entries: list[tuple[int, dict[str, str]]], failure: dict[str, Any]
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """What the progress stream alone says about ``failure``: the fault event's wall clock and
-    the Redis clock of the replacement's (next attempt's) first report of the same rank and
-    generation."""
+    iteration, and the Redis clock of the replacement's (next attempt's) first report of the
+    same rank and generation."""
     rank, gen, attempt = failure["rank"], failure["generation"], failure["attempt"]
-    fault_at = next(
+    event = next(
         (
-            float(r["at_unix_s"])
+            r
             for _ms, r in entries
             if r.get("event") == "fault"
             and int(r["rank"]) == rank
@@ -150,6 +155,7 @@ def detection_from_stream(
         ),
         None,
     )
+    fault_at = None if event is None else float(event["at_unix_s"])
     replaced_at = next(
         (
             ms / 1000
@@ -162,7 +168,45 @@ def detection_from_stream(
         None,
     )
     total = None if fault_at is None or replaced_at is None else replaced_at - fault_at
-    return {"fault_at_unix_s": fault_at, "fault_to_replacement_report_s": total}
+    return {
+        "fault_at_unix_s": fault_at,
+        "fault_iteration": None if event is None else int(event["t"]),
+        "fault_to_replacement_report_s": total,
+    }
+
+
+def lost_in_run(
+    entries: list[tuple[int, dict[str, str]]], generation: int, iteration: int, after: int = 2
+) -> dict[str, float | None]:
+    """The time the faulted run itself lost around the fault, from the stream's Redis clock.
+
+    Iteration t is *complete* when every rank has reported it (the latest of the ranks' first
+    reports of t). ``lost_s`` is the time from iteration ``iteration - 1`` complete to
+    ``iteration + after`` complete, minus ``after + 1`` times the run's median step (difference
+    of consecutive completions, outside that window and the first two iterations). The window
+    reaches past the faulted iteration because a replacement's first iterations can be slower
+    and peers that moved on wait for it in the next. Unlike the difference of two runs' wall
+    times, it does not carry the noise of two whole runs (start-up, cold starts, evaluation).
+    """
+    first: dict[tuple[int, int], int] = {}  # (t, rank) -> server ms of its first report
+    for ms, r in entries:
+        if "event" in r or int(r["gen"]) != generation:
+            continue
+        first.setdefault((int(r["t"]), int(r["rank"])), ms)
+    ranks = {rank for _t, rank in first}
+    done = {
+        t: max(first[(t, rank)] for rank in ranks) / 1000
+        for t in {t for t, _rank in first}
+        if all((t, rank) in first for rank in ranks)
+    }
+    lo, hi = iteration - 1, iteration + after
+    steps = [
+        done[t] - done[t - 1] for t in sorted(done) if t >= 2 and t - 1 in done and not lo < t <= hi
+    ]
+    if lo not in done or hi not in done or not steps:
+        return {"lost_s": None, "median_step_s": None}
+    step = statistics.median(steps)
+    return {"lost_s": done[hi] - done[lo] - (after + 1) * step, "median_step_s": step}
 
 
 def _faulted(
@@ -180,6 +224,9 @@ def _faulted(
         raise RuntimeError(f"{action}@{phase}: the run reported no failure of rank {rank}")
     failure = failures[0]
     stream = detection_from_stream(entries, failure)
+    struck = stream["fault_iteration"]
+    struck = failure.get("iteration") if struck is None else struck
+    lost = lost_in_run(entries, failure["generation"], struck) if struck is not None else {}
     detection, source = failure.get("detection_s"), "scheduler"
     if detection is None:
         total, recovery = stream["fault_to_replacement_report_s"], failure.get("recovery_s")
@@ -198,6 +245,8 @@ def _faulted(
         "detection_source": source if detection is not None else None,
         "recovery_s": failure.get("recovery_s"),
         "fault_to_replacement_report_s": stream["fault_to_replacement_report_s"],
+        "lost_s": lost.get("lost_s"),
+        "median_step_s": lost.get("median_step_s"),
         "wall_s": result["wall_s"],
         "extra_wall_s": result["wall_s"] - base["wall_s"],
         "bit_identical": identical,
@@ -212,7 +261,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for action, phase in cases:
         mine = [r for r in runs if (r["fault"], r["phase"]) == (action, phase)]
         row: dict[str, Any] = {"fault": action, "phase": phase, "repeats": len(mine)}
-        for key in ("detection_s", "recovery_s", "fault_to_replacement_report_s", "extra_wall_s"):
+        for key in (
+            "detection_s",
+            "recovery_s",
+            "fault_to_replacement_report_s",
+            "lost_s",
+            "extra_wall_s",
+        ):
             values = [r[key] for r in mine if r[key] is not None]
             row[key] = statistics.median(values) if values else None
             row[f"{key}_range"] = [min(values), max(values)] if values else None

@@ -151,3 +151,25 @@ def test_no_fault_event_means_no_detection_figure() -> None:
     assert row["detection_s"] is None and row["detection_source"] is None
     [summary] = recovery.summarize([row])
     assert summary["detection_s"] is None and summary["bit_identical"]
+
+
+def _timeline(step_ms: int, stall_at: int, stall_ms: int) -> list[tuple[int, dict[str, str]]]:
+    """Two ranks reporting every ``step_ms``; iteration ``stall_at`` completes ``stall_ms``
+    late (rank 1 is replaced there) and everything after it shifts."""
+    entries = []
+    for t in range(12):
+        late = stall_ms if t >= stall_at else 0
+        entries.append((1000 + step_ms * t + late, _report(0, t)))
+        entries.append((1000 + step_ms * t + late + 5, _report(1, t, attempt=int(t >= stall_at))))
+    return entries
+
+
+def test_time_lost_in_run_is_the_stall_beyond_the_usual_step() -> None:
+    lost = recovery.lost_in_run(_timeline(100, stall_at=5, stall_ms=3000), 0, 5)
+    assert lost["median_step_s"] == pytest.approx(0.1)
+    assert lost["lost_s"] == pytest.approx(3.0)
+    assert recovery.lost_in_run(_timeline(100, 5, 0), 0, 5)["lost_s"] == pytest.approx(0.0)
+
+
+def test_time_lost_needs_the_window_in_the_stream() -> None:
+    assert recovery.lost_in_run(_timeline(100, 5, 3000), 0, 11)["lost_s"] is None
