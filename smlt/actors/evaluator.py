@@ -80,11 +80,16 @@ class Evaluator:
     def evaluate(self, values: torch.Tensor, buffers: dict[str, bytes]) -> dict[str, float]:
         """The task's metrics for the model holding ``values`` and ``buffers``."""
         with self._lock:
+            # torch's thread count is the process's: set for the evaluation, then given back.
+            threads = torch.get_num_threads()
             torch.set_num_threads(self.threads)
-            task, flat = self._model()
-            flat.values.copy_(values)
-            flat.load_discrete(buffers)
-            return run_evaluate(task, flat.model)
+            try:
+                task, flat = self._model()
+                flat.values.copy_(values)
+                flat.load_discrete(buffers)
+                return run_evaluate(task, flat.model)
+            finally:
+                torch.set_num_threads(threads)
 
     def close(self) -> None:
         self._cache.cleanup()

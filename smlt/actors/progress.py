@@ -25,9 +25,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CheckpointReady", "FaultEvent", "ProgressLog"]
+__all__ = ["CheckpointReady", "EvaluationDue", "FaultEvent", "ProgressLog"]
 
-_TIMES = ("data_s", "compute_s", "sync_s", "ul_shard_s", "dl_shard_s", "ul_aggr_s", "dl_grad_s")
+_TIMES = (
+    "data_s",
+    "compute_s",
+    "sync_s",
+    "ul_shard_s",
+    "dl_shard_s",
+    "ul_aggr_s",
+    "dl_grad_s",
+    "update_s",
+    "codec_s",
+    "upload_codec_s",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,17 @@ class CheckpointReady:
     generation: int
     workers: int
     shards: dict[int, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class EvaluationDue:
+    """Iteration ``iteration`` ended an epoch and its owners kept a snapshot of version
+    ``iteration + 1`` (``workers`` shards) for the evaluator; ``entry`` is the epoch's record,
+    to which the metrics are added."""
+
+    version: int
+    workers: int
+    entry: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,7 @@ class ProgressLog:
         self._ckpt: dict[tuple[int, int], dict[int, dict[str, Any] | None]] = {}
         self._ckpt_announced: set[tuple[int, int]] = set()
         self._faults: list[FaultEvent] = []
+        self._due: list[EvaluationDue] = []
 
     def start_generation(self, generation: int, workers: int) -> None:
         """Reports of ``generation`` come from ``workers`` ranks. Positions are per generation;
@@ -197,17 +220,30 @@ class ProgressLog:
             int(r["bytes_up"]) + int(r["bytes_down"]) for r in reports
         )
         self.history.append(record)
-        metrics = next((r["metrics"] for r in reports if "metrics" in r), None)
-        if metrics is not None:
-            self.epochs.append(
-                {
-                    "epoch": record["epoch"],
-                    "iteration": t,
-                    "train_loss": loss,
-                    "samples_per_s": record["samples_per_s"],
-                    **json.loads(metrics),
-                }
-            )
+        snapshot = next((int(r["snapshot"]) for r in reports if "snapshot" in r), None)
+        if snapshot is None and (t + 1) % self.iterations_per_epoch:
+            return
+        entry = {
+            "epoch": record["epoch"],
+            "iteration": t,
+            "train_loss": loss,
+            "samples_per_s": record["samples_per_s"],
+        }
+        if snapshot is None:
+            self.epochs.append(entry)  # nothing to evaluate: the epoch is complete
+        else:
+            self._due.append(EvaluationDue(snapshot, len(reports), entry))
+
+    def take_evaluations(self) -> list[EvaluationDue]:
+        """The snapshots that became complete since the last call, oldest first."""
+        with self.lock:
+            due, self._due = self._due, []
+        return due
+
+    def add_epoch(self, entry: dict[str, Any]) -> None:
+        """An epoch's record with its metrics, once the evaluator has them."""
+        with self.lock:
+            self.epochs.append(entry)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:

@@ -41,8 +41,9 @@ import redis
 import trio
 
 from smlt.actors.committer import Committer
+from smlt.actors.evaluator import Evaluator
 from smlt.actors.failures import FailurePolicy, RetryPolicy
-from smlt.actors.progress import CheckpointReady, ProgressLog
+from smlt.actors.progress import CheckpointReady, EvaluationDue, ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
 from smlt.errors import ConfigError, SmltError, StoreUnavailableError, TrainingError
@@ -185,6 +186,16 @@ class TaskScheduler:
         self._followed_id: bytes = b"0-0"  # the last progress entry folded into the log
         self._duplicates = [f for f in parse_faults(spec.faults) if f.action == "duplicate"]
         self._commits: trio.MemorySendChannel[CheckpointReady] | None = None
+        self.evaluator = Evaluator(
+            spec.object_store_url,
+            spec.job_id,
+            self.store,
+            self.keys,
+            spec.num_params,
+            seed=spec.seed,
+        )
+        self._evaluations: trio.MemorySendChannel[EvaluationDue] | None = None
+        self._evaluation_error: str | None = None
 
     # -- what the driver sees ------------------------------------------------------------------
 
@@ -273,8 +284,12 @@ class TaskScheduler:
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[CheckpointReady](math.inf)
                 nursery.start_soon(self.committer.run, receive)
-                async with send:  # closed once nothing more can come: the committer drains it
-                    self._commits = send
+                due, evaluations = trio.open_memory_channel[EvaluationDue](math.inf)
+                nursery.start_soon(self._evaluate, evaluations)
+                # Both closed once nothing more can come: the committer and the evaluator
+                # then finish what they were given.
+                async with send, due:
+                    self._commits, self._evaluations = send, due
                     async with trio.open_nursery() as following:
                         done = trio.Event()
                         following.start_soon(self._follow_progress, done)
@@ -283,6 +298,7 @@ class TaskScheduler:
                         done.set()
         finally:
             await self.backend.clean()
+            self.evaluator.close()
 
     async def _next_generation(self, start: int) -> int:
         """Run one generation from ``start`` and apply the manager's next decision; returns
@@ -637,8 +653,37 @@ class TaskScheduler:
                     if ready is not None:
                         assert self._commits is not None
                         self._commits.send_nowait(ready)  # never waits: the buffer is unbounded
+                    for due in self.log.take_evaluations():
+                        assert self._evaluations is not None
+                        self._evaluations.send_nowait(due)
             if finishing and not reply:
                 return
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    async def _evaluate(self, receive: trio.MemoryReceiveChannel[EvaluationDue]) -> None:
+        """Score each epoch's snapshot, one at a time, while training goes on. An evaluate()
+        that fails is reported once (in the failures, naming the epoch) and evaluation stops;
+        training does not: the model is fine, only its report is missing."""
+        async with receive:
+            async for due in receive:
+                iteration = due.entry["iteration"]
+                try:
+                    values, buffers = await trio.to_thread.run_sync(
+                        self.evaluator.take, due.version, due.workers
+                    )
+                    if self._evaluation_error is not None:
+                        self.log.add_epoch(due.entry)
+                        continue
+                    metrics = await trio.to_thread.run_sync(
+                        self.evaluator.evaluate, values, buffers
+                    )
+                except SmltError as exc:
+                    self._evaluation_error = str(exc)
+                    self._record_failure({"evaluation": iteration, "cause": str(exc)})
+                    self.log.add_epoch(due.entry)
+                    continue
+                self.log.add_epoch({**due.entry, **metrics})
 
 
 def _stream_id(entry_id: bytes) -> tuple[int, int]:

@@ -201,6 +201,7 @@ class RayBackend(Backend):
         self._memory_mb = 0
         self._lock = threading.Lock()  # counters are bumped from Ray's callback thread
         self._counts = {"invocations": 0, "succeeded": 0, "failed": 0}
+        self._running_ranks: dict[int, int] = {}  # rank -> invocations still running
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -328,20 +329,39 @@ class RayBackend(Backend):
             ),
             "name": f"smlt-worker-{payload.job_id}-g{payload.generation}-r{payload.rank}",
         }
+        with self._lock:
+            copies = self._running_ranks.get(payload.rank, 0)
+            self._running_ranks[payload.rank] = copies + 1
+        if copies:
+            # A second copy of a running rank (at-least-once delivery, see SMLT_FAULTS
+            # "duplicate"): rank r's bundle holds exactly one task, so inside the group this
+            # copy would wait for the first to end instead of running beside it, as a
+            # platform's duplicate does. It runs outside the reservation, sharing the CPU.
+            options.update(num_cpus=0, scheduling_strategy="DEFAULT")
+            del options["memory"]
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         started = time.monotonic()
         # Submission is asynchronous in Ray, but the first one exports the function (~80 ms).
-        ref = await trio.to_thread.run_sync(
-            lambda: self._remote.options(**options).remote(self.entry_point, event, share)
-        )
+        try:
+            ref = await trio.to_thread.run_sync(
+                lambda: self._remote.options(**options).remote(self.entry_point, event, share)
+            )
+        except BaseException:
+            with self._lock:
+                self._running_ranks[payload.rank] -= 1
+            raise
         self._count("invocations")
-        return RayInvocation(payload, ref, started, on_end=self._on_end)
+        return RayInvocation(
+            payload, ref, started, on_end=functools.partial(self._on_end, payload.rank)
+        )
 
     async def clean(self) -> None:
         """Release the placement group (tasks still in it are killed by Ray). Idempotent."""
         group, self._group = self._group, None
         self._workers = self._memory_mb = 0
+        with self._lock:
+            self._running_ranks.clear()
         if group is not None:
             await trio.to_thread.run_sync(remove_placement_group, group)
 
@@ -358,8 +378,10 @@ class RayBackend(Backend):
         with self._lock:
             self._counts[name] += 1
 
-    def _on_end(self, ok: bool) -> None:
+    def _on_end(self, rank: int, ok: bool) -> None:
         self._count("succeeded" if ok else "failed")
+        with self._lock:
+            self._running_ranks[rank] = max(0, self._running_ranks.get(rank, 0) - 1)
 
     def statistics(self) -> dict[str, Any]:
         """Counters and the current reservation, for status lines and tests."""

@@ -347,7 +347,11 @@ def _execute(
         flat.values_numpy()[:] = final.values
         flat.load_discrete(final.buffers)
         torch.save(model.state_dict(), output_dir / "model.pt")
-        final_metrics = run_evaluate(user_task, model)
+        final_metrics = _final_metrics(summary["epochs"], plan.total_iterations)
+        if final_metrics is None:
+            # No evaluate(), or it failed in the scheduler (reported among the failures).
+            failed = any("evaluation" in f for f in summary["failures"])
+            final_metrics = {} if failed else run_evaluate(user_task, model)
 
     result = TrainResult(
         job_id=plan.job_id,
@@ -391,6 +395,16 @@ def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job
 def _new_session() -> str:
     """A fresh session token: 8 hex digits, a valid key component."""
     return validate_job_id(secrets.token_hex(4))
+
+
+def _final_metrics(epochs: list[dict[str, Any]], total_iterations: int) -> dict[str, float] | None:
+    """The metrics the scheduler's evaluator gave the final version (the last epoch's), if any;
+    evaluating the final model again here would cost one more pass over the held-out set."""
+    if not epochs or epochs[-1]["iteration"] != total_iterations - 1:
+        return None
+    reserved = ("epoch", "iteration", "train_loss", "samples_per_s")
+    metrics = {k: v for k, v in epochs[-1].items() if k not in reserved}
+    return metrics or None
 
 
 def _job_spec(

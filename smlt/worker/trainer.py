@@ -175,7 +175,9 @@ class Trainer:
             self._load_state(p.start_iteration)
             init_s = time.monotonic() - began
             t, reason = self._loop()
-            if self.checkpoints is not None and t > p.start_iteration and t != self._ckpt_written:
+            # The boundary checkpoint, also when this invocation ran no iteration: a replacement
+            # for a rank that died writing it starts at the boundary and must finish it.
+            if self.checkpoints is not None and t > 0 and t != self._ckpt_written:
                 self._write_checkpoint(t, t - 1)
         finally:
             self.exchange.close()
