@@ -85,3 +85,73 @@ def test_the_evaluator_scores_the_version_the_snapshot_was_taken_of(
             evaluator.take(3, 3)
     finally:
         evaluator.close()
+
+
+SLOW_EVAL = """
+
+class SlowEval(Digits):
+    # Evaluation slower than the peers' shard timeout: inline on rank 0 it ended the run.
+    def evaluate(self, model):
+        import time
+
+        time.sleep(3)
+        return super().evaluate(model)
+
+
+class BrokenEval(Digits):
+    def evaluate(self, model):
+        if model[0].weight.abs().sum() > 0:
+            raise ValueError("held-out file missing")
+        return {}
+"""
+
+
+@pytest.fixture(scope="module")
+def eval_tasks(in_process_runs: Path) -> Path:
+    path = in_process_runs / "eval_digits.py"
+    digits = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
+    path.write_text(digits.read_text() + SLOW_EVAL)
+    return path
+
+
+@pytest.mark.slow
+def test_a_long_evaluation_does_not_stall_the_workers(
+    in_process_runs: Path, eval_tasks: Path
+) -> None:
+    import smlt
+
+    result = smlt.train(
+        f"{eval_tasks}:SlowEval",
+        epochs=2,
+        batch_size=256,
+        workers=3,
+        shard_timeout_s=2,
+        output=in_process_runs / "slow-eval",
+    )
+    assert [e["epoch"] for e in result.epoch_metrics] == [0, 1]
+    assert all("accuracy" in e for e in result.epoch_metrics)
+    assert result.final_metrics == {
+        k: v for k, v in result.epoch_metrics[-1].items() if k in ("accuracy", "loss")
+    }
+    # No iteration waited for an evaluation.
+    assert max(h["iter_s"] for h in result.history) < 2
+
+
+@pytest.mark.slow
+def test_a_failing_evaluation_is_reported_and_training_finishes(
+    in_process_runs: Path, eval_tasks: Path
+) -> None:
+    import smlt
+
+    result = smlt.train(
+        f"{eval_tasks}:BrokenEval",
+        epochs=2,
+        batch_size=256,
+        workers=2,
+        output=in_process_runs / "broken-eval",
+    )
+    [failure] = [f for f in result.failures if "evaluation" in f]
+    assert failure["evaluation"] == 5 and "held-out file missing" in failure["cause"]
+    assert [e["epoch"] for e in result.epoch_metrics] == [0, 1]  # recorded, without metrics
+    assert result.final_metrics == {}
+    assert (result.output_dir / "model.pt").exists()
