@@ -182,6 +182,7 @@ def test_unreachable_redis_fails_fast_and_clean(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in proc.stderr
     assert "s3cret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "objects").exists()  # checked before the task was packaged
     _assert_nothing_left(marker)
 
 
@@ -230,9 +231,11 @@ def test_worker_exception_stops_the_run_naming_rank_and_cause(tmp_path: Path) ->
 
     class Failing(T):
         def loss(self, model, batch):
-            CALLS[0] += 1
-            if CALLS[0] >= 3:  # from the 3rd call on: a bug that a retry does not fix
-                raise RuntimeError("boom in the user's loss")
+            x, _y = batch
+            if len(x) == 8:  # a worker's half of the global batch (smlt's own checks use fewer)
+                CALLS[0] += 1
+                if CALLS[0] >= 3:  # from its 3rd iteration on: a bug that a retry does not fix
+                    raise RuntimeError("boom in the user's loss")
             return super().loss(model, batch)
     """
     )

@@ -214,6 +214,7 @@ def train(
         )
     faults = _faults()
     user_task = load_task(spec)
+    _check_redis(redis_url)  # before anything is written to the object store
     class_name = type(user_task).__name__
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     job_id = f"{class_name.lower()}-{stamp}-{secrets.token_hex(3)}"
@@ -266,6 +267,7 @@ def resume(
             f"run {plan.job_id} has no committed checkpoint in {plan.object_store}: "
             "nothing to resume from; start it again with smlt train"
         )
+    _check_redis(redis_url)
     return _execute(plan, user_task, None, redis_url, ray_address, _faults(), progress)
 
 
@@ -484,6 +486,14 @@ def _parameter_store(redis_url: str | None, cleanup: ExitStack) -> tuple[Paramet
         return ParameterStore.from_urls(urls), urls
     server = cleanup.enter_context(RedisServer())
     return ParameterStore.from_urls(server.url), [server.url]
+
+
+def _check_redis(redis_url: str | None) -> None:
+    """Connect to the user's Redis once, so that a wrong URL or password fails in seconds,
+    before a task is packaged or Ray is started for a run that cannot go on."""
+    if redis_url is not None:
+        for client in ParameterStore.from_urls(_redis_urls(redis_url)).all_clients():
+            client.close()
 
 
 def _redis_urls(redis_url: str | None) -> list[str]:
