@@ -244,19 +244,20 @@ def _objects_under(store: ObjectStore, prefix: str) -> Iterator[tuple[str, int, 
                 yield path.relative_to(store.root).as_posix(), st.st_size, st.st_mtime
         return
     if isinstance(store, S3ObjectStore):
+        client = store.client  # a ConfigError if boto3 is missing; then botocore is there
+        from botocore.exceptions import BotoCoreError, ClientError
+
         full = f"{store.prefix}/{prefix}" if store.prefix else prefix
         strip = len(store.prefix) + 1 if store.prefix else 0
         try:
-            pages = store.client.get_paginator("list_objects_v2").paginate(
+            pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=store.bucket, Prefix=full
             )
             for page in pages:
                 for obj in page.get("Contents", ()):
                     modified = obj["LastModified"].timestamp()
                     yield obj["Key"][strip:], int(obj["Size"]), modified
-        except ObjectStoreError:
-            raise
-        except Exception as exc:  # botocore's errors, translated at this boundary
+        except (BotoCoreError, ClientError) as exc:
             raise ObjectStoreError(f"cannot list {store.url}/{prefix}: {exc}") from exc
         return
     raise ConfigError(f"smlt clean cannot list the sizes and times of objects in {store.url}")
