@@ -23,6 +23,7 @@ from smlt.protocol.faults import PHASES
 from smlt.storage.objects import ObjectStore
 from smlt.storage.redis_server import RedisServer
 from smlt.sync import codec
+from smlt.worker.trainer import PROGRESS_TTL_S
 from tests.test_worker import TASK
 from tests.worker_harness import Outcome, ThreadedJob
 
@@ -111,8 +112,10 @@ def test_two_copies_of_a_rank_at_once_change_nothing(
     job_id: str,
     clean_runs: dict[str, Outcome],
 ) -> None:
-    got = _job(tmp_path, redis_server, job_id, task_file, cls).run(duplicate=1)
+    job = _job(tmp_path, redis_server, job_id, task_file, cls)
+    got = job.run(duplicate=1)
     assert_same(got, clean_runs[cls])
+    assert 0 < job.store.client(0).ttl(job.keys.progress()) <= PROGRESS_TTL_S  # it expires
     ranks = [int(r["rank"]) for r in got.reports if "event" not in r]
     assert ranks.count(1) > ITERATIONS, "the duplicate did not run"
 

@@ -255,6 +255,9 @@ def test_not_a_redis_url_is_a_config_error() -> None:
 def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("rediss://user:pw@h:1/0") == "rediss://user:***@h:1/0"
+    # A password in the query (redis-py reads it there too) and IPv6 brackets.
+    assert redact_url("redis://[::1]:1/0?password=pw&db=2") == "redis://[::1]:1/0?password=***&db=2"
+    assert redact_url("redis://:pw@[::1]:1/0") == "redis://:***@[::1]:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 

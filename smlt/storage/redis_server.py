@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 
@@ -140,15 +140,18 @@ def _free_port() -> int:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs, errors and result files."""
+    """``url`` with any password replaced by ``***``, for logs, errors and result files: the
+    userinfo's, and a ``password=`` in the query (redis-py accepts both). The host is kept as
+    written (an IPv6 address keeps its brackets)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def connect(url: str, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> redis.Redis:

@@ -126,8 +126,9 @@ class Exchange(ABC):
         self.last_phases = phases
 
     @contextlib.contextmanager
-    def _cpu_work(self) -> Iterator[None]:
-        """Count the enclosed CPU work (encode, decode, sum) as smlt's, per thread."""
+    def cpu_work(self) -> Iterator[None]:
+        """Count the enclosed CPU work (encode, decode, sum) as smlt's, per thread; callers use
+        it for smlt's own work inside an update hook, which is then not counted as update."""
         began = time.perf_counter()
         try:
             yield
@@ -187,7 +188,7 @@ class Exchange(ABC):
         delivered the bytes lets the real transfer hide inside the emulated one instead of
         adding to it.
         """
-        with self._cpu_work():
+        with self.cpu_work():
             frame = codec.encode(header, values, side)
         items = [*extra, (key, frame)]
         self._bytes_up += sum(len(v) for _k, v in items)
@@ -211,5 +212,5 @@ class Exchange(ABC):
         size = len(frame) if frame else 0
         self.link.down.after_receive(size, began)
         self._bytes_down += size
-        with self._cpu_work():
+        with self.cpu_work():
             return codec.decode_frame(frame, header, key)

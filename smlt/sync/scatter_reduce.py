@@ -181,10 +181,12 @@ class ScatterReduce(Exchange):
                 mean, sides = self._reduce_own_shard(t, grad, side)
                 phases.dl_shard_s = time.monotonic() - started
                 aggr_started = time.monotonic()
+                cpu_before = self._cpu["main"]
                 result = (
                     self.update(t, self.rank, mean, sides) if self.update else ShardUpdate(mean)
                 )
-                phases.update_s = time.monotonic() - aggr_started
+                hook_cpu_s = self._cpu["main"] - cpu_before  # encoding inside the hook
+                phases.update_s = time.monotonic() - aggr_started - hook_cpu_s
                 self._publish_param(t + 1, result)
                 phases.ul_aggr_s = time.monotonic() - aggr_started
                 self.on_phase("after-publish", t)
@@ -333,9 +335,9 @@ class ScatterReduce(Exchange):
             key = self.keys.grad(t, r, peer)
             got = self._receive_frame(r, key, codec.FrameHeader("grad", job, t, r, peer))
             sides[peer] = got.side
-            with self._cpu_work():
+            with self.cpu_work():
                 fold.add(peer, got.array)
-        with self._cpu_work():
+        with self.cpu_work():
             return fold.mean(n), sides
 
     def _publish_param(self, version: int, result: ShardUpdate) -> None:

@@ -35,6 +35,11 @@ def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
     mode = "sharded" if is_shardable(optimizer) else "replicated"
     try:
         task.loss(model, batch).backward()
+    except Exception as exc:  # check_loss ran it forward already; this is its backward pass
+        raise TaskError(
+            f"{type(task).__name__}.loss() failed in its backward pass: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
         grad = flat.gradient(1.0)
         has_grad = flat.has_grad()
         if mode == "sharded":

@@ -224,9 +224,7 @@ class Trainer:
         batch = self.reader.rows(indices)
         timing.data_s = time.monotonic() - started
 
-        compute_started = time.monotonic()
         grad, side, loss_value = self._compute(t, indices, batch, global_batch)
-        timing.compute_s = time.monotonic() - compute_started
 
         if self.sharded:
             self.exchange.step(t, grad, out=self.flat.values_numpy(), side=side)
@@ -279,6 +277,7 @@ class Trainer:
         """The loss and gradient of this rank's slice; the vector to exchange and its side."""
         p = self.payload
         self._before = snapshot(self.flat)
+        compute_started = time.monotonic()
         self.model.train()
         torch.manual_seed(iteration_seed(p.seed, t, p.rank))
         self.flat.zero_grad()
@@ -296,6 +295,8 @@ class Trainer:
                 )
             if self.reduction == "sum":
                 loss_value /= len(indices)  # reports are per sample, whatever the reduction
+        # The user's forward and backward end here; flattening the gradient is smlt's work.
+        self._timing.compute_s = time.monotonic() - compute_started
         weight = len(indices) / global_batch
         scale = p.workers * (1.0 if self.reduction == "sum" else weight)
         grad = self.flat.gradient(scale)
@@ -312,13 +313,9 @@ class Trainer:
         apply_buffers(out, mean, self.slice.start, self.flat, combined, self._before)
         self.shard_optimizer.step(mean, combined.has_grad)
         side = model_side(self.flat.discrete_state_of(new_discrete(self._before, combined)))
-        extra = [
-            (
-                self.keys.optim(t + 1, shard),
-                optim_frame(self.keys, t + 1, shard, self.shard_optimizer.state()),
-            )
-        ]
-        extra += self._snapshot_extra(t, out, side)
+        with self.exchange.cpu_work():  # smlt's encoding, not the optimizer's time
+            frame = optim_frame(self.keys, t + 1, shard, self.shard_optimizer.state())
+            extra = [(self.keys.optim(t + 1, shard), frame), *self._snapshot_extra(t, out, side)]
         return ShardUpdate(out, extra=extra, side=side)
 
     def _load_optimizer_state(self, version: int) -> None:
@@ -358,9 +355,10 @@ class Trainer:
         r = self.payload.rank
         params = values[self.slice].copy()
         model = model_side(self.flat.discrete_state())
-        extra = [(self.keys.optim(t + 1, r), self._replicated_frame(t + 1))]
-        extra += self._snapshot_extra(t, params, model)
         update_s = time.monotonic() - began
+        with self.exchange.cpu_work():  # smlt's encoding, not the optimizer's time
+            extra = [(self.keys.optim(t + 1, r), self._replicated_frame(t + 1))]
+            extra += self._snapshot_extra(t, params, model)
         self.exchange.publish(
             t + 1, ShardUpdate(params, extra=extra, side=model), update_s=update_s
         )
