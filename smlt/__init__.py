@@ -15,16 +15,24 @@ from smlt import errors
 from smlt.task import Task
 
 if TYPE_CHECKING:
-    from smlt.client.driver import TrainResult, train
+    from smlt.client.driver import TrainResult, resume, train
     from smlt.worker.sampler import global_batches, iteration_seed
 
-__all__ = ["Task", "TrainResult", "errors", "global_batches", "iteration_seed", "train"]
+__all__ = [
+    "Task",
+    "TrainResult",
+    "errors",
+    "global_batches",
+    "iteration_seed",
+    "resume",
+    "train",
+]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # The driver pulls in Ray and the actors; a worker importing smlt.task should not pay for it.
-    if name in ("train", "TrainResult"):
+    if name in ("train", "resume", "TrainResult"):
         from smlt.client import driver
 
         return getattr(driver, name)
