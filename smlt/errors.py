@@ -15,7 +15,8 @@ the rank, the file, the method.
     │   ├── RedisServerError         the embedded redis-server did not start or died
     │   ├── ShardTimeoutError        a shard did not arrive within its bound (names shard and rank)
     │   ├── StoreFullError           Redis refused a write: maxmemory reached (noeviction)
-    │   └── CodecError               a corrupt, truncated or mismatched frame (names the key)
+    │   ├── CodecError               a corrupt, truncated or mismatched frame (names the key)
+    │   └── StaleVersionError        a worker's start version is gone: a late duplicate or retry
     ├── ObjectStoreError             the object store (local folder or S3)
     │   └── ObjectNotFoundError      a key that should exist does not
     ├── BackendError                 a serverless platform or Ray
@@ -44,6 +45,7 @@ __all__ = [
     "RedisServerError",
     "ShardTimeoutError",
     "SmltError",
+    "StaleVersionError",
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
@@ -105,6 +107,16 @@ class StoreFullError(StoreError):
 
 class CodecError(StoreError):
     """A frame read from the store is corrupt, truncated, or belongs to another key."""
+
+
+class StaleVersionError(StoreError):
+    """The version an invocation starts from is no longer in the store.
+
+    Versions are deleted two steps after their successors exist, so only an invocation that
+    arrives long after its peers moved on meets this: a duplicate delivered late by an
+    at-least-once platform, or a retry the store has outlived. It fails at once instead of
+    waiting the shard timeout for announcements that were deleted with the version.
+    """
 
 
 class ObjectStoreError(SmltError):

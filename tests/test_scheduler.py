@@ -450,8 +450,10 @@ def test_a_duplicated_invocation_runs_twice_and_is_billed_twice(
     assert iterations(summary) == list(range(8))
     assert summary["failures"] == []
     assert summary["invocations"] == 3  # two ranks, rank 1 delivered twice
+    # The first copy to finish gives the rank's report; its twin is then stopped (it may not
+    # have started yet: both are delivered, at least one runs).
     copies = redis.Redis.from_url(redis_server.url).get(_copy_key(job_id, 0, 1, 0))
-    assert copies == b"2"
+    assert copies in (b"1", b"2")
 
 
 def test_a_duplicate_whose_copy_fails_needs_no_re_invocation(

@@ -486,19 +486,29 @@ class TaskScheduler:
         return False
 
     async def _deliver(self, payload: WorkerPayload, copies: int) -> WorkerReport | _Failed:
-        """Invoke ``payload`` ``copies`` times at once and wait for every copy. The report of a
-        copy that succeeded, else how the first one failed (noticed when the last one did)."""
+        """Invoke ``payload`` ``copies`` times at once. The report of the first copy that
+        succeeds (the others are then stopped: a late twin can only repeat what is published,
+        or wait for versions already deleted), else how the first one failed (noticed when the
+        last one did)."""
         outcomes: list[WorkerReport | _Failed] = []
+        invocations: list[Invocation] = []
         async with trio.open_nursery() as nursery:
             for copy in range(copies):
                 invocation = await self.backend.invoke(payload)
+                invocations.append(invocation)
                 with self._lock:
                     self._running[(payload.rank, copy)] = (
                         invocation,
                         time.monotonic(),
                         payload.attempt,
                     )
-                nursery.start_soon(self._await_copy, copy, invocation, outcomes)
+                nursery.start_soon(
+                    self._await_copy, copy, invocation, outcomes, nursery.cancel_scope
+                )
+        if len(invocations) > 1 and any(isinstance(o, WorkerReport) for o in outcomes):
+            with trio.CancelScope(shield=True):
+                for invocation in invocations:
+                    await invocation.cancel()  # a no-op for the copy that finished
         failed = [o for o in outcomes if isinstance(o, _Failed)]
         report = next((o for o in outcomes if isinstance(o, WorkerReport)), None)
         if report is not None:
@@ -512,7 +522,11 @@ class TaskScheduler:
         return _Failed(failed[0].error, last.detected_s, last.detected_unix_s, failed[0].hung)
 
     async def _await_copy(
-        self, copy: int, invocation: Invocation, outcomes: list[WorkerReport | _Failed]
+        self,
+        copy: int,
+        invocation: Invocation,
+        outcomes: list[WorkerReport | _Failed],
+        copies: trio.CancelScope,
     ) -> None:
         p = invocation.payload
         timeout_s = self.spec.worker_timeout_s
@@ -520,6 +534,7 @@ class TaskScheduler:
             timeout_s = min(timeout_s, self.spec.function_timeout_s + 30)
         try:
             outcomes.append(await invocation.result(timeout_s))
+            copies.cancel()  # the rank is done: stop waiting for its twin
         except SmltError as exc:
             detected = time.monotonic(), time.time()
             hung = self._hung.get((p.generation, p.rank, p.attempt))

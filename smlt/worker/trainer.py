@@ -39,7 +39,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from smlt.errors import CodecError, TaskError, TrainingError
+from smlt.errors import CodecError, StaleVersionError, TaskError, TrainingError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.model import FlatModel
@@ -172,6 +172,7 @@ class Trainer:
                 timeout_s=float(options["heartbeat_timeout_s"]),
             ).start()
         try:
+            self._check_not_stale(p.start_iteration)
             self._load_state(p.start_iteration)
             init_s = time.monotonic() - began
             t, reason = self._loop()
@@ -386,6 +387,18 @@ class Trainer:
         if whole.blob_total:
             where = f"optimizer state of version {version}"
             self.optimizer.load_state_dict(decode_optimizer_state(whole.blob, where))
+
+    def _check_not_stale(self, version: int) -> None:
+        """Fail at once if our shard of the start version is gone (it is deleted two steps
+        after its successor exists): this invocation arrived long after its peers moved on."""
+        r = self.payload.rank
+        key = self.keys.param(version, r)
+        if not self.store.client(r).exists(key):
+            raise StaleVersionError(
+                f"rank {r} was invoked to start at iteration {version}, but version {version} is "
+                f"no longer in the store ({key}): a late duplicate or retry; its peers have "
+                "moved on without it"
+            )
 
     def _read_state(self, version: int, shard: int) -> ShardState:
         state = read_optim_state(self.store, self.keys, version, shard)
