@@ -53,7 +53,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 from smlt.errors import ConfigError
 
@@ -91,15 +91,7 @@ FaultPhase = Literal[
     "before-report",
     "during-checkpoint",
 ]
-PHASES: tuple[FaultPhase, ...] = (
-    "start",
-    "during-upload",
-    "after-upload",
-    "after-publish",
-    "during-gather",
-    "before-report",
-    "during-checkpoint",
-)
+PHASES: tuple[FaultPhase, ...] = get_args(FaultPhase)
 
 _FORM = (
     "ACTION:rank=R:iteration=T[:phase=P], ACTION one of "

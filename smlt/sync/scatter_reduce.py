@@ -39,8 +39,9 @@ Hooks for fault injection (``on_phase(phase, t)``) mark the points where a worke
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -172,9 +173,7 @@ class ScatterReduce(Exchange):
         started: float,
         side: Any,
     ) -> np.ndarray:
-        uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
-        self._uploads = uploads
-        try:
+        with self._uploading(t, grad, started, side, phases):
             published = self.published_shard(t + 1)
             self.adopted = published is not None
             if published is None:
@@ -194,14 +193,25 @@ class ScatterReduce(Exchange):
             gather_started = time.monotonic()
             full = self._gather(t + 1, published, out, t)
             phases.dl_grad_s = time.monotonic() - gather_started
+        return full
+
+    @contextlib.contextmanager
+    def _uploading(
+        self, t: int, grad: np.ndarray, started: float, side: Any, phases: PhaseTimes
+    ) -> Iterator[None]:
+        """Upload our slices on the upload thread while the body runs (a NIC is full duplex).
+
+        Never leaves an upload running behind a failed body: if the body failed, its own error
+        is the one to report; an upload's error surfaces only after an otherwise good body."""
+        uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
+        self._uploads = uploads
+        try:
+            yield
         finally:
-            # Never leave an upload running behind a failed step. If the step failed, its own
-            # error is the one to report; an upload error surfaces only on an otherwise good step.
             upload_error = uploads.exception()
         if upload_error is not None:
             raise upload_error
         phases.ul_shard_s = uploads.result()
-        return full
 
     def published_shard(self, version: int) -> codec.Frame | None:
         """This rank's parameter shard of ``version`` if some invocation of this rank already
@@ -230,9 +240,7 @@ class ScatterReduce(Exchange):
         :meth:`publish` with the new parameters once the optimizer has stepped.
         """
         phases, started = self._begin(grad)
-        uploads = self._uploader.submit(self._upload_slices, t, grad, started, side)
-        self._uploads = uploads
-        try:
+        with self._uploading(t, grad, started, side, phases):
             key = self.keys.mean_grad(t, self.rank)
             header = codec.FrameHeader("mgrad", self.keys.job, t, self.rank)
             frame = self.store.get(self.rank, key)
@@ -272,11 +280,6 @@ class ScatterReduce(Exchange):
                     first = False
                     self.on_phase("during-gather", t)
             phases.dl_grad_s = time.monotonic() - gather_started
-        finally:
-            upload_error = uploads.exception()
-        if upload_error is not None:
-            raise upload_error
-        phases.ul_shard_s = uploads.result()
         self._end(phases, started)
         return full
 
