@@ -2,9 +2,9 @@
 the digits example), whose final parameters must equal those of a run without the fault.
 
 Runs are ``smlt.train`` calls in this process (one warm Ray for the module, the scheduler on a
-thread: tests/conftest.py ``in_process_runs``), except where the driver itself must die: that run
-is a ``smlt train`` subprocess, killed as a user's terminal would be, then resumed. Kill and raise
-at every phase of a step are in tests/test_fault_phases.py.
+thread: tests/conftest.py ``in_process_runs``). Kill and raise at every phase of a step are in
+tests/test_fault_phases.py; a driver SIGKILLed mid-run and resumed (bit-identical, in a new
+session) is in tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -135,33 +133,6 @@ def _wait_for_checkpoint(objects: Path, run_dir: Path, alive: Any) -> None:
         if time.monotonic() > deadline or not alive():
             pytest.fail("no checkpoint was committed within 120 s")
         time.sleep(0.1)
-
-
-def test_driver_killed_then_resume_finishes_identically(
-    in_process_runs: Path, slow: str, baseline6: Path
-) -> None:
-    out = in_process_runs / "resumed"
-    objects = in_process_runs / "objects"
-    env = {**os.environ, "SMLT_OBJECT_STORE": str(objects), "SMLT_FAULTS": ""}
-    env.pop("SMLT_SCHEDULER_IN_PROCESS", None)  # the driver as users run it: scheduler in an actor
-    args = ["--epochs", "6", "--batch-size", "128", "--workers", "4", "--seed", "3"]
-    args += ["--checkpoint-every", "5", "--output", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smlt", "train", slow, *args],
-        cwd=in_process_runs,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_for_checkpoint(objects, out, lambda: proc.poll() is None)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and its Redis
-        proc.wait(timeout=30)
-    result = smlt.resume(out)
-    assert_identical(out, baseline6)
-    assert [h["iteration"] for h in result.history] == list(range(2 * ITERATIONS))
 
 
 def _redis_children() -> set[int]:
