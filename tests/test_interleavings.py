@@ -14,7 +14,9 @@ with kill and raise through Ray, the scheduler and the CLI are in tests/test_fau
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ WORKERS = 3
 ITERATIONS = 8
 FAULT_AT = 4
 CHECKPOINT_EVERY = 3  # versions 3 and 6: a during-checkpoint fault at 4 fires writing 6
-CLASSES = ["Regression", "RegressionAdam", "RegressionLBFGS"]
+CLASSES = ["Regression", "RegressionAdam", "RegressionReplicated"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _job(tmp: Path, redis: RedisServer, job: str, task_file: Path, cls: str) -> ThreadedJob:
+def _job(
+    tmp: Path, redis: RedisServer, job: str, task_file: Path, cls: str, **extra: Any
+) -> ThreadedJob:
     return ThreadedJob(
         tmp,
         redis,
@@ -52,6 +56,7 @@ def _job(tmp: Path, redis: RedisServer, job: str, task_file: Path, cls: str) -> 
         iterations=ITERATIONS,
         batch_size=50,
         options={"checkpoint_every": CHECKPOINT_EVERY},
+        **extra,
     )
 
 
@@ -103,7 +108,7 @@ def _shard(objects: ObjectStore, job: str, version: int, kind: str) -> tuple[byt
     return frame.array.tobytes(), frame.side
 
 
-@pytest.mark.parametrize("cls", ["RegressionAdam", "RegressionLBFGS"])
+@pytest.mark.parametrize("cls", ["RegressionAdam", "RegressionReplicated"])
 def test_two_copies_of_a_rank_at_once_change_nothing(
     cls: str,
     tmp_path: Path,
@@ -135,3 +140,41 @@ def test_the_adopting_replacement_reloads_the_optimizer_state(
     )
     assert got.attempts == {0: 1, 1: 0, 2: 1}
     assert_same(got, clean_runs["Regression"])
+
+
+def test_a_late_duplicate_fails_at_once_and_changes_nothing(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    task_file: Path,
+    job_id: str,
+    clean_runs: dict[str, Outcome],
+) -> None:
+    """A copy delivered after its twin moved on finds its start version deleted: it must fail
+    at once (not wait the shard timeout), and write nothing that changes the result."""
+    job = _job(tmp_path, redis_server, job_id, task_file, "RegressionAdam")
+    started = time.monotonic()
+    got = job.run(duplicate=1, duplicate_after=4)
+    assert_same(got, clean_runs["RegressionAdam"])
+    [stale] = got.stale
+    assert "version 0 is no longer in the store" in str(stale)
+    assert time.monotonic() - started < 20  # the shard timeout is 30 s
+
+
+@pytest.mark.parametrize("cls", ["RegressionAdam", "RegressionReplicated"])
+def test_values_split_into_chunks_change_nothing_either(
+    cls: str,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    task_file: Path,
+    job_id: str,
+    clean_runs: dict[str, Outcome],
+) -> None:
+    """Every frame over 256 bytes (so every parameter, state and gradient frame) is stored as
+    chunks, as a model over Redis's 512 MB value limit is: with a rank re-run after publishing
+    and a duplicate, the result is still the clean run's."""
+    job = _job(tmp_path, redis_server, job_id, task_file, cls, max_value_bytes=256)
+    got = job.run(f"raise:rank=1:iteration={FAULT_AT}:phase=after-publish", duplicate=2)
+    assert got.attempts[1] == 1
+    assert_same(got, clean_runs[cls])
+    chunks = list(job.store.client(0).scan_iter(f"smlt:{job_id}:*:c0"))
+    assert chunks, "nothing was chunked"

@@ -468,9 +468,12 @@ def test_a_duplicate_whose_copy_fails_needs_no_re_invocation(
     )
     summary = run.run()
     assert iterations(summary) == list(range(8))
-    [failure] = summary["failures"]
-    assert failure["duplicate"] and failure["attempt"] == 0 and failure["recovery_s"] is None
-    assert "copy 2 of rank 1 fails" in failure["cause"]
+    # The failing copy is recorded if it failed before its twin finished (the twin's success
+    # stops it otherwise); either way nothing is re-invoked.
+    for failure in summary["failures"]:
+        assert failure["duplicate"] and failure["attempt"] == 0 and failure["recovery_s"] is None
+        assert "copy 2 of rank 1 fails" in failure["cause"]
+    assert len(summary["failures"]) <= 1
     assert summary["invocations"] == 3
 
 

@@ -9,6 +9,7 @@ the end-to-end path is tested elsewhere (tests/test_fault_tolerance.py, tests/te
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from smlt.client.artifacts import package_task
+from smlt.errors import StaleVersionError
 from smlt.protocol.faults import InjectedFault
 from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import WorkerPayload
@@ -40,6 +42,7 @@ class Outcome:
     attempts: dict[int, int]
     checkpoints: CheckpointStore
     reports: list[dict[str, str]] = field(default_factory=list)
+    stale: list[StaleVersionError] = field(default_factory=list)
 
     @property
     def optimizer_bytes(self) -> bytes:
@@ -62,6 +65,7 @@ class ThreadedJob:
         batch_size: int = 64,
         seed: int = 0,
         options: dict[str, Any] | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self.job = job
         self.redis = redis
@@ -75,11 +79,18 @@ class ThreadedJob:
         self.manifest: ArtifactManifest = package_task(f"{task_file}:{cls}", self.objects, job)
         self.task: Task = load_packaged_task(self.objects, self.manifest, tmp_path / "cache")
         self.keys = JobKeys(job)
-        self.store = ParameterStore.from_urls(redis.url)
+        self.max_value_bytes = max_value_bytes
+        self.store = self._store()
         torch.manual_seed(seed)
-        self.initial = FlatModel(self.task.model()).values_numpy().copy()
-        publish_version(self.store, self.keys, 0, Version.initial(self.initial), workers)
+        version0 = Version.initial(FlatModel(self.task.model()))
+        self.initial = version0.values
+        publish_version(self.store, self.keys, 0, version0, workers)
         self.checkpoints = CheckpointStore(self.objects, job)
+
+    def _store(self) -> ParameterStore:
+        if self.max_value_bytes is None:
+            return ParameterStore.from_urls(self.redis.url)
+        return ParameterStore.from_urls(self.redis.url, max_value_bytes=self.max_value_bytes)
 
     def payload(self, rank: int, attempt: int, start: int, faults: str) -> WorkerPayload:
         return WorkerPayload(
@@ -108,28 +119,47 @@ class ThreadedJob:
         return max(done) + 1 if done else 0
 
     def run(
-        self, faults: str = "", *, duplicate: int | None = None, timeout_s: float = 120
+        self,
+        faults: str = "",
+        *,
+        duplicate: int | None = None,
+        duplicate_after: int | None = None,
+        timeout_s: float = 120,
     ) -> Outcome:
         """Run every rank to the end; a rank that raises an injected fault is re-invoked.
-        ``duplicate`` runs that rank twice at once from the start (at-least-once delivery)."""
+        ``duplicate`` runs that rank twice from the start (at-least-once delivery): at once, or
+        once the rank has reported iteration ``duplicate_after`` (a late copy, which must fail
+        at once with StaleVersionError; it lands in ``Outcome.stale``)."""
         values: list[np.ndarray | None] = [None] * self.workers
         attempts = dict.fromkeys(range(self.workers), 0)
         errors: list[BaseException] = []
+        stale: list[StaleVersionError] = []
 
         def rank_thread(rank: int, copy: int = 0) -> None:
             attempt, start = 0, 0
             try:
+                if copy and duplicate_after is not None:
+                    deadline = time.monotonic() + timeout_s
+                    while self.position(rank) <= duplicate_after:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("the late copy's twin never got there")
+                        time.sleep(0.01)
                 while True:
                     payload = self.payload(rank, attempt, start, faults)
                     reader = DataReader(
                         self.objects, self.manifest, self.tmp_path / f"cache-{rank}-{copy}"
                     )
-                    store = ParameterStore.from_urls(self.redis.url)
+                    store = self._store()
                     trainer = Trainer(
                         payload, self.task, reader, store, checkpoints=self.checkpoints
                     )
                     try:
                         report = trainer.run()
+                    except StaleVersionError as exc:
+                        if not copy:
+                            raise
+                        stale.append(exc)
+                        return
                     except InjectedFault:
                         attempt += 1
                         attempts[rank] = max(attempts[rank], attempt)
@@ -161,5 +191,5 @@ class ThreadedJob:
             for _id, f in self.store.client(0).xrange(self.keys.progress())
         ]
         return Outcome(
-            [v for v in values if v is not None], final, attempts, self.checkpoints, reports
+            [v for v in values if v is not None], final, attempts, self.checkpoints, reports, stale
         )

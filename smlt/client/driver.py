@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 import torch
 
 from smlt.actors.resource_manager import Rescale, ResourceManager
@@ -223,7 +222,7 @@ def train(
     manifest = package_task(spec, objects, job_id)
     sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
     torch.manual_seed(seed)
-    initial = FlatModel(user_task.model()).values_numpy()
+    initial = Version.initial(FlatModel(user_task.model()))
     plan = RunPlan(
         job_id=job_id,
         task=spec,
@@ -237,7 +236,7 @@ def train(
         seed=seed,
         total_iterations=epochs * sampler.iterations_per_epoch,
         iterations_per_epoch=sampler.iterations_per_epoch,
-        num_params=initial.size,
+        num_params=initial.values.size,
         shard_timeout_s=shard_timeout_s,
         function_timeout_s=function_timeout_s,
         checkpoint_every=checkpoint_every
@@ -274,7 +273,7 @@ def resume(
 def _execute(
     plan: RunPlan,
     user_task: Task,
-    initial: np.ndarray | None,
+    initial: Version | None,
     redis_url: str | None,
     ray_address: str | None,
     faults: str,
@@ -326,7 +325,7 @@ def _execute(
                 if latest is not None:
                     restore_checkpoint(store, keys, latest, config.workers)
                 elif initial is not None:
-                    publish_version(store, keys, 0, Version.initial(initial), config.workers)
+                    publish_version(store, keys, 0, initial, config.workers)
                 else:
                     raise ConfigError(f"run {plan.job_id} has no committed checkpoint to resume")
                 job = _job_spec(plan, keys.session, redis_urls, start, faults, latest)
@@ -344,6 +343,7 @@ def _execute(
                     store, keys, plan.total_iterations, final_workers, plan.num_params
                 )
                 break
+        torch.manual_seed(plan.seed)  # as the workers build it
         model = user_task.model()
         flat = FlatModel(model)
         flat.values_numpy()[:] = final.values

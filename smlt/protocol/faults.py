@@ -26,6 +26,8 @@ must leave the same bytes as no fault). ``start`` is the default:
 - ``start``: before the iteration does anything;
 - ``during-upload``: after the first gradient slice is uploaded, before the others;
 - ``after-upload``: every gradient slice is uploaded;
+- ``before-announce``: the owner's new shard (parameters, or a replicated step's mean gradient)
+  is written but not yet announced, so nobody waiting for it has been told;
 - ``after-publish``: the owner's new parameter shard (version T + 1) is in the store;
 - ``during-gather``: after the first parameter shard of T + 1 is downloaded;
 - ``before-report``: the step is done, its progress report not yet written;
@@ -86,6 +88,7 @@ FaultPhase = Literal[
     "start",
     "during-upload",
     "after-upload",
+    "before-announce",
     "after-publish",
     "during-gather",
     "before-report",

@@ -11,7 +11,7 @@ the evaluator read versions back in it, so it is part of the scheduler-worker co
 
 Buffers that are not floating point (``num_batches_tracked``, index tables, boolean masks) cannot
 be averaged and are few: they travel beside the vector, in the side value of every parameter
-frame, as the raw bytes of those that differ from what ``model()`` builds (:meth:`discrete_state`).
+frame, as raw bytes (:meth:`discrete_state`).
 """
 
 from __future__ import annotations
@@ -103,17 +103,17 @@ class FlatModel:
         return [_raw(b) for b in self.discrete]
 
     def discrete_state(self) -> dict[str, bytes]:
-        """The non-float buffers that differ from ``model()``'s, as ``{index: raw bytes}``:
-        what a reader needs besides the vector to rebuild the model."""
+        """Every non-float buffer as ``{index: raw bytes}``: what a reader needs besides the
+        vector to rebuild the model. All of them, not only those training changed, so that a
+        reader never depends on building the very same ``model()`` (a random index table built
+        without a seed would otherwise come back different)."""
         return self.discrete_state_of(self.discrete_values())
 
     def discrete_state_of(self, values: list[bytes]) -> dict[str, bytes]:
         """:meth:`discrete_state` for the given values of every non-float buffer."""
-        return {
-            str(i): now
-            for i, (now, initial) in enumerate(zip(values, self._discrete_initial, strict=True))
-            if now != initial
-        }
+        if len(values) != len(self.discrete):
+            raise ValueError(f"{len(values)} values for {len(self.discrete)} non-float buffers")
+        return {str(i): raw for i, raw in enumerate(values)}
 
     def load_discrete(self, state: dict[str, bytes] | None) -> None:
         """Set the non-float buffers: those in ``state`` to its bytes, the others to their

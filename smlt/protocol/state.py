@@ -22,6 +22,7 @@ that finds a parameter shard always finds the optimizer shard beside it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from smlt.errors import CodecError
+from smlt.protocol.model import FlatModel
 from smlt.storage.checkpoint import Checkpoint
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
@@ -335,26 +337,51 @@ class Version:
     optimizer: ShardState
 
     @classmethod
-    def initial(cls, values: np.ndarray) -> Version:
+    def initial(cls, model: FlatModel) -> Version:
         """Version 0: the model as built, no optimizer state yet."""
-        return cls(values, {}, ShardState(0, values.size))
+        values = model.values_numpy().copy()
+        return cls(values, model.discrete_state(), ShardState(0, values.size))
+
+
+def _read_model(
+    read: Callable[[int], tuple[bytes | None, str]],
+    job: str,
+    version: int,
+    workers: int,
+    num_params: int,
+) -> tuple[np.ndarray, dict[str, bytes]]:
+    """The vector and non-float buffers of ``version`` from its ``workers`` parameter frames;
+    ``read(s)`` gives shard s's frame and a name for it (a key, a checkpoint object)."""
+    values = np.empty(num_params, dtype=np.float32)
+    buffers: dict[str, bytes] = {}
+    for s in range(workers):
+        raw, where = read(s)
+        frame = codec.decode_frame(raw, codec.FrameHeader("param", job, version, s), where)
+        sl = shard_slice(num_params, workers, s)
+        if frame.array.size != sl.stop - sl.start:
+            raise CodecError(
+                f"{where}: holds {frame.array.size} values, shard {s} of {workers} over "
+                f"{num_params} has {sl.stop - sl.start} (written under another sharding?)"
+            )
+        values[sl] = frame.array
+        buffers = side_buffers(frame.side, where)
+    return values, buffers
 
 
 def collect_from_store(
     store: ParameterStore, keys: JobKeys, version: int, workers: int, num_params: int
 ) -> Version:
     """The whole state of ``version``, sharded over ``workers`` in the store."""
-    values = np.empty(num_params, dtype=np.float32)
+    values, buffers = _read_model(
+        lambda s: (store.get(s, keys.param(version, s)), keys.param(version, s)),
+        keys.job,
+        version,
+        workers,
+        num_params,
+    )
     states = []
-    buffers: dict[str, bytes] = {}
     for s in range(workers):
         sl = shard_slice(num_params, workers, s)
-        key = keys.param(version, s)
-        frame = codec.decode_frame(
-            store.get(s, key), codec.FrameHeader("param", keys.job, version, s), key
-        )
-        values[sl] = frame.array
-        buffers = side_buffers(frame.side, key)
         state = read_optim_state(store, keys, version, s)
         states.append(state if state is not None else ShardState(sl.start, sl.stop))
     return Version(values, buffers, ShardState.concatenate(states))
@@ -365,16 +392,13 @@ def read_snapshot(
 ) -> tuple[np.ndarray, dict[str, bytes]]:
     """The model (vector and non-float buffers) of ``version`` from the copies its owners kept
     for the evaluator (``snapshot`` keys), which outlive the version's own keys."""
-    values = np.empty(num_params, dtype=np.float32)
-    buffers: dict[str, bytes] = {}
-    for s in range(workers):
-        key = keys.snapshot(version, s)
-        frame = codec.decode_frame(
-            store.get(s, key), codec.FrameHeader("param", keys.job, version, s), key
-        )
-        values[shard_slice(num_params, workers, s)] = frame.array
-        buffers = side_buffers(frame.side, key)
-    return values, buffers
+    return _read_model(
+        lambda s: (store.get(s, keys.snapshot(version, s)), keys.snapshot(version, s)),
+        keys.job,
+        version,
+        workers,
+        num_params,
+    )
 
 
 def publish_version(
@@ -418,19 +442,19 @@ def reshard_store(
 
 def read_checkpoint(checkpoint: Checkpoint, job: str) -> Version:
     """The whole state saved in a committed checkpoint (every shard verified by its hash)."""
-    version = checkpoint.iteration
-    num_params = checkpoint.num_params
-    values = np.empty(num_params, dtype=np.float32)
-    states = []
-    buffers: dict[str, bytes] = {}
-    for s in range(checkpoint.workers):
-        where = f"checkpoint {version} shard {s}"
-        frame = codec.decode_frame(
-            checkpoint.read_shard("param", s), codec.FrameHeader("param", job, version, s), where
-        )
-        values[shard_slice(num_params, checkpoint.workers, s)] = frame.array
-        buffers = side_buffers(frame.side, where)
-        states.append(_decode_state(checkpoint.read_shard("optim", s), job, version, s, where))
+    version, workers = checkpoint.iteration, checkpoint.workers
+    where = f"checkpoint {version} shard"
+    values, buffers = _read_model(
+        lambda s: (checkpoint.read_shard("param", s), f"{where} param-{s}"),
+        job,
+        version,
+        workers,
+        checkpoint.num_params,
+    )
+    states = [
+        _decode_state(checkpoint.read_shard("optim", s), job, version, s, f"{where} optim-{s}")
+        for s in range(workers)
+    ]
     return Version(values, buffers, ShardState.concatenate(states))
 
 

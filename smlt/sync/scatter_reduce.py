@@ -33,8 +33,8 @@ the whole mean and steps the full optimizer, and each owner then publishes its p
 of t + 1 with :meth:`ScatterReduce.publish`, so that the parameter keys always hold parameters.
 
 Hooks for fault injection (``on_phase(phase, t)``) mark the points where a worker can die:
-``during-upload``, ``after-upload`` (on the upload thread), ``after-publish`` and
-``during-gather``.
+``during-upload``, ``after-upload`` (on the upload thread), ``before-announce``,
+``after-publish`` and ``during-gather``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from smlt.errors import CodecError
 from smlt.sync import codec
 from smlt.sync.exchange import UPLOAD_THREAD, Exchange, OrderedFold
 from smlt.sync.keys import JobKeys
@@ -176,7 +177,11 @@ class ScatterReduce(Exchange):
         with self._uploading(t, grad, started, side, phases):
             published = self.published_shard(t + 1)
             self.adopted = published is not None
-            if published is None:
+            if published is not None:
+                # The invocation that wrote it may have died before announcing it: announce
+                # again (peers skip a repeated announcement), or they would wait forever.
+                self.reannounce(t + 1)
+            else:
                 mean, sides = self._reduce_own_shard(t, grad, side)
                 phases.dl_shard_s = time.monotonic() - started
                 aggr_started = time.monotonic()
@@ -213,6 +218,11 @@ class ScatterReduce(Exchange):
             raise upload_error
         phases.ul_shard_s = uploads.result()
 
+    def reannounce(self, version: int) -> None:
+        """Announce our parameter shard of ``version`` (again): announcing is idempotent, and
+        a shard found published must be announced in case its writer died just before."""
+        _announce(self.store, self.keys.param_ready(version), self.rank, self.param_ttl_s)
+
     def published_shard(self, version: int) -> codec.Frame | None:
         """This rank's parameter shard of ``version`` if some invocation of this rank already
         published it (a replacement, a duplicate, or a resume finds it so).
@@ -246,6 +256,8 @@ class ScatterReduce(Exchange):
             frame = self.store.get(self.rank, key)
             if frame is not None:  # a duplicate or replacement: the mean is already there
                 own = codec.decode_frame(frame, header, key)
+                # Its writer may have died before announcing it (peers skip a repetition).
+                _announce(self.store, self.keys.mean_grad_ready(t), self.rank, self.grad_ttl_s)
             else:
                 mean, sides = self._reduce_own_shard(t, grad, side)
                 phases.dl_shard_s = time.monotonic() - started
@@ -259,6 +271,7 @@ class ScatterReduce(Exchange):
                     announce=None,
                     side=combined,
                 )
+                self.on_phase("before-announce", t)
                 _announce(self.store, self.keys.mean_grad_ready(t), self.rank, self.grad_ttl_s)
                 own = codec.Frame(mean, combined)
             self.combined_side = own.side
@@ -337,6 +350,11 @@ class ScatterReduce(Exchange):
         for peer in peers:
             key = self.keys.grad(t, r, peer)
             got = self._receive_frame(r, key, codec.FrameHeader("grad", job, t, r, peer))
+            if got.array.size != fold.acc.size:
+                raise CodecError(
+                    f"{key}: a slice of {got.array.size} values for shard {r} of {fold.acc.size} "
+                    "(written under another sharding: a stale invocation?)"
+                )
             sides[peer] = got.side
             with self.cpu_work():
                 fold.add(peer, got.array)
@@ -359,7 +377,8 @@ class ScatterReduce(Exchange):
             extra=result.extra,
             side=result.side,
         )
-        _announce(self.store, self.keys.param_ready(version), r, self.param_ttl_s)
+        self.on_phase("before-announce", t)
+        self.reannounce(version)
         # Everything of step t stays one more step: a replacement for a worker that died during
         # step t restarts at t and needs version t and the slices of t; a duplicate owner racing
         # this one needs them too. What step t-1 wrote goes now, rather than holding (3n-2)G per
@@ -427,4 +446,11 @@ class ScatterReduce(Exchange):
         )
         for s in announced:
             key, header = where(s)
-            yield s, self._receive_frame(s, key, header)
+            frame = self._receive_frame(s, key, header)
+            size = self.slices[s].stop - self.slices[s].start
+            if frame.array.size != size:
+                raise CodecError(
+                    f"{key}: holds {frame.array.size} values, shard {s} of {self.workers} has "
+                    f"{size} (written under another sharding: a stale invocation?)"
+                )
+            yield s, frame

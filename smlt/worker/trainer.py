@@ -333,7 +333,9 @@ class Trainer:
         assert self.optimizer is not None and self._before is not None
         if self.exchange.published_shard(t + 1) is not None:
             # Some invocation of this rank finished this step: every owner had reduced, so
-            # nobody needs our gradient; take the published version instead of recomputing it.
+            # nobody needs our gradient; take the published version instead of recomputing it
+            # (announcing our shard again: its writer may have died before it could).
+            self.exchange.reannounce(t + 1)
             self._load_state(t + 1)
             return
         mean = self.exchange.allreduce(t, grad, out=self._mean, side=side)
