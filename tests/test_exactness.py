@@ -525,3 +525,38 @@ def test_tolerance_catches_a_wrongly_scaled_gradient(tmp_path: Path, factor: flo
     assert caught == list(expected), (
         f"a gradient scaled by {factor:.3f} passes for {set(expected) - set(caught)}"
     )
+
+
+DROPOUT_DIGITS = """
+
+class DropoutDigits(Digits):
+    def model(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 10)
+        )
+"""
+
+
+def test_the_readmes_replay_loop_runs_as_printed_and_is_the_reference(tmp_path: Path) -> None:
+    """The loop the README gives users to replay a run is exactly tests/reference.py's (a
+    dropout model, so the seeding matters as much as the batches)."""
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    section = (repo / "README.md").read_text().split("### What n workers promise")[1]
+    [loop] = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
+    task_file = tmp_path / "dropout_digits.py"
+    task_file.write_text((repo / "examples" / "digits.py").read_text() + DROPOUT_DIGITS)
+    task = smlt.task.load_task(f"{task_file}:DropoutDigits")
+    scope = {"torch": torch, "smlt": smlt, "task": task, "seed": 3, "epochs": 1, "batch_size": 256}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(loop, scope)
+    finally:
+        torch.set_num_threads(previous)
+    expected = reference_state_dict(task, epochs=1, batch_size=256, seed=3)
+    got = scope["model"].state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -58,16 +58,19 @@ def global_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int) 
     ``smlt train --seed SEED --batch-size B`` trains on them, whatever the number of workers.
 
     With :func:`iteration_seed`, this lets anyone replay an smlt run with a plain PyTorch loop
-    (``tests/reference.py`` does, and the test suite holds smlt to it)::
+    (``tests/reference.py`` does, and the test suite holds smlt to it; the README has the
+    loop, and a test runs it as printed there)::
 
+        x, y = task.data()
         torch.manual_seed(seed); model = task.model(); opt = task.optimizer(model)
+        t = 0
         for epoch in range(epochs):
-            for b, idx in enumerate(smlt.global_batches(n, B, seed=seed, epoch=epoch)):
-                t = epoch * len(batches) + b
+            for idx in smlt.global_batches(len(x), batch_size, seed=seed, epoch=epoch):
                 opt.zero_grad()
                 torch.manual_seed(smlt.iteration_seed(seed, t))
-                task.loss(model, tuple(x[idx] for x in data)).backward()
+                task.loss(model, (x[idx], y[idx])).backward()
                 opt.step()
+                t += 1
     """
     if epoch < 0:
         raise ConfigError(f"epoch must be >= 0, got {epoch}")
