@@ -155,3 +155,23 @@ def test_a_failing_evaluation_is_reported_and_training_finishes(
     assert [e["epoch"] for e in result.epoch_metrics] == [0, 1]  # recorded, without metrics
     assert result.final_metrics == {}
     assert (result.output_dir / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_an_evaluation_over_its_time_bound_is_given_up_and_training_finishes(
+    in_process_runs: Path, eval_tasks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import smlt
+
+    monkeypatch.setenv("SMLT_EVAL_TIMEOUT_S", "1")  # SlowEval sleeps 3 s
+    result = smlt.train(
+        f"{eval_tasks}:SlowEval",
+        epochs=2,
+        batch_size=256,
+        workers=2,
+        output=in_process_runs / "eval-timeout",
+    )
+    [failure] = [f for f in result.failures if "evaluation" in f]
+    assert "took over 1 s" in failure["cause"]
+    assert [e["epoch"] for e in result.epoch_metrics] == [0, 1]
+    assert result.final_metrics == {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ from smlt.actors.failures import FailurePolicy, RetryPolicy
 from smlt.actors.progress import CheckpointReady, EvaluationDue, ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
-from smlt.errors import ConfigError, SmltError, StoreUnavailableError, TrainingError
+from smlt.errors import ConfigError, SmltError, StoreUnavailableError, TaskError, TrainingError
 from smlt.protocol.control import request_stop
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.payload import WorkerPayload, WorkerReport
@@ -57,6 +58,7 @@ from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore
 
 __all__ = [
+    "DEFAULT_EVAL_TIMEOUT_S",
     "DEFAULT_WORKER_TIMEOUT_S",
     "JobSpec",
     "RetryPolicy",
@@ -67,6 +69,8 @@ __all__ = [
 #: Upper bound on one invocation when the backend has no time limit of its own (Ray).
 DEFAULT_WORKER_TIMEOUT_S = 24 * 3600.0
 _PROGRESS_BLOCK_MS = 500
+#: Longest one evaluate() may take before evaluation is given up (the run is not).
+DEFAULT_EVAL_TIMEOUT_S = float(os.environ.get("SMLT_EVAL_TIMEOUT_S", "3600"))
 # How long the scheduler waits for the follower to read what is already in the stream.
 _CATCH_UP_S = 5.0
 _UNLINK_BATCH = 1000
@@ -92,6 +96,7 @@ class JobSpec:
     checkpoint_every: int = 0
     #: Committed checkpoints kept in the object store; older ones are pruned after each commit.
     keep_checkpoints: int = 2
+    eval_timeout_s: float = DEFAULT_EVAL_TIMEOUT_S
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 15.0
     startup_timeout_s: float = 120.0
@@ -690,9 +695,15 @@ class TaskScheduler:
                     if self._evaluation_error is not None:
                         self.log.add_epoch(due.entry)
                         continue
-                    metrics = await trio.to_thread.run_sync(
-                        self.evaluator.evaluate, values, buffers
-                    )
+                    with trio.move_on_after(self.spec.eval_timeout_s) as bound:
+                        metrics = await trio.to_thread.run_sync(
+                            self.evaluator.evaluate, values, buffers, abandon_on_cancel=True
+                        )
+                    if bound.cancelled_caught:  # the thread is abandoned, not waited for
+                        raise TaskError(
+                            f"evaluate() took over {self.spec.eval_timeout_s:g} s "
+                            "(SMLT_EVAL_TIMEOUT_S); evaluation stopped, training goes on"
+                        )
                 except SmltError as exc:
                     self._evaluation_error = str(exc)
                     self._record_failure({"evaluation": iteration, "cause": str(exc)})

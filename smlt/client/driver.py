@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from smlt.actors.resource_manager import Rescale, ResourceManager
-from smlt.actors.scheduler import JobSpec
+from smlt.actors.scheduler import DEFAULT_EVAL_TIMEOUT_S, JobSpec
 from smlt.client.artifacts import package_task
 from smlt.client.report import plot_run, write_result
 from smlt.errors import (
@@ -433,6 +433,7 @@ def _job_spec(
         function_timeout_s=plan.function_timeout_s,
         checkpoint_every=plan.checkpoint_every,
         keep_checkpoints=plan.keep_checkpoints,
+        eval_timeout_s=float(os.environ.get("SMLT_EVAL_TIMEOUT_S", str(DEFAULT_EVAL_TIMEOUT_S))),
         heartbeat_timeout_s=plan.heartbeat_timeout_s,
         faults=faults,
         history=tuple(meta.get("history", ())),
