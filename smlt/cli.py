@@ -392,6 +392,8 @@ def _print_summary(result: Any) -> None:
         table.add_row("final training loss", f"{result.history[-1]['loss']:.4f}")
     cfg = result.configs[-1]
     table.add_row("workers x memory", f"{cfg['workers']} x {cfg['memory_mb']} MB")
+    if result.optimizer:
+        table.add_row("optimizer", f"{result.optimizer['class']}, {result.optimizer['mode']}")
     table.add_row(
         "iterations", f"{result.iterations} ({result.epochs} epochs of batch {result.batch_size})"
     )

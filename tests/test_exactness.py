@@ -339,6 +339,11 @@ def _train(runs: Path, name: str, workers: int) -> dict[str, torch.Tensor]:
         output=output,
     )
     assert result.iterations == ITERATIONS
+    # The summary says how the optimizer ran: the four built-in classes sharded, the rest
+    # (subclasses included) replicated.
+    built_in = name in ("SGDMomentum", "AdamRegression", "AdamWRegression", "RMSpropRegression")
+    if name in OPTIMIZER_TASKS:
+        assert result.optimizer["mode"] == ("sharded" if built_in else "replicated"), name
     state: dict[str, torch.Tensor] = torch.load(output / "model.pt")
     return state
 

@@ -62,6 +62,7 @@ from smlt.sync.keys import JobKeys, validate_job_id
 from smlt.sync.store import DEFAULT_SHARD_TIMEOUT_S, ParameterStore
 from smlt.task import Task, load_task, run_evaluate
 from smlt.worker.handler import remove_cache
+from smlt.worker.optim import is_shardable
 from smlt.worker.sampler import GlobalBatchSampler
 
 __all__ = [
@@ -109,6 +110,9 @@ class TrainResult:
     object_store: str
     failures: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
+    #: The optimizer's class and how the workers run it: "sharded" (each owner steps its
+    #: shard, 1/n of the state each) or "replicated" (every worker steps all of it).
+    optimizer: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -376,6 +380,7 @@ def _execute(
         object_store=objects.url,
         failures=summary["failures"] + [{"store_lost": r} for r in recoveries],
         checkpoints=summary["checkpoints"],
+        optimizer=_optimizer_mode(user_task),
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
@@ -397,6 +402,24 @@ def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job
 def _new_session() -> str:
     """A fresh session token: 8 hex digits, a valid key component."""
     return validate_job_id(secrets.token_hex(4))
+
+
+def _optimizer_mode(task: Task) -> dict[str, str]:
+    """How the workers run the task's optimizer, for the summary: a replicated optimizer costs
+    n times its state's memory, which a user of a subclass may not expect."""
+    torch.manual_seed(0)
+    model = task.model()
+    FlatModel(model)  # as workers build it: the optimizer sees the re-pointed parameters
+    optimizer = task.optimizer(model)
+    sharded = is_shardable(optimizer)
+    return {
+        "class": type(optimizer).__name__,
+        "mode": "sharded" if sharded else "replicated",
+        "why": "elementwise: each owner steps its shard"
+        if sharded
+        else "not one of smlt's elementwise classes (a subclass may look across elements): "
+        "every worker steps all of it",
+    }
 
 
 def _final_metrics(epochs: list[dict[str, Any]], total_iterations: int) -> dict[str, float] | None:

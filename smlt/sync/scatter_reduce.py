@@ -12,7 +12,9 @@ Worker ``r`` of ``n`` owns shard ``r`` of the flat float32 gradient. One step:
 
 Per worker this moves ``G`` up and ``2(n-1)G/n`` down; the store carries ``(3n-2)G``
 (platform-facts.md), against ``n^2 G`` for all-to-all and one aggregator's ``nG`` for the
-centralized scheme.
+centralized scheme. A stateful optimizer adds its state: each owner also writes its state
+shard with every new parameter shard (``2G/n`` for Adam's two moments), so that whoever runs
+the next step, a replacement included, resumes from it exactly.
 
 Two things make it run close to its floor: uploads run on their own thread while the owner
 downloads (a NIC is full duplex), and each worker sends its slices in rotated order (to ``r+1``
