@@ -27,6 +27,8 @@ the rank, the file, the method.
     │   ├── WorkerError              the worker's handler raised (carries the remote traceback)
     │   └── CapacityError            the cluster cannot hold the requested workers x memory
     └── TrainingError                a run that cannot continue (repeated failure, diverged loss)
+
+    SmltWarning (a UserWarning)      a run that works but wastes: idle workers, a cut batch
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "RedisServerError",
     "ShardTimeoutError",
     "SmltError",
+    "SmltWarning",
     "StaleVersionError",
     "StoreError",
     "StoreFullError",
@@ -164,3 +167,8 @@ class CapacityError(BackendError):
 
 class TrainingError(SmltError):
     """The run cannot continue: a failure that repeats, or a loss that is not finite."""
+
+
+class SmltWarning(UserWarning):
+    """A configuration that runs but not as asked, or wastes money: the batch was cut to the
+    data set, workers that get no sample are billed. Also recorded in ``result.json``."""

@@ -61,13 +61,26 @@ def run_ranks(workers: int, fn: Callable[[int], Any], timeout_s: float = 60) -> 
     return results
 
 
-@pytest.fixture(scope="module")
-def in_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """For modules that call ``smlt.train`` many times in this process: one local Ray for the
-    module (its worker processes stay warm between runs), the scheduler on a thread instead of
-    an actor, and a private object store. Yields a scratch folder for outputs."""
+@pytest.fixture(scope="session")
+def _shared_ray() -> Iterator[dict[str, bool]]:
+    """One local Ray for every module that trains in this process, so that each does not pay
+    Ray's start and its workers' cold start again; shut down at the end of the session (a
+    module that needs a Ray of its own, tests/test_ray_backend.py, shuts it down first)."""
     import ray
 
+    state = {"started": False}
+    yield state
+    if state["started"] and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def in_process_runs(
+    tmp_path_factory: pytest.TempPathFactory, _shared_ray: dict[str, bool]
+) -> Iterator[Path]:
+    """For modules that call ``smlt.train`` many times in this process: the session's local
+    Ray (its worker processes stay warm between runs), the scheduler on a thread instead of an
+    actor, and a private object store. Yields a scratch folder for outputs."""
     from smlt.backends.ray_backend import ensure_ray
 
     root = tmp_path_factory.mktemp("runs")
@@ -75,12 +88,9 @@ def in_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("SMLT_SCHEDULER_IN_PROCESS", "1")
         patch.setenv("SMLT_OBJECT_STORE", str(root / "objects"))
         patch.setenv("SMLT_FAULTS", "")
-        started = ensure_ray()
-        try:
-            yield root
-        finally:
-            if started:
-                ray.shutdown()
+        if ensure_ray():
+            _shared_ray["started"] = True
+        yield root
 
 
 @pytest.fixture

@@ -291,6 +291,8 @@ def _session_keys(client: redis.Redis, job: str, session: str) -> list[bytes]:
 def test_resume_on_a_users_redis_starts_a_session_and_drops_the_dead_ones_keys(
     tmp_path: Path, in_process_runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also the security check of a password that arrives through ``SMLT_REDIS_URL``: nothing
+    the train command prints, no file of the run and no error shows it."""
     import smlt
     from smlt.client.driver import resume
 
@@ -302,34 +304,84 @@ def test_resume_on_a_users_redis_starts_a_session_and_drops_the_dead_ones_keys(
         # A run on the user's Redis whose driver is SIGKILLed after its first checkpoint.
         marker = uuid.uuid4().hex
         env = {**os.environ, "SMLT_TEST_MARKER": marker, "SMLT_REDIS_URL": server.url}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "smlt", "train", "task.py:Slow", *SLOW_ARGS, "--output", "run"],
-            env={**env, "SMLT_OBJECT_STORE": str(tmp_path / "objects")},
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            plan = _wait_for_first_checkpoint(tmp_path / "run", tmp_path / "objects")
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        with (tmp_path / "train.out").open("wb") as out, (tmp_path / "train.err").open("wb") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "smlt",
+                    "train",
+                    "task.py:Slow",
+                    *SLOW_ARGS,
+                    "--output",
+                    "run",
+                ],
+                env={**env, "SMLT_OBJECT_STORE": str(tmp_path / "objects")},
+                cwd=tmp_path,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+            try:
+                plan = _wait_for_first_checkpoint(tmp_path / "run", tmp_path / "objects")
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
         _assert_nothing_left(marker)  # no worker of the dead run writes any more
         [dead] = plan["sessions"]
         assert _session_keys(client, plan["job_id"], dead), "the killed run left no keys"
+
+        # The same password on a port nobody listens on: the error names the URL, redacted.
+        closed = server.url.replace(f":{server.port}/", ":1/")
+        failed, _ = _smlt(["resume", "run"], tmp_path, 120, {"SMLT_REDIS_URL": closed})
+        assert failed.returncode == 2
+        assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in failed.stderr
 
         leftovers: list[int] = []
 
         def progress(_status: dict[str, object]) -> None:
             leftovers.append(len(_session_keys(client, plan["job_id"], dead)))
 
-        result = resume("run", redis_url=server.url, progress=progress)
+        # The user edits the task file after the run started and resumes from another folder:
+        # the resume runs the code the workers ran, found through the run folder alone.
+        (tmp_path / "task.py").write_text(SLOW_TASK.replace("lr=", "lr=10 * "))
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        result = resume(tmp_path / "run", redis_url=server.url, progress=progress)
         sessions = json.loads((tmp_path / "run" / "run.json").read_text())["sessions"]
         assert sessions[0] == dead and len(sessions) == 2 and sessions[1] != dead
         assert leftovers and set(leftovers) == {0}, "the dead session's keys were still there"
         assert not list(client.scan_iter(f"smlt:{plan['job_id']}:*"))  # the end removes the rest
+        secret = server.password
+        result_json = json.loads((tmp_path / "run" / "result.json").read_text())
+        assert "redis://:***@127.0.0.1" in result_json["redis"]
+        helped, _ = _smlt(["train", "--help"], tmp_path, 60, {"SMLT_REDIS_URL": server.url})
+        assert helped.returncode == 0
+    again, _ = _smlt(["resume", str(tmp_path / "run")], tmp_path, 60)
+    assert again.returncode == 2 and "finished" in again.stderr
+    assert "nothing to resume" in again.stderr, again.stderr
+    for shown in (failed, helped):
+        assert secret not in shown.stdout + shown.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"train.err", "run.json", "result.json", "model.pt", "loss.png"} <= {
+        p.name for p in files
+    }
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
     assert [h["iteration"] for h in result.history] == list(range(baseline.iterations))
+    # The record covers the whole run: the killed part (its last status) and the resume.
+    first, second = result_json["parts"]
+    assert (first["command"], first["ended"]) == ("train", "died")
+    assert (second["command"], second["ended"]) == ("resume", "finished")
+    assert first["cost_usd"] > 0 and second["from_iteration"] <= first["to_iteration"]
+    assert result_json["cost_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"])
+    assert result_json["wall_s"] == pytest.approx(first["wall_s"] + second["wall_s"])
+    parts = [h["part"] for h in result.history]
+    assert parts == sorted(parts) and set(parts) == {0, 1}
+    times = [h["wall_s"] for h in result.history]
+    assert times == sorted(times), "the history's clock went backwards at the resume"
+    # The killed part could not report its generations; the resume's are marked as its own.
+    assert result.generations and {g["part"] for g in result.generations} == {1}
     expected, actual = torch.load(baseline.model_path), torch.load(result.model_path)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -347,33 +399,3 @@ def _wait_for_first_checkpoint(run_dir: Path, objects: Path) -> dict[str, Any]:
                 return plan
         time.sleep(0.05)
     pytest.fail("no checkpoint was committed within 180 s")
-
-
-@pytest.mark.slow
-def test_a_redis_password_from_the_environment_is_never_printed_or_written(
-    tmp_path: Path,
-) -> None:
-    (tmp_path / "task.py").write_text(GOOD_TASK)
-    with RedisServer() as server:
-        secret = server.password
-        env = {"SMLT_REDIS_URL": server.url}
-        args = ["--workers", "2", "--epochs", "2", "--batch-size", "16", "--output", "out"]
-        proc, marker = _smlt(["train", "task.py:T", *args], tmp_path, 240, env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert (
-            "redis://:***@127.0.0.1"
-            in json.loads((tmp_path / "out/result.json").read_text())["redis"]
-        )
-        # The same password on a port nobody listens on: the error names the URL, redacted.
-        closed = server.url.replace(f":{server.port}/", ":1/")
-        failed, _ = _smlt(["resume", "out"], tmp_path, 120, {"SMLT_REDIS_URL": closed})
-        assert failed.returncode == 2
-        assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in failed.stderr
-        helped, _ = _smlt(["train", "--help"], tmp_path, 60, env)
-        assert helped.returncode == 0
-    for shown in (proc, failed, helped):
-        assert secret not in shown.stdout + shown.stderr
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert {"run.json", "result.json", "model.pt", "loss.png"} <= {p.name for p in files}
-    assert [p for p in files if secret.encode() in p.read_bytes()] == []
-    _assert_nothing_left(marker)

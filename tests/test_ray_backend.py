@@ -39,7 +39,7 @@ RUNTIME_ENV = {"env_vars": {"PYTHONPATH": TESTS_DIR}}
 def ray_owner() -> Iterator[RayBackend]:
     """The backend that starts Ray (2 CPUs) for the module and shuts it down at the end."""
     if ray.is_initialized():
-        pytest.fail("Ray is already running: this module needs a 2-CPU Ray of its own")
+        ray.shutdown()  # the session's shared Ray (tests/conftest.py): this module needs its own
     owner = RayBackend(num_cpus=2)
     owner.connect()
     assert owner.statistics()["started_ray"]

@@ -207,6 +207,7 @@ class TaskScheduler:
     def status(self) -> dict[str, Any]:
         """A snapshot for progress displays; cheap, callable while ``run`` works."""
         snap = self.log.snapshot()
+        committed = self.committer.committed()
         with self._lock:
             return {
                 **snap,
@@ -219,6 +220,7 @@ class TaskScheduler:
                 "memory_mb": self.config.memory_mb,
                 "cost_usd": self._cost(include_running=True),
                 "failures": len(self._failures),
+                "last_checkpoint": max(committed) if committed else None,
                 "error": self._error,
             }
 

@@ -116,6 +116,13 @@ class Backend(ABC):
     @abstractmethod
     def pricing(self) -> Pricing: ...
 
+    def memory_range_mb(self) -> tuple[int, int]:
+        """The memory a function may be given, ``(min, max)``; known without connecting, so
+        that a size out of range is refused before anything starts (backends whose
+        :attr:`limits` connect override this)."""
+        limits = self.limits
+        return limits.min_memory_mb, limits.max_memory_mb
+
     def default_memory_mb(self, workers: int) -> int:
         """Memory per worker when the user gives none: one vCPU's worth (1,769 MB) within the
         backend's range. Backends with a finite cluster override this with what fits."""

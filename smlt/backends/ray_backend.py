@@ -234,6 +234,9 @@ class RayBackend(Backend):
             max_payload_bytes=MAX_PAYLOAD_BYTES,
         )
 
+    def memory_range_mb(self) -> tuple[int, int]:
+        return MIN_MEMORY_MB, self.max_memory_mb
+
     def capacity(self) -> ClusterCapacity:
         """The cluster's alive nodes (see :mod:`smlt.backends.ray_capacity` for why sizes,
         not free room)."""

@@ -37,10 +37,20 @@ import torch
 
 from smlt.actors.resource_manager import Rescale, ResourceManager
 from smlt.actors.scheduler import DEFAULT_EVAL_TIMEOUT_S, JobSpec
+from smlt.backends.base import Backend
 from smlt.client.artifacts import package_task
+from smlt.client.checks import (
+    RUN_FILES,
+    check_request,
+    check_schedule,
+    claim_output,
+    warn_about_waste,
+)
+from smlt.client.record import Part, RunRecord, mark_parts, read_status
 from smlt.client.report import plot_run, write_result
 from smlt.errors import (
     ConfigError,
+    ObjectNotFoundError,
     SmltError,
     StoreUnavailableError,
     TaskError,
@@ -54,7 +64,12 @@ from smlt.protocol.state import (
     publish_version,
     restore_checkpoint,
 )
-from smlt.storage.artifacts import artifact_prefix
+from smlt.storage.artifacts import (
+    ArtifactManifest,
+    artifact_prefix,
+    default_cache_dir,
+    load_packaged_task,
+)
 from smlt.storage.checkpoint import Checkpoint, CheckpointStore
 from smlt.storage.objects import ObjectStore, open_object_store
 from smlt.storage.redis_server import RedisServer, redact_url
@@ -113,6 +128,13 @@ class TrainResult:
     #: The optimizer's class and how the workers run it: "sharded" (each owner steps its
     #: shard, 1/n of the state each) or "replicated" (every worker steps all of it).
     optimizer: dict[str, str] = field(default_factory=dict)
+    #: The executions of the driver the run took (``smlt train``, then one per ``smlt resume``):
+    #: cost, wall time and billed seconds above are their sums; each entry of the lists above
+    #: carries the ``part`` it belongs to.
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    #: What the run was warned about before it started (a batch cut to the data set, idle
+    #: workers).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def model_path(self) -> Path:
@@ -153,6 +175,7 @@ class RunPlan:
     rescales: tuple[tuple[int, int, int | None], ...] = ()
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
     sessions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def save(self) -> None:
         path = Path(self.output_dir) / "run.json"
@@ -168,6 +191,7 @@ class RunPlan:
             data = json.loads(path.read_text())
             data["rescales"] = tuple(tuple(r) for r in data.get("rescales", ()))
             data["sessions"] = tuple(data.get("sessions", ()))
+            data["warnings"] = tuple(data.get("warnings", ()))
             return cls(**data)
         except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{path} is not a run.json that smlt wrote: {exc}") from None
@@ -192,6 +216,7 @@ def train(
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     rescales: tuple[tuple[int, int, int | None], ...] = (),
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
@@ -199,46 +224,62 @@ def train(
     ``task`` is a :class:`Task` instance or ``"path/to/file.py:ClassName"``. Checkpoints go to
     the object store every ``checkpoint_every`` iterations (default: every epoch) and at every
     generation boundary; at most ``keep_checkpoints`` committed ones are kept while it runs, and
-    the newest alone once it succeeded. Raises a :class:`~smlt.errors.SmltError` subclass naming
-    what went wrong.
+    the newest alone once it succeeded. An ``output`` folder that holds another run is refused
+    unless ``overwrite``. Everything that can be checked without Ray or Redis is checked before
+    either starts; ``run.json`` is written only once the run starts, so a run refused before
+    then leaves no file. Raises a :class:`~smlt.errors.SmltError` subclass naming what went
+    wrong; warns (:class:`~smlt.errors.SmltWarning`) about a configuration that runs but wastes.
     """
     spec = _task_spec(task)
     _redis_urls(redis_url)
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if function_timeout_s is not None and function_timeout_s <= 0:
-        raise ConfigError(f"--function-timeout must be positive, got {function_timeout_s}")
-    if keep_checkpoints < 1:
-        raise ConfigError(
-            f"--keep-checkpoints must be >= 1, got {keep_checkpoints}: the newest checkpoint is "
-            "where a failed run resumes from"
-        )
-    faults = _faults()
-    user_task = load_task(spec)
-    _check_redis(redis_url)  # before anything is written to the object store
-    class_name = type(user_task).__name__
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    job_id = f"{class_name.lower()}-{stamp}-{secrets.token_hex(3)}"
-    output_dir = Path(output) if output is not None else Path("runs") / job_id
-    objects = open_object_store(object_store)
-    manifest = package_task(spec, objects, job_id)
-    sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
-    torch.manual_seed(seed)
-    initial = Version.initial(FlatModel(user_task.model()))
-    plan = RunPlan(
-        job_id=job_id,
-        task=spec,
-        backend=backend,
-        output_dir=str(output_dir),
-        object_store=objects.url,
+    backend_options = {"address": ray_address} if backend == "ray" else {}
+    check_request(
+        backend,
+        backend_options=backend_options,
         epochs=epochs,
         batch_size=batch_size,
         workers=workers,
         memory_mb=memory_mb,
+        function_timeout_s=function_timeout_s,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        rescales=rescales,
+    )
+    faults = _faults()
+    user_task = load_task(spec)
+    class_name = type(user_task).__name__
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    job_id = f"{class_name.lower()}-{stamp}-{secrets.token_hex(3)}"
+    output_dir = (Path(output) if output is not None else Path("runs") / job_id).resolve()
+    claim_output(output_dir, overwrite=overwrite)
+    _check_redis(redis_url)  # before anything is written to the object store
+    objects = open_object_store(object_store)
+    manifest = package_task(spec, objects, job_id)
+    try:
+        sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
+        total_iterations = epochs * sampler.iterations_per_epoch
+        check_schedule(rescales, total_iterations)
+        warned = warn_about_waste(
+            manifest.num_samples, batch_size, sampler.batch_size, workers, rescales
+        )
+        torch.manual_seed(seed)
+        initial = Version.initial(FlatModel(user_task.model()))
+    except BaseException:
+        objects.delete_prefix(artifact_prefix(job_id))  # the run never started
+        raise
+    file, _, name = spec.rpartition(":")
+    plan = RunPlan(
+        job_id=job_id,
+        task=f"{Path(file).expanduser().resolve()}:{name}",
+        backend=backend,
+        output_dir=str(output_dir),
+        object_store=objects.url,
+        epochs=epochs,
+        batch_size=sampler.batch_size,
+        workers=workers,
+        memory_mb=memory_mb,
         seed=seed,
-        total_iterations=epochs * sampler.iterations_per_epoch,
+        total_iterations=total_iterations,
         iterations_per_epoch=sampler.iterations_per_epoch,
         num_params=initial.values.size,
         shard_timeout_s=shard_timeout_s,
@@ -249,9 +290,11 @@ def train(
         heartbeat_timeout_s=heartbeat_timeout_s,
         rescales=tuple(rescales),
         keep_checkpoints=keep_checkpoints,
+        warnings=tuple(warned),
     )
-    plan.save()
-    return _execute(plan, user_task, initial, redis_url, ray_address, faults, progress)
+    return _execute(
+        plan, user_task, initial, redis_url, ray_address, faults, progress, overwrite=overwrite
+    )
 
 
 def resume(
@@ -261,17 +304,43 @@ def resume(
     ray_address: str | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Finish a run whose driver died, from its last committed checkpoint."""
+    """Finish a run whose driver died, from its last committed checkpoint.
+
+    The task is the one packaged for the run (the code its workers ran, even if the user's file
+    changed since or is not where it was), and ``run_dir`` is the run's folder wherever it is
+    now: nothing depends on the current folder.
+    """
     _redis_urls(redis_url)
-    plan = RunPlan.load(Path(run_dir))
-    user_task = load_task(plan.task)
-    if CheckpointStore(open_object_store(plan.object_store), plan.job_id).latest() is None:
+    run_dir = Path(run_dir).resolve()
+    plan = RunPlan.load(run_dir)
+    plan = replace(plan, output_dir=str(run_dir))
+    status = read_status(run_dir) or {}
+    if status.get("state") == "finished":
+        raise ConfigError(
+            f"run {plan.job_id} finished ({status.get('updated_at')}): nothing to resume; its "
+            f"result is in {run_dir / 'result.json'}"
+        )
+    objects = open_object_store(plan.object_store)
+    if CheckpointStore(objects, plan.job_id).latest() is None:
         raise ConfigError(
             f"run {plan.job_id} has no committed checkpoint in {plan.object_store}: "
             "nothing to resume from; start it again with smlt train"
         )
+    user_task = _packaged_task(objects, plan.job_id)
     _check_redis(redis_url)
     return _execute(plan, user_task, None, redis_url, ray_address, _faults(), progress)
+
+
+def _packaged_task(objects: ObjectStore, job_id: str) -> Task:
+    """The task as it was packaged for ``job_id``: the source the workers import."""
+    try:
+        manifest = ArtifactManifest.load(objects, job_id)
+    except ObjectNotFoundError:
+        raise ConfigError(
+            f"the packaged code and data of run {job_id} are gone from {objects.url} (removed "
+            "by smlt clean?): the run cannot be resumed; start it again with smlt train"
+        ) from None
+    return load_packaged_task(objects, manifest, default_cache_dir(job_id))
 
 
 def _execute(
@@ -282,8 +351,15 @@ def _execute(
     ray_address: str | None,
     faults: str,
     progress: ProgressFn | None,
+    *,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Run ``plan`` from ``initial`` parameters, or from its latest checkpoint if None.
+    """Run ``plan`` from ``initial`` parameters (a new run), or from its latest checkpoint if
+    None (a resume).
+
+    The run *starts* once Ray is up and the backend holds the configuration: only then is the
+    output folder written (``run.json``, then ``status.json``). A new run refused before that
+    leaves nothing: its packaged code and data are deleted again.
 
     If an embedded Redis dies mid-run, a fresh one is started and the run continues from the
     latest checkpoint (at most ``_REDIS_RESTARTS`` times): Redis holds only what a checkpoint
@@ -294,71 +370,91 @@ def _execute(
     checkpoints = CheckpointStore(objects, plan.job_id)
     output_dir = Path(plan.output_dir)
     recoveries: list[dict[str, Any]] = []
-    with ExitStack() as cleanup:
-        from smlt.backends import get_backend  # imports Ray: after the fast checks
+    record: RunRecord | None = None
+    try:
+        with ExitStack() as cleanup:
+            from smlt.backends import get_backend  # imports Ray: after the fast checks
 
-        backend_options = {"address": ray_address} if plan.backend == "ray" else {}
-        cleanup.enter_context(_ray_session(ray_address))
-        # Where workers on this machine (a local Ray) cached the job's code and data; the run's
-        # end, successful or not, is the last time anyone needs it.
-        cleanup.callback(remove_cache, plan.job_id)
-        probe = get_backend(plan.backend, **backend_options)
-        restarts = 0
-        from_checkpoint = initial is None
-        while True:
-            with ExitStack() as redis_scope:
-                store, redis_urls = _parameter_store(redis_url, redis_scope)
-                earlier = plan.sessions
-                plan = replace(plan, sessions=(*earlier, _new_session()))
-                plan.save()  # before any key of the session is written
-                keys = JobKeys(plan.job_id, plan.sessions[-1])
-                if redis_url is not None:
-                    # Their driver is dead; a Redis we do not own keeps their keys otherwise.
-                    _delete_session_keys(store, plan.job_id, earlier)
-                    redis_scope.callback(_delete_session_keys, store, plan.job_id, plan.sessions)
-                manager = ResourceManager(
-                    probe.limits,
-                    workers=plan.workers,
-                    memory_mb=plan.memory_mb,
-                    fit_memory_mb=probe.default_memory_mb,
-                    rescales=tuple(Rescale(*r) for r in plan.rescales),
-                )
-                latest = checkpoints.latest() if from_checkpoint else None
-                start = latest.iteration if latest is not None else 0
-                config = manager.initial(start)
-                if latest is not None:
-                    restore_checkpoint(store, keys, latest, config.workers)
-                elif initial is not None:
-                    publish_version(store, keys, 0, initial, config.workers)
-                else:
-                    raise ConfigError(f"run {plan.job_id} has no committed checkpoint to resume")
-                job = _job_spec(plan, keys.session, redis_urls, start, faults, latest)
-                try:
-                    summary = _run_scheduler(plan.backend, backend_options, job, manager, progress)
-                except (TrainingError, StoreUnavailableError) as exc:
-                    if not _store_lost(exc, redis_url) or restarts >= _REDIS_RESTARTS:
-                        raise
-                    restarts += 1
-                    recoveries.append({"cause": str(exc), "at_s": time.monotonic() - started})
-                    from_checkpoint = True  # continue from the latest checkpoint, if any
-                    continue
-                final_workers = summary["configs"][-1]["workers"]
-                final = collect_from_store(
-                    store, keys, plan.total_iterations, final_workers, plan.num_params
-                )
-                break
-        torch.manual_seed(plan.seed)  # as the workers build it
-        model = user_task.model()
-        flat = FlatModel(model)
-        flat.values_numpy()[:] = final.values
-        flat.load_discrete(final.buffers)
-        torch.save(model.state_dict(), output_dir / "model.pt")
-        final_metrics = _final_metrics(summary["epochs"], plan.total_iterations)
-        if final_metrics is None:
-            # No evaluate(), or it failed in the scheduler (reported among the failures).
-            failed = any("evaluation" in f for f in summary["failures"])
-            final_metrics = {} if failed else run_evaluate(user_task, model)
+            backend_options = {"address": ray_address} if plan.backend == "ray" else {}
+            cleanup.enter_context(_ray_session(ray_address))
+            # Where workers on this machine (a local Ray) cached the job's code and data; the
+            # run's end, successful or not, is the last time anyone needs it.
+            cleanup.callback(remove_cache, plan.job_id)
+            probe = get_backend(plan.backend, **backend_options)
+            latest = checkpoints.latest() if initial is None else None
+            first = latest.iteration if latest is not None else 0
+            _manager(plan, probe).initial(first)  # a configuration the backend cannot hold
+            record = _start(plan, initial is None, first, overwrite)
+            if latest is not None:
+                record.last_checkpoint = latest.iteration
+            report = _reporter(plan, record, progress, started)
+            restarts = 0
+            from_checkpoint = initial is None
+            while True:
+                with ExitStack() as redis_scope:
+                    store, redis_urls = _parameter_store(redis_url, redis_scope)
+                    earlier = plan.sessions
+                    plan = replace(plan, sessions=(*earlier, _new_session()))
+                    plan.save()  # before any key of the session is written
+                    keys = JobKeys(plan.job_id, plan.sessions[-1])
+                    if redis_url is not None:
+                        # Their driver is dead; a Redis we do not own keeps their keys otherwise.
+                        _delete_session_keys(store, plan.job_id, earlier)
+                        redis_scope.callback(
+                            _delete_session_keys, store, plan.job_id, plan.sessions
+                        )
+                    manager = _manager(plan, probe)
+                    latest = checkpoints.latest() if from_checkpoint else None
+                    start = latest.iteration if latest is not None else 0
+                    config = manager.initial(start)
+                    if latest is not None:
+                        restore_checkpoint(store, keys, latest, config.workers)
+                    elif initial is not None:
+                        publish_version(store, keys, 0, initial, config.workers)
+                    else:
+                        raise ConfigError(
+                            f"run {plan.job_id} has no committed checkpoint to resume"
+                        )
+                    job = _job_spec(plan, keys.session, redis_urls, start, faults, latest)
+                    try:
+                        summary = _run_scheduler(
+                            plan.backend, backend_options, job, manager, report
+                        )
+                    except (TrainingError, StoreUnavailableError) as exc:
+                        if not _store_lost(exc, redis_url) or restarts >= _REDIS_RESTARTS:
+                            raise
+                        restarts += 1
+                        recoveries.append({"cause": str(exc), "at_s": time.monotonic() - started})
+                        from_checkpoint = True  # continue from the latest checkpoint, if any
+                        continue
+                    final_workers = summary["configs"][-1]["workers"]
+                    final = collect_from_store(
+                        store, keys, plan.total_iterations, final_workers, plan.num_params
+                    )
+                    break
+            torch.manual_seed(plan.seed)  # as the workers build it
+            model = user_task.model()
+            flat = FlatModel(model)
+            flat.values_numpy()[:] = final.values
+            flat.load_discrete(final.buffers)
+            torch.save(model.state_dict(), output_dir / "model.pt")
+            final_metrics = _final_metrics(summary["epochs"], plan.total_iterations)
+            if final_metrics is None:
+                # No evaluate(), or it failed in the scheduler (reported among the failures).
+                failed = any("evaluation" in f for f in summary["failures"])
+                final_metrics = {} if failed else run_evaluate(user_task, model)
+    except BaseException as exc:
+        if record is None:
+            if initial is not None:  # a new run refused before it started: leave no trace
+                objects.delete_prefix(artifact_prefix(plan.job_id))
+        else:
+            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record.end(state, time.monotonic() - started, error=str(exc) or type(exc).__name__)
+        raise
 
+    summary["failures"] = summary["failures"] + [{"store_lost": r} for r in recoveries]
+    record.end("finished", time.monotonic() - started, summary=summary)
+    whole = record.merged(summary)
     result = TrainResult(
         job_id=plan.job_id,
         task=plan.task,
@@ -368,19 +464,21 @@ def _execute(
         iterations=plan.total_iterations,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
-        configs=summary["configs"],
-        generations=summary["generations"],
-        history=summary["history"],
-        epoch_metrics=summary["epochs"],
-        cost_usd=summary["cost_usd"],
+        configs=whole["configs"],
+        generations=whole["generations"],
+        history=whole["history"],
+        epoch_metrics=whole["epochs"],
+        cost_usd=record.cost_usd,
         pricing=summary["pricing"],
-        billed_worker_s=summary["billed_worker_s"],
-        wall_s=time.monotonic() - started,
+        billed_worker_s=record.billed_worker_s,
+        wall_s=record.wall_s,
         redis=",".join(redact_url(u) for u in redis_urls),
         object_store=objects.url,
-        failures=summary["failures"] + [{"store_lost": r} for r in recoveries],
+        failures=whole["failures"],
         checkpoints=summary["checkpoints"],
         optimizer=_optimizer_mode(user_task),
+        parts=[_part_summary(p) for p in record.parts],
+        warnings=list(plan.warnings),
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
@@ -390,6 +488,68 @@ def _execute(
         result.failures.append({"cleanup": str(exc)})
         write_result(output_dir, result.to_dict())
     return result
+
+
+def _manager(plan: RunPlan, backend: Backend) -> ResourceManager:
+    return ResourceManager(
+        backend.limits,
+        workers=plan.workers,
+        memory_mb=plan.memory_mb,
+        fit_memory_mb=backend.default_memory_mb,
+        rescales=tuple(Rescale(*r) for r in plan.rescales),
+    )
+
+
+def _start(plan: RunPlan, resumed: bool, first: int, overwrite: bool) -> RunRecord:
+    """The run starts: its folder is written (what another run left there removed first, if
+    the user said ``overwrite``) and a new part begins in its record."""
+    output_dir = Path(plan.output_dir)
+    if overwrite and not resumed:
+        for name in RUN_FILES:
+            (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plan.save()
+    return RunRecord.begin(
+        output_dir,
+        job_id=plan.job_id,
+        task=plan.task,
+        total_iterations=plan.total_iterations,
+        command="resume" if resumed else "train",
+        from_iteration=first,
+    )
+
+
+def _reporter(
+    plan: RunPlan, record: RunRecord, progress: ProgressFn | None, started: float
+) -> ProgressFn:
+    """The scheduler's status, as the whole run's, to ``status.json`` and to ``progress``."""
+    starts = [p.from_iteration for p in record.parts]
+
+    def report(status: dict[str, Any]) -> None:
+        record.update(status, time.monotonic() - started)
+        whole = {
+            **status,
+            "job_id": plan.job_id,
+            "output_dir": plan.output_dir,
+            "part": record.current.part,
+            "last_checkpoint": record.last_checkpoint,
+            "cost_usd": record.cost_usd,
+            "epochs": mark_parts(status.get("epochs", []), starts),
+        }
+        if progress is not None:
+            progress(whole)
+
+    return report
+
+
+def _part_summary(part: Part) -> dict[str, Any]:
+    """A part as ``result.json`` lists it (its generations and failures are in the run's
+    lists, marked with the part)."""
+    keep = (
+        "part", "command", "started_at", "from_iteration", "to_iteration",
+        "wall_s", "cost_usd", "billed_worker_s", "ended",
+    )  # fmt: skip
+    return {k: getattr(part, k) for k in keep}
 
 
 def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job_id: str) -> None:

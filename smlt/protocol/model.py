@@ -16,6 +16,7 @@ frame, as raw bytes (:meth:`discrete_state`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,15 +81,34 @@ class FlatModel:
     def gradient(self, scale: float) -> np.ndarray:
         """``scale`` x each parameter's gradient (0 where it has none) in the parameter part of
         ``self.grads``; the buffer part is left to the caller. A numpy view of ``self.grads``
-        (valid until the next call)."""
+        (valid until the next call).
+
+        A sparse gradient (``nn.Embedding(sparse=True)``) is made dense: the exchange sums
+        vectors, and the rows a worker did not touch are zeros in its contribution. The update
+        is then the dense one, which for SGD is what PyTorch's sparse update does; optimizers
+        that only take sparse gradients (``SparseAdam``) are refused by the client-side check.
+        """
         for seg in self.param_segments:
             target = self.grads[seg.start : seg.stop]
             grad = seg.tensor.grad
             if grad is None:  # a parameter the loss did not touch, or a frozen one
                 target.zero_()
-            else:
-                torch.mul(grad.reshape(-1), scale, out=target)
+                continue
+            if grad.layout != torch.strided:
+                grad = grad.to_dense()
+            torch.mul(grad.reshape(-1), scale, out=target)
         return self.grads.numpy()
+
+    def load_gradient(self, values: np.ndarray, has_grad: Sequence[bool]) -> None:
+        """Give each parameter a dense ``.grad``, a copy of its range of ``values`` (None where
+        ``has_grad`` is false): what a replicated optimizer steps on, on the workers and in
+        the client-side check alike."""
+        for seg in self.param_segments:
+            seg.tensor.grad = (
+                torch.from_numpy(values[seg.start : seg.stop]).view_as(seg.tensor).clone()
+                if has_grad[seg.index]
+                else None
+            )
 
     def has_grad(self) -> list[bool]:
         """Per parameter (model order): did the last backward pass produce a gradient?"""

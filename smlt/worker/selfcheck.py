@@ -2,8 +2,9 @@
 
 The client-side checks of :mod:`smlt.task` call the user's methods; this runs what the workers
 will run with them: the model flattened, the optimizer rebuilt over shards as two owners would
-(or stepped whole, for an optimizer that is replicated), one step on a tiny batch, and the
-optimizer state through its encoding and back. An optimizer that smlt cannot run (a class whose
+(or stepped whole, for an optimizer that is replicated), one step on a tiny batch from the
+gradient as the workers flatten it (a sparse gradient made dense here too), and the optimizer
+state through its encoding and back. An optimizer that smlt cannot run (a class whose
 constructor rejects its own defaults, a state that cannot be stored) then fails here, in seconds,
 with its name and cause, rather than on every worker after deployment.
 """
@@ -39,6 +40,8 @@ def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
         raise TaskError(
             f"{type(task).__name__}.loss() failed in its backward pass: {type(exc).__name__}: {exc}"
         ) from exc
+    names = {id(p): n for n, p in model.named_parameters()}
+    sparse = [names[id(p)] for p in flat.params if p.grad is not None and p.grad.is_sparse]
     try:
         grad = flat.gradient(1.0)
         has_grad = flat.has_grad()
@@ -50,14 +53,21 @@ def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
                 state = owner.state()
                 owner.load_state(ShardState.from_bytes(state.to_bytes(), "self-check"))
         else:
+            flat.load_gradient(grad, has_grad)  # dense, as the workers' mean gradient is
             optimizer.step()
             blob = encode_optimizer_state(optimizer)
             optimizer.load_state_dict(decode_optimizer_state(blob, "self-check"))
     except TaskError:
         raise
     except Exception as exc:
+        hint = ""
+        if sparse:
+            hint = (
+                f" ({', '.join(sparse)} made a sparse gradient; smlt's workers sum gradients as "
+                "dense vectors, so the optimizer must take dense ones)"
+            )
         raise TaskError(
             f"{type(task).__name__}.optimizer() returned a {name}, which smlt's workers cannot "
-            f"run ({mode}): {type(exc).__name__}: {exc}"
+            f"run ({mode}): {type(exc).__name__}: {exc}{hint}"
         ) from exc
     return mode

@@ -344,12 +344,7 @@ class Trainer:
         values = self.flat.values_numpy()
         base = self.flat.num_params
         apply_buffers(values[base:], mean[base:], base, self.flat, combined, self._before)
-        for seg in self.flat.param_segments:
-            seg.tensor.grad = (
-                torch.from_numpy(mean[seg.start : seg.stop]).view_as(seg.tensor).clone()
-                if combined.has_grad[seg.index]
-                else None
-            )
+        self.flat.load_gradient(mean, combined.has_grad)
         self.optimizer.step()
         self.flat.zero_grad()
         discrete = new_discrete(self._before, combined)
