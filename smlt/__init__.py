@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from smlt import errors
-from smlt.task import Task
 
 if TYPE_CHECKING:
     from smlt.client.driver import TrainResult, resume, train
+    from smlt.task import Task
     from smlt.worker.sampler import global_batches, iteration_seed
 
 __all__ = [
@@ -31,7 +31,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # The driver pulls in Ray and the actors; a worker importing smlt.task should not pay for it.
+    # Imported on first use: ``smlt --version`` and a mistyped flag answer without importing
+    # PyTorch (a second or more), and a worker importing smlt.task does not pay for the
+    # driver's Ray and actors.
+    if name == "Task":
+        from smlt.task import Task
+
+        return Task
     if name in ("train", "resume", "TrainResult"):
         from smlt.client import driver
 

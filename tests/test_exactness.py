@@ -277,6 +277,39 @@ TASKS: dict[str, str] = {
 #: Task classes defined in another task's file (key of :data:`TASKS`).
 FILE_OF = {"ConstantBuffersEmptyRanks": "ConstantBuffers"}
 
+TASKS["SparseEmbedding"] = '''
+    class SparseEmbedding(Regression):
+        """Bags of 4 tokens out of 20 through nn.Embedding(sparse=True): the gradient of the
+        embedding is a sparse tensor, which smlt's workers make dense."""
+
+        def data(self):
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, 20, (self.samples, 4), generator=g)
+            y = torch.randn(20, 2, generator=g)[tokens].mean(1)
+            return tokens, y
+
+        def model(self):
+            torch.manual_seed(1)
+            return Bag()
+
+        def optimizer(self, model):
+            return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, sparse=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, tokens):
+            return self.out(self.emb(tokens).mean(1))
+
+
+    class SparseAdamEmbedding(SparseEmbedding):
+        def optimizer(self, model):
+            return torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.01)
+    '''
 #: The optimizers whose n-worker result must equal the reference (on the preamble's model).
 OPTIMIZER_TASKS = (
     "SGDMomentum",
@@ -565,3 +598,29 @@ def test_the_readmes_replay_loop_runs_as_printed_and_is_the_reference(tmp_path: 
     got = scope["model"].state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("workers", (1, 3))
+def test_sparse_embedding_matches_reference(in_process_runs: Path, workers: int) -> None:
+    """nn.Embedding(sparse=True) with SGD and momentum: the reference steps PyTorch's sparse
+    update, smlt the dense one. PyTorch coalesces a sparse gradient (sums repeated tokens) in
+    another order than a dense backward does, so even n = 1 is compared within the tolerance."""
+    name = "SparseEmbedding"
+    actual = _train(in_process_runs, name, workers)
+    reference = _reference(in_process_runs, name)
+    assert list(actual) == list(reference)
+    for key in actual:
+        torch.testing.assert_close(actual[key], reference[key], rtol=RTOL, atol=ATOL)
+    assert not torch.equal(actual["emb.weight"], _initial_model(in_process_runs, name).emb.weight)
+
+
+def test_an_optimizer_that_takes_only_sparse_gradients_is_refused_on_the_client(
+    in_process_runs: Path,
+) -> None:
+    """SparseAdam cannot step the dense gradients workers exchange: refused before anything
+    starts, naming the optimizer and the parameter whose gradient was sparse."""
+    path = _task_file(in_process_runs, "SparseEmbedding")
+    output = in_process_runs / "sparse-adam"
+    with pytest.raises(TaskError, match=r"SparseAdam.*emb\.weight made a sparse gradient"):
+        smlt.train(f"{path}:SparseAdamEmbedding", epochs=1, batch_size=BATCH_SIZE, output=output)
+    assert not output.exists()
