@@ -58,6 +58,10 @@ class Part:
     generations: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     configs: list[dict[str, Any]] = field(default_factory=list)
+    #: The epochs' metrics as this part knew them: evaluation runs off the critical path, so a
+    #: checkpoint can be committed before the epochs just before it were evaluated; a part that
+    #: died then still reported them here.
+    epochs: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Part:
@@ -153,6 +157,7 @@ class RunRecord:
             to_iteration=max(self.current.to_iteration, int(status.get("iteration", 0))),
             wall_s=wall_s,
             cost_usd=float(status.get("cost_usd", self.current.cost_usd or 0.0)),
+            epochs=list(status.get("epochs", self.current.epochs)),
         )
         checkpoint = status.get("last_checkpoint")
         news = checkpoint is not None and checkpoint != self.last_checkpoint
@@ -180,6 +185,7 @@ class RunRecord:
                 generations=list(summary["generations"]),
                 failures=list(summary["failures"]),
                 configs=list(summary["configs"]),
+                epochs=list(summary["epochs"]),
             )
             if summary["history"]:
                 part = replace(part, to_iteration=summary["history"][-1]["iteration"] + 1)
@@ -222,7 +228,10 @@ class RunRecord:
             entry["wall_s"] = entry["wall_s"] + offsets[entry["part"]]
         merged = dict(summary)
         merged["history"] = history
-        merged["epochs"] = mark_parts(summary["epochs"], starts)
+        # Epochs an earlier part evaluated that the checkpoint this part started from missed.
+        known = {e["iteration"]: e for p in self.earlier for e in p.epochs}
+        known.update({e["iteration"]: e for e in summary["epochs"]})
+        merged["epochs"] = mark_parts([known[i] for i in sorted(known)], starts)
         for name in ("generations", "failures", "configs"):
             earlier = [{**e, "part": p.part} for p in self.earlier for e in getattr(p, name)]
             merged[name] = earlier + [{**e, "part": self.current.part} for e in summary[name]]
