@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 import traceback
 from collections.abc import Sequence
@@ -39,11 +40,14 @@ __all__ = [
     "check_loss_reduction",
     "check_model",
     "check_optimizer",
+    "check_scheduler",
     "check_task",
+    "clip_grad_norm",
     "load_task",
     "loss_reduction",
     "overrides_evaluate",
     "run_evaluate",
+    "scheduler_interval",
 ]
 
 #: Methods a Task subclass must override; ``evaluate`` is optional.
@@ -69,6 +73,18 @@ class Task:
     #: The declaration is checked on your machine before anything starts.
     loss_reduction: ClassVar[str] = "mean"
 
+    #: Clip the gradient by its global norm before every optimizer step, as
+    #: ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` would between
+    #: ``loss.backward()`` and ``optimizer.step()``: the norm is the L2 norm over every parameter
+    #: that has a gradient, of the gradient of the whole global batch, and the gradient is scaled
+    #: by ``clip_grad_norm / (norm + 1e-6)`` when that is below 1. None (the default): no
+    #: clipping. The norm is reported per iteration either way (``grad_norm`` in the history).
+    clip_grad_norm: ClassVar[float | None] = None
+
+    #: How often the schedule of :meth:`scheduler` steps: ``"iteration"`` (after every
+    #: optimizer step, the default) or ``"epoch"`` (after the last iteration of every epoch).
+    scheduler_interval: ClassVar[str] = "iteration"
+
     def data(self) -> Sequence[torch.Tensor | np.ndarray] | Dataset[Any]:
         """The training set: a tuple of tensors or arrays with equal first dimension (one row
         per sample), or a map-style torch ``Dataset`` whose items collate into such a tuple."""
@@ -89,6 +105,21 @@ class Task:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Optional metrics reported per epoch, e.g. held-out accuracy. Default: none."""
         return {}
+
+    def scheduler(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """Optional learning-rate schedule over ``optimizer`` (the one ``optimizer(model)``
+        returned), e.g. ``OneCycleLR(optimizer, max_lr=0.1, total_steps=...)``. It is stepped as
+        in ``optimizer.step(); scheduler.step()``, once per iteration (or per epoch, see
+        :attr:`scheduler_interval`), and every hyperparameter it sets (the learning rate, and
+        the momentum or betas that OneCycleLR cycles) applies to every worker's update.
+
+        Workers are stateless: one that starts at iteration t builds the schedule afresh and
+        steps it t times, so build it from the optimizer and constants only (no state from
+        elsewhere, no randomness). Default: no schedule.
+        """
+        return None
 
 
 @dataclass(frozen=True)
@@ -239,6 +270,35 @@ def check_optimizer(task: Task, model: torch.nn.Module) -> torch.optim.Optimizer
     return optimizer
 
 
+def check_scheduler(
+    task: Task, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Call ``task.scheduler(optimizer)`` and check it returned None or a learning-rate
+    scheduler of ``optimizer`` that steps without arguments."""
+    where = _where(task, "scheduler")
+    scheduler = _call(task, "scheduler", where, optimizer)
+    if scheduler is None:
+        return None
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TaskError(
+            f"{where} returned a ReduceLROnPlateau, which steps on a metric smlt does not "
+            "have at every iteration; use a schedule of the iteration count (OneCycleLR, "
+            "LambdaLR, SequentialLR of LinearLR and CosineAnnealingLR, ...)."
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TaskError(
+            f"{where} returned {_describe(scheduler)}; expected None or a "
+            "torch.optim.lr_scheduler scheduler of the optimizer it was given, e.g. "
+            "torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=1000)."
+        )
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        raise TaskError(
+            f"{where} returned a {type(scheduler).__name__} of another optimizer; build it "
+            "over the optimizer scheduler() is given (smlt passes each worker's own)."
+        )
+    return scheduler
+
+
 def check_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Run ``task.loss(model, batch)`` once and check it is a differentiable scalar tensor.
 
@@ -279,6 +339,33 @@ def loss_reduction(task: Task) -> Literal["mean", "sum"]:
     raise TaskError(
         f"{type(task).__name__}.loss_reduction is {value!r}; it must be 'mean' (loss() averages "
         "over its batch) or 'sum' (loss() sums over its batch)"
+    )
+
+
+def clip_grad_norm(task: Task) -> float | None:
+    """The task's declared ``clip_grad_norm``, checked: None, or a positive finite number."""
+    value = getattr(task, "clip_grad_norm", None)
+    if value is None:
+        return None
+    number = float(value) if isinstance(value, numbers.Real) else math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+        raise TaskError(
+            f"{type(task).__name__}.clip_grad_norm is {value!r}; it must be None (no clipping) "
+            "or a positive number, the largest global gradient norm to let through (e.g. 1.0)"
+        )
+    return number
+
+
+def scheduler_interval(task: Task) -> Literal["iteration", "epoch"]:
+    """The task's declared ``scheduler_interval``, checked."""
+    value = getattr(task, "scheduler_interval", "iteration")
+    if value == "iteration":
+        return "iteration"
+    if value == "epoch":
+        return "epoch"
+    raise TaskError(
+        f"{type(task).__name__}.scheduler_interval is {value!r}; it must be 'iteration' (the "
+        "schedule steps after every optimizer step) or 'epoch' (after every epoch's last one)"
     )
 
 

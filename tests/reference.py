@@ -5,16 +5,33 @@ global batch B. This module *is* that ordinary loop, written as a user would wri
 nothing from smlt but the two public functions that say which samples form each global batch
 (:func:`smlt.global_batches`) and how torch is seeded before each loss
 (:func:`smlt.iteration_seed`). It must stay obviously correct: no flattening, no sharding, no
-gradient scaling, the user's own optimizer over the user's own model.
+gradient scaling, the user's own optimizer over the user's own model; the task's learning-rate
+schedule and gradient clipping exactly as the PyTorch documentation writes them
+(``clip_grad_norm_`` between ``backward()`` and ``step()``, ``scheduler.step()`` after
+``optimizer.step()``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 import smlt
 
-__all__ = ["reference_state_dict"]
+__all__ = ["ReferenceRun", "reference_run", "reference_state_dict"]
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What the loop ended with, and what it used at every iteration."""
+
+    state: dict[str, torch.Tensor]
+    #: The learning rate of param group 0 that each iteration's optimizer step used.
+    lrs: list[float]
+    #: The global gradient norm each iteration's ``clip_grad_norm_`` returned (before clipping);
+    #: empty when the task does not clip.
+    grad_norms: list[float]
 
 
 def reference_state_dict(
@@ -29,6 +46,15 @@ def reference_state_dict(
     their sums across threads (BatchNorm's batch statistics do), so the thread count changes the
     float rounding, and a one-worker run is bit-identical only to a reference on as many threads.
     """
+    run = reference_run(task, epochs=epochs, batch_size=batch_size, seed=seed, threads=threads)
+    return run.state
+
+
+def reference_run(
+    task: smlt.Task, *, epochs: int, batch_size: int, seed: int, threads: int = 1
+) -> ReferenceRun:
+    """:func:`reference_state_dict`, with the learning rate and gradient norm of every
+    iteration."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -37,7 +63,7 @@ def reference_state_dict(
         torch.set_num_threads(previous)
 
 
-def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> ReferenceRun:
     raw = task.data()
     assert isinstance(raw, tuple | list), "the reference replays tasks whose data() is tensors"
     data = tuple(torch.as_tensor(x) for x in raw)
@@ -45,6 +71,9 @@ def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> dict[
     torch.manual_seed(seed)
     model = task.model()
     optimizer = task.optimizer(model)
+    scheduler = task.scheduler(optimizer)
+    lrs: list[float] = []
+    grad_norms: list[float] = []
     t = 0  # the global iteration, counted across epochs
     for epoch in range(epochs):
         for idx in smlt.global_batches(num_samples, batch_size, seed=seed, epoch=epoch):
@@ -52,6 +81,15 @@ def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> dict[
             optimizer.zero_grad()
             torch.manual_seed(smlt.iteration_seed(seed, t))
             task.loss(model, tuple(x[index] for x in data)).backward()
+            if task.clip_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
+                grad_norms.append(float(norm))
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
             optimizer.step()
+            if scheduler is not None and task.scheduler_interval == "iteration":
+                scheduler.step()
             t += 1
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+        if scheduler is not None and task.scheduler_interval == "epoch":
+            scheduler.step()
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return ReferenceRun(state, lrs, grad_norms)

@@ -2,10 +2,10 @@
 
 Every worker appends one report per iteration to the job's progress stream (DESIGN §3 step 6,
 the paper's success flag). :class:`ProgressLog` folds the n reports of an iteration into one
-history entry (loss over the global batch, the slowest rank's times), keeps per-epoch metrics,
-knows which rank has finished which iteration, and notices when every rank of a generation has
-written its shards of a checkpoint. It is plain data behind a lock: the follower thread writes,
-``status()`` reads.
+history entry (loss over the global batch, the slowest rank's times, the step's learning rate
+and global gradient norm), keeps per-epoch metrics, knows which rank has finished which
+iteration, and notices when every rank of a generation has written its shards of a checkpoint.
+It is plain data behind a lock: the follower thread writes, ``status()`` reads.
 
 Not every entry is an iteration report. A worker about to suffer an injected fault writes a
 ``fault`` event first (:func:`smlt.protocol.faults.fault_event`); the log keeps it until the
@@ -39,6 +39,10 @@ _TIMES = (
     "codec_s",
     "upload_codec_s",
 )
+
+#: Per-iteration values that are the step's, not a rank's: the learning rate of the first param
+#: group, and the global gradient norm before clipping (absent from reports of older workers).
+_SAME_ON_EVERY_RANK = ("lr", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,14 @@ class ProgressLog:
         }
         for name in _TIMES:
             record[name] = max(float(r[name]) for r in reports)
+        # Every rank reports the same learning rate and gradient norm (each is computed the
+        # same way from the same values); the lowest rank's stand for the step's.
+        first = min(reports, key=lambda r: int(r["rank"]))
+        for name in _SAME_ON_EVERY_RANK:
+            if name in first:
+                record[name] = float(first[name])
+        if all("norm_s" in r for r in reports):
+            record["norm_s"] = max(float(r["norm_s"]) for r in reports)
         record["bytes_through_store"] = sum(
             int(r["bytes_up"]) + int(r["bytes_down"]) for r in reports
         )

@@ -54,6 +54,7 @@ __all__ = [
     "reshard_store",
     "restore_checkpoint",
     "side_buffers",
+    "side_grad_norms",
 ]
 
 _STATE_FORMAT = 2
@@ -62,9 +63,14 @@ _STATE_FORMAT = 2
 # -- the side value of a parameter frame ----------------------------------------------------------
 
 
-def model_side(buffers: dict[str, bytes]) -> dict[str, Any]:
-    """The side value every parameter frame carries: the model's non-float buffers."""
-    return {"buffers": buffers}
+def model_side(buffers: dict[str, bytes], grad_norms: np.ndarray | None = None) -> dict[str, Any]:
+    """The side value every parameter frame carries: the model's non-float buffers; and, in a
+    frame a step published, the gradient norms its shard contributes to the step's global
+    gradient norm (float32, in order: see :mod:`smlt.worker.clipping`)."""
+    side: dict[str, Any] = {"buffers": buffers}
+    if grad_norms is not None:
+        side["gnorm"] = np.ascontiguousarray(grad_norms, dtype="<f4").tobytes()
+    return side
 
 
 def side_buffers(side: Any, where: str) -> dict[str, bytes]:
@@ -77,6 +83,17 @@ def side_buffers(side: Any, where: str) -> dict[str, bytes]:
     ):
         raise CodecError(f"{where}: parameter frame's side value has no readable buffers")
     return dict(buffers)
+
+
+def side_grad_norms(side: Any, where: str) -> np.ndarray | None:
+    """The gradient norms out of a parameter frame's side value; None if it has none (the
+    frames of version 0, and of a re-sharded or restored version, which no step published)."""
+    raw = side.get("gnorm") if isinstance(side, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, bytes) or len(raw) % 4:
+        raise CodecError(f"{where}: parameter frame's gradient norms are not float32 values")
+    return np.frombuffer(raw, dtype="<f4")
 
 
 # -- optimizer state ----------------------------------------------------------------------------

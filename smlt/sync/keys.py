@@ -15,6 +15,8 @@ resumed run never reads what a dead one left behind in a Redis that outlived it)
     smlt:J:S:t{t}:pready         stream: "owner s published param shard s of version t"
     smlt:J:S:t{t}:mgrad:{s}      mean gradient shard s of step t (replicated optimizers only)
     smlt:J:S:t{t}:mgready        stream: "owner s published mean gradient shard s of step t"
+    smlt:J:S:t{t}:gnorm:{s}      owner s's gradient norms of step t (clipping by global norm)
+    smlt:J:S:t{t}:gnready        stream: "owner s published its gradient norms of step t"
     smlt:J:S:t{t}:snap:{s}       a copy of param shard s of version t, kept for the evaluator
     smlt:J:S:t{t}:full:{r}       rank r's whole gradient (baselines only)
     smlt:J:S:t{t}:fready         stream: "rank r uploaded its whole gradient" (baselines only)
@@ -85,6 +87,12 @@ class JobKeys:
 
     def mean_grad_ready(self, t: int) -> str:
         return f"{self._prefix}:t{t}:mgready"
+
+    def grad_norm(self, t: int, shard: int) -> str:
+        return f"{self._prefix}:t{t}:gnorm:{shard}"
+
+    def grad_norm_ready(self, t: int) -> str:
+        return f"{self._prefix}:t{t}:gnready"
 
     def snapshot(self, t: int, shard: int) -> str:
         return f"{self._prefix}:t{t}:snap:{shard}"

@@ -22,7 +22,8 @@ class PhaseTimes:
     every worker's, replicated); ``codec_s``, smlt's CPU work on the step's own thread (encoding
     and checksumming frames, decoding them, summing contributions); ``upload_codec_s``, the same
     on the upload thread, which overlaps the rest. ``total_s - update_s - codec_s`` is what the
-    step spent transferring and waiting.
+    step spent transferring and waiting; ``norm_s``, part of it, is the owners' exchange of
+    gradient norms when the task clips by global norm (0 otherwise).
     """
 
     ul_shard_s: float = 0.0
@@ -32,6 +33,7 @@ class PhaseTimes:
     update_s: float = 0.0
     codec_s: float = 0.0
     upload_codec_s: float = 0.0
+    norm_s: float = 0.0
     total_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0

@@ -34,6 +34,10 @@ runs the same exchange but publishes the *mean gradient* shards (``mgrad``), eve
 the whole mean and steps the full optimizer, and each owner then publishes its parameter shard
 of t + 1 with :meth:`ScatterReduce.publish`, so that the parameter keys always hold parameters.
 
+A task that clips its gradient by global norm needs one more, tiny, exchange inside the owner's
+update: :meth:`ScatterReduce.share_norms` publishes the owner's few gradient norms of step t and
+reads every other owner's, in shard order (see :mod:`smlt.worker.clipping`).
+
 Hooks for fault injection (``on_phase(phase, t)``) mark the points where a worker can die:
 ``during-upload``, ``after-upload`` (on the upload thread), ``before-announce``,
 ``after-publish`` and ``during-gather``.
@@ -152,6 +156,7 @@ class ScatterReduce(Exchange):
             max_workers=1, thread_name_prefix=f"{UPLOAD_THREAD}-{self.rank}"
         )
         self._uploads: Future[float] | None = None
+        self._norm_s = 0.0  # this step's time in share_norms (inside the update hook)
 
     def close(self) -> None:
         self._uploader.shutdown(wait=True)
@@ -188,11 +193,14 @@ class ScatterReduce(Exchange):
                 phases.dl_shard_s = time.monotonic() - started
                 aggr_started = time.monotonic()
                 cpu_before = self._cpu["main"]
+                self._norm_s = 0.0
                 result = (
                     self.update(t, self.rank, mean, sides) if self.update else ShardUpdate(mean)
                 )
                 hook_cpu_s = self._cpu["main"] - cpu_before  # encoding inside the hook
-                phases.update_s = time.monotonic() - aggr_started - hook_cpu_s
+                # The norm exchange is communication, not the optimizer's time.
+                phases.norm_s = self._norm_s
+                phases.update_s = time.monotonic() - aggr_started - hook_cpu_s - self._norm_s
                 self._publish_param(t + 1, result)
                 phases.ul_aggr_s = time.monotonic() - aggr_started
                 self.on_phase("after-publish", t)
@@ -239,6 +247,42 @@ class ScatterReduce(Exchange):
         return codec.decode_frame(
             frame, codec.FrameHeader("param", self.keys.job, version, self.rank), key
         )
+
+    def share_norms(self, t: int, norms: np.ndarray) -> list[np.ndarray]:
+        """Every owner's gradient norms of step ``t``, by shard: ours (``norms``, float32) are
+        written and announced, the others' read as they are announced. Call it from the update
+        hook, between the reduce and the optimizer step; every owner does, so nobody waits for
+        an owner that is not on its way.
+
+        Like every write here it is deterministic: a re-executed owner writes the same bytes and
+        announces again (peers skip a repetition). An owner whose parameter shard of t + 1 is
+        published (adopted rather than recomputed) wrote its norms before it, so whoever still
+        waits for them finds them.
+        """
+        began = time.monotonic()
+        r, job = self.rank, self.keys.job
+        stream = self.keys.grad_norm_ready(t)
+        mine = np.ascontiguousarray(norms, dtype=np.float32)
+        self._send(
+            r,
+            self.keys.grad_norm(t, r),
+            codec.FrameHeader("gnorm", job, t, r),
+            mine,
+            ttl_s=self.grad_ttl_s,
+            announce=None,
+        )
+        _announce(self.store, stream, r, self.grad_ttl_s)
+        out: list[np.ndarray] = [mine] * self.workers
+        for s, got in self._collect(
+            stream,
+            lambda s: (self.keys.grad_norm(t, s), codec.FrameHeader("gnorm", job, t, s)),
+            skip=r,
+            what=f"owner {r} of {self.workers} waiting for the gradient norms of step {t}",
+            sized=False,
+        ):
+            out[s] = np.array(got.array)
+        self._norm_s += time.monotonic() - began
+        return out
 
     # -- replicated: owners publish the mean gradient, everyone steps the full optimizer -------
 
@@ -388,9 +432,11 @@ class ScatterReduce(Exchange):
         stale = [self.keys.grad(t - 1, r, p) for p in range(self.workers) if p != r]
         stale += [self.keys.grad_ready(t - 1, r), self.keys.param(t - 1, r)]
         stale += [self.keys.optim(t - 1, r), self.keys.mean_grad(t - 1, r)]
+        stale += [self.keys.grad_norm(t - 1, r)]
         self.store.unlink(r, stale)
         if r == 0:
             ready = [self.keys.param_ready(t - 1), self.keys.mean_grad_ready(t - 1)]
+            ready += [self.keys.grad_norm_ready(t - 1)]
             self.store.unlink(_READY_INSTANCE, ready)
 
     def gather(self, version: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -432,10 +478,11 @@ class ScatterReduce(Exchange):
         *,
         skip: int | None,
         what: str,
+        sized: bool = True,
     ) -> Any:
         """Yield ``(shard, frame)`` for every shard but ``skip`` as its announcement arrives on
         ``stream``, starting with the next rank's (each rank starts elsewhere, spreading the
-        load over the owners)."""
+        load over the owners). With ``sized``, a frame must hold exactly its shard."""
         r, n = self.rank, self.workers
         wanted = [(r + k) % n for k in range(n) if (r + k) % n != skip]
         announced = self.store.announcements(
@@ -450,7 +497,7 @@ class ScatterReduce(Exchange):
             key, header = where(s)
             frame = self._receive_frame(s, key, header)
             size = self.slices[s].stop - self.slices[s].start
-            if frame.array.size != size:
+            if sized and frame.array.size != size:
                 raise CodecError(
                     f"{key}: holds {frame.array.size} values, shard {s} of {self.workers} has "
                     f"{size} (written under another sharding: a stale invocation?)"

@@ -18,7 +18,7 @@ optimizer memory.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,10 @@ class ShardOptimizer:
         groups: list[dict[str, Any]] = []
         #: (piece, start, stop, parameter index, parameter's [start, stop))
         self.pieces: list[tuple[torch.nn.Parameter, int, int, int, int, int]] = []
-        for group in user_optimizer.param_groups:
+        #: For each group of the rebuilt optimizer, the index of the user's group it comes from
+        #: (a user group with no parameter in this shard has none).
+        self.group_of: list[int] = []
+        for index, group in enumerate(user_optimizer.param_groups):
             hyper = {k: v for k, v in group.items() if k != "params"}
             pieces = []
             for p in group["params"]:
@@ -108,6 +111,7 @@ class ShardOptimizer:
                     self.pieces.append((piece, a, b, seg.index, seg.start, seg.stop))
             if pieces:
                 groups.append({**hyper, "params": pieces})
+                self.group_of.append(index)
         self.optimizer = rebuild_optimizer(user_optimizer, groups) if groups else None
 
     def values_numpy(self) -> np.ndarray:
@@ -128,6 +132,14 @@ class ShardOptimizer:
         for piece, *_rest in self.pieces:
             piece.grad = None
         return self.values.numpy()
+
+    def set_hyperparameters(self, values: Sequence[Mapping[str, Any]]) -> None:
+        """Set ``values[i]`` on the groups that came from the user's param group i (what a
+        learning-rate schedule drives: :mod:`smlt.worker.schedule`)."""
+        if self.optimizer is None:
+            return
+        for group, index in zip(self.optimizer.param_groups, self.group_of, strict=True):
+            group.update(values[index])
 
     def sync_from_flat(self) -> None:
         """Reload the shard from the flat vector (after loading parameters from elsewhere)."""

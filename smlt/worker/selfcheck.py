@@ -3,10 +3,13 @@
 The client-side checks of :mod:`smlt.task` call the user's methods; this runs what the workers
 will run with them: the model flattened, the optimizer rebuilt over shards as two owners would
 (or stepped whole, for an optimizer that is replicated), one step on a tiny batch from the
-gradient as the workers flatten it (a sparse gradient made dense here too), and the optimizer
-state through its encoding and back. An optimizer that smlt cannot run (a class whose
-constructor rejects its own defaults, a state that cannot be stored) then fails here, in seconds,
-with its name and cause, rather than on every worker after deployment.
+gradient as the workers flatten it (a sparse gradient made dense here too), clipped by its global
+norm if the task asks for it, with the learning rate (and whatever else) the task's schedule
+sets, and the optimizer state through its encoding and back; then the schedule steps on, through
+the whole run when its length is known. An optimizer that smlt cannot run (a class whose
+constructor rejects its own defaults, a state that cannot be stored), a schedule that cannot
+last the run or a clip norm that is not a positive number then fails here, in seconds, with its
+name and cause, rather than on every worker after deployment.
 """
 
 from __future__ import annotations
@@ -17,23 +20,50 @@ from smlt.errors import TaskError
 from smlt.protocol.model import FlatModel
 from smlt.protocol.state import ShardState, decode_optimizer_state, encode_optimizer_state
 from smlt.sync.shards import shard_slice
-from smlt.task import Batch, Task
+from smlt.task import Batch, Task, clip_grad_norm
+from smlt.worker.clipping import clip_, norm_pieces, piece_norms, total_norm
 from smlt.worker.optim import ShardOptimizer, is_shardable
+from smlt.worker.schedule import Schedule, apply_hyperparameters
 
 __all__ = ["check_update"]
 
 _OWNERS = 2
 
 
-def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
+def check_update(
+    task: Task,
+    batch: Batch,
+    *,
+    seed: int = 0,
+    iterations: int | None = None,
+    iterations_per_epoch: int | None = None,
+) -> str:
     """Run one smlt update of ``task`` on ``batch``; returns how the optimizer is run
-    (``"sharded"`` or ``"replicated"``). Raises TaskError naming the optimizer and the cause."""
+    (``"sharded"`` or ``"replicated"``). Raises TaskError naming the optimizer, the schedule
+    or the clip norm, and the cause.
+
+    With ``iterations`` (the run's length) and ``iterations_per_epoch``, the task's schedule is
+    then stepped through every iteration of the run, as the workers will step it (a OneCycleLR
+    whose ``total_steps`` is shorter than the run fails here); without, once.
+    """
+    clip_norm = clip_grad_norm(task)
     torch.manual_seed(seed)
     model = task.model()
     flat = FlatModel(model)
     optimizer = task.optimizer(model)
     name = type(optimizer).__name__
     mode = "sharded" if is_shardable(optimizer) else "replicated"
+    owners = []
+    if mode == "sharded":
+        owners = [
+            (sl, ShardOptimizer(optimizer, flat, sl.start, sl.stop))
+            for sl in (shard_slice(flat.size, _OWNERS, s) for s in range(_OWNERS))
+        ]
+    # The workers' schedule: over the user's optimizer when owners step rebuilt ones, over an
+    # optimizer of its own when the user's steps.
+    driver = optimizer if mode == "sharded" else task.optimizer(model)
+    per_epoch = iterations_per_epoch or iterations or 1  # unknown: the run is one epoch
+    schedule = Schedule(task, driver, iterations_per_epoch=per_epoch)
     try:
         task.loss(model, batch).backward()
     except Exception as exc:  # check_loss ran it forward already; this is its backward pass
@@ -45,15 +75,25 @@ def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
     try:
         grad = flat.gradient(1.0)
         has_grad = flat.has_grad()
+        hyper = schedule.hyperparameters(0)
         if mode == "sharded":
-            for s in range(_OWNERS):
-                sl = shard_slice(flat.size, _OWNERS, s)
-                owner = ShardOptimizer(optimizer, flat, sl.start, sl.stop)
+            norms = [
+                piece_norms(grad[sl], sl.start, norm_pieces(flat, sl.start, sl.stop, has_grad))
+                for sl, _owner in owners
+            ]
+            for sl, owner in owners:
+                if clip_norm is not None:
+                    clip_(grad[sl], sl.start, flat, total_norm(norms), clip_norm)
+                owner.set_hyperparameters(hyper)
                 owner.step(grad[sl], has_grad)
                 state = owner.state()
                 owner.load_state(ShardState.from_bytes(state.to_bytes(), "self-check"))
         else:
+            pieces = norm_pieces(flat, 0, flat.size, has_grad, whole=True)
+            if clip_norm is not None:
+                clip_(grad, 0, flat, total_norm([piece_norms(grad, 0, pieces)]), clip_norm)
             flat.load_gradient(grad, has_grad)  # dense, as the workers' mean gradient is
+            apply_hyperparameters(optimizer, hyper)
             optimizer.step()
             blob = encode_optimizer_state(optimizer)
             optimizer.load_state_dict(decode_optimizer_state(blob, "self-check"))
@@ -70,4 +110,7 @@ def check_update(task: Task, batch: Batch, *, seed: int = 0) -> str:
             f"{type(task).__name__}.optimizer() returned a {name}, which smlt's workers cannot "
             f"run ({mode}): {type(exc).__name__}: {exc}{hint}"
         ) from exc
+    # The schedule through the run (the last iteration's learning rate is the last one a worker
+    # needs), or one step when the run's length is unknown.
+    schedule.lr(iterations - 1 if iterations else per_epoch)
     return mode

@@ -11,8 +11,12 @@ One invocation runs iterations ``[start, end)`` of one generation. Each iteratio
    :mod:`smlt.worker.contribution`);
 3. **sync**: scatter-reduce; the owner of shard r steps the user's optimizer on shard r
    (elementwise optimizers), or every worker steps the full optimizer on the whole mean gradient
-   (any other optimizer); version t + 1 lands directly in the model's parameter vector;
-4. **report**: one entry on the job's progress stream (the paper's success flag).
+   (any other optimizer); version t + 1 lands directly in the model's parameter vector. Before
+   the step, the mean gradient is clipped by its global norm if the task asks for it
+   (:mod:`smlt.worker.clipping`), and the optimizer takes iteration t's learning rate (and
+   whatever else the task's schedule drives: :mod:`smlt.worker.schedule`);
+4. **report**: one entry on the job's progress stream (the paper's success flag), with the
+   learning rate and the global gradient norm of the step.
 
 Whatever way this invocation came to run step t (first invocation, replacement, duplicate,
 resume), it continues from what the store holds: if its shard of version t + 1 is already
@@ -52,6 +56,7 @@ from smlt.protocol.state import (
     optim_frame,
     read_optim_state,
     side_buffers,
+    side_grad_norms,
 )
 from smlt.storage.artifacts import DataReader
 from smlt.storage.checkpoint import CheckpointStore
@@ -59,7 +64,8 @@ from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
-from smlt.task import Task, loss_reduction, overrides_evaluate
+from smlt.task import Task, clip_grad_norm, loss_reduction, overrides_evaluate
+from smlt.worker.clipping import clip_, norm_pieces, piece_norms, total_norm
 from smlt.worker.contribution import (
     Before,
     Combined,
@@ -71,6 +77,7 @@ from smlt.worker.contribution import (
 )
 from smlt.worker.optim import ShardOptimizer, is_shardable
 from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
+from smlt.worker.schedule import Schedule, apply_hyperparameters
 
 __all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "PROGRESS_TTL_S", "Trainer"]
 
@@ -141,6 +148,7 @@ class Trainer:
         self.sharded = is_shardable(user_optimizer)
         self.shard_optimizer: ShardOptimizer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        driver = user_optimizer
         if self.sharded:
             self.shard_optimizer = ShardOptimizer(
                 user_optimizer, self.flat, self.slice.start, self.slice.stop
@@ -151,6 +159,17 @@ class Trainer:
             # optimizer on it. Exact for any optimizer, at n x the optimizer memory.
             self.optimizer = user_optimizer
             self._mean = np.empty(self.flat.size, dtype=np.float32)
+            if type(task).scheduler is not Task.scheduler:
+                # The schedule needs an optimizer of its own, which nothing else steps or loads.
+                driver = task.optimizer(self.model)
+        # The learning rate of iteration t, rebuilt from the iteration count by every worker.
+        self.schedule = Schedule(
+            task, driver, iterations_per_epoch=self.sampler.iterations_per_epoch
+        )
+        # Clipping by global norm: the task's, unless the run overrides it.
+        override = payload.options.get("clip_grad_norm")
+        self.clip_norm = clip_grad_norm(task) if override is None else float(override)
+        self._grad_norm: float | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -226,12 +245,15 @@ class Trainer:
         timing.data_s = time.monotonic() - started
 
         grad, side, loss_value = self._compute(t, indices, batch, global_batch)
+        lr = self.schedule.lr(t)  # the schedule advanced to t here, not in the update's time
 
+        self._grad_norm = None
         if self.sharded:
             self.exchange.step(t, grad, out=self.flat.values_numpy(), side=side)
             if self.exchange.adopted:
                 self._load_optimizer_state(t + 1)
             self._load_buffers(self.exchange.gathered_sides, t + 1)
+            self._grad_norm = self._published_norm(self.exchange.gathered_sides, t + 1)
         else:
             self._replicated_step(t, grad, side)
         phases = self.exchange.last_phases
@@ -246,6 +268,7 @@ class Trainer:
             "attempt": p.attempt,
             "t": t,
             "loss": loss_value,
+            "lr": lr,
             "samples": len(indices),
             "batch": global_batch,
             "data_s": timing.data_s,
@@ -256,6 +279,8 @@ class Trainer:
             "bytes_down": phases.bytes_down,
             **{k: v for k, v in phases.as_dict().items() if k.endswith("_s") and k != "total_s"},
         }
+        if self._grad_norm is not None:
+            fields["grad_norm"] = self._grad_norm
         if self._snapshot_due(t):
             fields["snapshot"] = t + 1
         if self._ckpt_written == t + 1:
@@ -311,9 +336,16 @@ class Trainer:
         assert self.shard_optimizer is not None and self._before is not None
         combined = combine(sides, self.flat)
         out = self.shard_optimizer.values_numpy()
-        apply_buffers(out, mean, self.slice.start, self.flat, combined, self._before)
+        lo, hi = self.slice.start, self.slice.stop
+        apply_buffers(out, mean, lo, self.flat, combined, self._before)
+        norms = piece_norms(mean, lo, norm_pieces(self.flat, lo, hi, combined.has_grad))
+        if self.clip_norm is not None:
+            everyone = self.exchange.share_norms(t, norms)
+            clip_(mean, lo, self.flat, total_norm(everyone), self.clip_norm)
+        self.shard_optimizer.set_hyperparameters(self.schedule.hyperparameters(t))
         self.shard_optimizer.step(mean, combined.has_grad)
-        side = model_side(self.flat.discrete_state_of(new_discrete(self._before, combined)))
+        buffers = self.flat.discrete_state_of(new_discrete(self._before, combined))
+        side = model_side(buffers, grad_norms=norms)
         with self.exchange.cpu_work():  # smlt's encoding, not the optimizer's time
             frame = optim_frame(self.keys, t + 1, shard, self.shard_optimizer.state())
             extra = [(self.keys.optim(t + 1, shard), frame), *self._snapshot_extra(t, out, side)]
@@ -337,6 +369,7 @@ class Trainer:
             # (announcing our shard again: its writer may have died before it could).
             self.exchange.reannounce(t + 1)
             self._load_state(t + 1)
+            self._grad_norm = self._published_norm(self.exchange.gathered_sides, t + 1)
             return
         mean = self.exchange.allreduce(t, grad, out=self._mean, side=side)
         began = time.monotonic()
@@ -344,7 +377,15 @@ class Trainer:
         values = self.flat.values_numpy()
         base = self.flat.num_params
         apply_buffers(values[base:], mean[base:], base, self.flat, combined, self._before)
+        # Every worker has the whole mean: the parameters' norms, whole, as clip_grad_norm_.
+        pieces = norm_pieces(self.flat, 0, self.flat.size, combined.has_grad, whole=True)
+        norms = piece_norms(mean, 0, pieces)
+        total = total_norm([norms])
+        self._grad_norm = float(total)
+        if self.clip_norm is not None:
+            clip_(mean, 0, self.flat, total, self.clip_norm)
         self.flat.load_gradient(mean, combined.has_grad)
+        apply_hyperparameters(self.optimizer, self.schedule.hyperparameters(t))
         self.optimizer.step()
         self.flat.zero_grad()
         discrete = new_discrete(self._before, combined)
@@ -352,7 +393,10 @@ class Trainer:
             self.flat.set_discrete(i, raw)
         r = self.payload.rank
         params = values[self.slice].copy()
-        model = model_side(self.flat.discrete_state())
+        # The norms of the parameters that start in our shard: the shards' lists, concatenated,
+        # are the whole list, for a worker that adopts this step to report the same norm.
+        mine = [i for i, (a, _b) in enumerate(pieces) if self.slice.start <= a < self.slice.stop]
+        model = model_side(self.flat.discrete_state(), grad_norms=norms[mine])
         update_s = time.monotonic() - began
         with self.exchange.cpu_work():  # smlt's encoding, not the optimizer's time
             extra = [(self.keys.optim(t + 1, r), self._replicated_frame(t + 1))]
@@ -405,6 +449,17 @@ class Trainer:
                 "not in the store (expired, or deleted by a run that reused this job and session)"
             )
         return state
+
+    def _published_norm(self, sides: dict[int, Any], version: int) -> float | None:
+        """The global gradient norm of the step that published ``version``, from the norms its
+        shards carry (None for a version no step published)."""
+        parts = []
+        for shard in sorted(sides):
+            norms = side_grad_norms(sides[shard], self.keys.param(version, shard))
+            if norms is None:
+                return None
+            parts.append(norms)
+        return float(total_norm(parts))
 
     def _load_buffers(self, sides: dict[int, Any], version: int) -> None:
         """The non-float buffers of ``version`` (every parameter frame carries them)."""
