@@ -1,27 +1,41 @@
-"""The ``smlt`` command line: ``smlt train TASK ...``, ``smlt resume RUN_DIR``, ``smlt clean``.
+"""The ``smlt`` command line: ``smlt train TASK ...``, ``smlt resume RUN_DIR``, ``smlt runs``,
+``smlt clean``.
 
 Errors that smlt raises on purpose (bad task, unreachable Redis, a configuration that does not
 fit) print as one paragraph and exit with status 2; anything else is a bug and keeps its
 traceback. No credential is ever printed: Redis URLs appear as ``redis://:***@host:port``.
+
+A run stopped by Ctrl-C or SIGTERM stops its workers, says in one line whether it can be resumed
+(and with which command), and exits with 130 or 143, as a shell reports those signals.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from smlt.errors import ConfigError, ObjectStoreError, SmltError
+from smlt.client.runs import RunInfo, list_runs, read_run
+from smlt.errors import ConfigError, ObjectStoreError, SmltError, SmltWarning
 from smlt.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore, open_object_store
 
 __all__ = ["app", "main", "parse_duration"]
@@ -34,11 +48,29 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 # Fields of an epoch entry that are not the task's own metrics.
-_EPOCH_FIELDS = ("epoch", "iteration", "train_loss", "samples_per_s")
+_EPOCH_FIELDS = ("epoch", "iteration", "train_loss", "samples_per_s", "part", "wall_s")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from smlt import __version__
+
+        print(f"smlt {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="print smlt's version and exit",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
+) -> None:
     """Train PyTorch models data-parallel on serverless functions."""
 
 
@@ -79,7 +111,11 @@ def train(
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        typer.Option(help="checkpoint every K iterations (default: every epoch)"),
+        typer.Option(
+            help="checkpoint every K iterations (default: every epoch); 0: no periodic "
+            "checkpoints, only where the workers hand over (--rescale, --function-timeout) "
+            "and at the end of the run"
+        ),
     ] = None,
     heartbeat_timeout: Annotated[
         float, typer.Option(help="seconds without a heartbeat before a worker is replaced")
@@ -94,11 +130,19 @@ def train(
             help="committed checkpoints kept while the run goes on (the newest at the end)"
         ),
     ] = 2,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="replace the files of another run that --output holds (by default such a "
+            "folder is refused)"
+        ),
+    ] = False,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
     from smlt.client.driver import train as run_training
 
     _run(
+        output,
         lambda progress: run_training(
             task,
             epochs=epochs,
@@ -117,25 +161,152 @@ def train(
             heartbeat_timeout_s=heartbeat_timeout,
             rescales=_rescales(rescale or []),
             keep_checkpoints=keep_checkpoints,
+            overwrite=overwrite,
             progress=progress,
-        )
+        ),
     )
 
 
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="the output folder of the run (has run.json)")],
-    redis_url: Annotated[str | None, typer.Option(envvar="SMLT_REDIS_URL")] = None,
-    ray_address: Annotated[str | None, typer.Option()] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_REDIS_URL",
+            help="use this Redis (comma-separate several) instead of an embedded one; the "
+            "run goes on from its checkpoint, and keys a dead driver left there are removed",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="an existing Ray cluster (ray://... or auto); default: a local Ray"),
+    ] = None,
 ) -> None:
-    """Finish a run whose driver died, from its last committed checkpoint."""
+    """Finish a run that was interrupted or whose driver died, from its last committed
+    checkpoint, with the parameters in RUN_DIR/run.json."""
     from smlt.client.driver import resume as resume_run
 
     _run(
+        run_dir,
         lambda progress: resume_run(
             run_dir, redis_url=redis_url, ray_address=ray_address, progress=progress
-        )
+        ),
     )
+
+
+@app.command("runs")
+def list_runs_command(
+    folder: Annotated[
+        Path, typer.Argument(help="where to look: run folders in it and one level further down")
+    ] = Path("runs"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON list (for tools) instead of a table")
+    ] = False,
+) -> None:
+    """List the runs under FOLDER, oldest first: job, task, start, status, progress, metrics,
+    cost and output folder.
+
+    The status is finished, running, failed, interrupted, or stopped (status.json says running
+    but has not been rewritten for 2 minutes: its driver died; SMLT_STALE_AFTER_S changes
+    that); unknown for a run without status.json; unreadable when run.json is not readable.
+    """
+    if not folder.is_dir():
+        console.print(
+            f"[bold red]error:[/] {folder} is not a folder; runs are written to runs/JOB in the "
+            "folder smlt train ran in, or to its --output",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    records = list_runs(folder)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    if not records:
+        console.print(f"no runs under {folder} (a run folder holds a run.json)", highlight=False)
+        return
+    out = Console()
+    if not out.is_terminal:  # a pipe or a file: no wrapping of long paths at 80 columns
+        out = Console(width=max(out.width, 200))
+    out.print(_runs_table(records, width=out.width), soft_wrap=False)
+    for note in _runs_notes(records):
+        out.print(note, highlight=False, markup=False, soft_wrap=True)
+
+
+_STATE_STYLES = {
+    "finished": "green",
+    "running": "cyan",
+    "failed": "red",
+    "unreadable": "red",
+    "interrupted": "yellow",
+    "stopped": "yellow",
+}
+
+
+def _runs_table(records: list[RunInfo], *, width: int) -> Table:
+    """One row per run. The folder is the run's name (``runs/JOB`` by default); its job id is
+    added under it when the folder has another name (``--output``). Below 120 columns the
+    start's date and time, and the status and progress, share a column, one above the other."""
+    compact = width < 120
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("started", no_wrap=True)
+    table.add_column("run", overflow="fold", min_width=12)
+    table.add_column("task", overflow="fold", min_width=8)
+    table.add_column("status", no_wrap=True)
+    if not compact:
+        table.add_column("progress", no_wrap=True)
+    table.add_column("metrics", overflow="fold")
+    table.add_column("cost", no_wrap=True, min_width=9)
+    for r in records:
+        started = "?"
+        if r.started_at is not None:
+            started = r.started_at.astimezone().strftime("%Y-%m-%d %H:%M")
+            started = started.replace(" ", "\n") if compact else started
+        run = str(r.path)
+        if r.job_id is not None and r.job_id != r.path.name:
+            run += f"\n(job {r.job_id})"
+        progress = ""
+        if r.total_iterations:
+            done = "?" if r.iteration is None else str(r.iteration)
+            progress = f"{done}/{r.total_iterations}"
+        status = Text(r.state, style=_STATE_STYLES.get(r.state, ""))
+        if compact and progress:
+            status.append(f"\n{progress}")
+        table.add_row(
+            started,
+            run,
+            _short_task(r.task),
+            status,
+            *([] if compact else [progress]),
+            "\n".join(f"{k} {_number(v)}" for k, v in r.final_metrics.items()),
+            f"${r.cost_usd:.5f}" if r.cost_usd is not None else "",
+        )
+    return table
+
+
+def _runs_notes(records: list[RunInfo]) -> Iterator[str]:
+    """A line under the table for each run that needs one: how to continue a stopped run,
+    why a run failed, why a folder cannot be read."""
+    for r in records:
+        if r.resumable:
+            of_total = f" of {r.total_iterations}" if r.total_iterations else ""
+            yield (
+                f"{r.path}: {r.state}, checkpoint at iteration {r.last_checkpoint}{of_total}; "
+                f"continue with: smlt resume {shlex.quote(str(r.path))}"
+            )
+        elif r.state in ("failed", "unreadable") and r.error:
+            first = r.error.strip().splitlines()[0] if r.error.strip() else r.error
+            yield f"{r.path}: {r.state}: {first[:200]}"
+
+
+def _short_task(spec: str | None) -> str:
+    """``digits.py:Digits`` for ``/home/me/examples/digits.py:Digits``: the class and its
+    file's name (run.json and ``--json`` have the whole path)."""
+    if not spec:
+        return "?"
+    path, sep, name = spec.rpartition(":")
+    return f"{Path(path).name}{sep}{name}" if sep else spec
 
 
 @app.command()
@@ -306,36 +477,301 @@ def _rescales(specs: list[str]) -> tuple[tuple[int, int, int | None], ...]:
     return tuple(out)
 
 
-def _run(start: Any) -> None:
+def _run(run_dir: Path | None, start: Callable[[Callable[[dict[str, Any]], None]], Any]) -> None:
+    """Run ``start(progress)`` under the live display; a stop by signal ends in one line.
+
+    ``run_dir`` is the output folder when the command names it (``--output``, ``resume``'s
+    argument); otherwise the display learns it from the run's progress.
+    """
     display = _ProgressDisplay(console)
+    stop = _StopSignals()
+
+    def progress(status: dict[str, Any]) -> None:
+        stop.install()  # again: Ray's start replaced the handler (see _StopSignals)
+        display.update(status)
+
     try:
-        with display:
-            result = start(display.update)
+        with stop, display, warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            result = start(progress)
     except SmltError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopped the workers and the embedded Redis[/]")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit):
+            if not _sigterm_through_ray(exc):
+                raise
+            stop.received = signal.SIGTERM
+            signal.alarm(0)  # Ray's C++ handler, if it ran, set one to abort us: all is stopped
+        where = run_dir if run_dir is not None else display.output_dir
+        console.print(
+            _interrupted_message(stop.name, where),
+            style="yellow",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(stop.exit_code) from None
     _print_summary(result)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """smlt's warnings (a configuration that runs but wastes) as one line, like its errors;
+    anything else as Python shows it."""
+    if issubclass(category, SmltWarning):
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _sigterm_through_ray(exc: SystemExit) -> bool:
+    """Whether ``exc`` is how ``ray.init``'s SIGTERM handler ended the run: it calls
+    ``sys.exit(signum)``, and it is in place from Ray's start to the run's first status (see
+    :class:`_StopSignals`). Its SystemExit arrives as is (code 15), or re-raised by Ray's wait
+    loop with code 1 and the original code in ``ray_terminate_msg``. smlt never calls sys.exit
+    in a run."""
+    if exc.code == signal.SIGTERM:
+        return True
+    message = getattr(exc, "ray_terminate_msg", None)
+    return isinstance(message, str) and message.rstrip(". ").endswith(
+        f"Exit code: {int(signal.SIGTERM)}"
+    )
+
+
+class _StopSignals:
+    """SIGTERM stops a run the way Ctrl-C does: it raises KeyboardInterrupt in the main thread,
+    so the driver's cleanup stops the workers and Redis, and the command exits with 143.
+
+    ``ray.init`` replaces the handler twice: with a Python handler that calls ``sys.exit(15)``
+    and, once it has connected, with the C++ failure handler of Ray's core worker, which prints
+    a stack trace for SIGTERM as for a crash (and aborts the process 3 s later if it is still
+    alive). Installing ours again with ``signal.signal`` replaces both; the progress callback
+    does that on every status (it runs on the main thread, twice a second). Ray's handlers are
+    thus in place only from Ray's start to the run's first status, a few seconds: a SIGTERM
+    then ends in Ray's ``sys.exit``, which :func:`_run` recognises (after the C++ handler's
+    trace, if it was installed yet).
+
+    Only the first signal counts: the cleanup it starts is not interrupted by a second SIGTERM.
+    KeyboardInterrupt may reach us re-raised by Ray (which drops its type), so the signal that
+    came is recorded here, not in the exception.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: Any = None
+
+    @property
+    def name(self) -> str:
+        return "SIGTERM" if self.received == signal.SIGTERM else "Ctrl-C"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.received or signal.SIGINT)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGTERM)
+            self.install()
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _interrupted_message(how: str, run_dir: Path | str | None) -> str:
+    """One line after a stop by ``how`` (``Ctrl-C``, ``SIGTERM``): whether the run in
+    ``run_dir`` can be resumed, and the command that does it."""
+    if run_dir is None or not (Path(run_dir) / "run.json").is_file():
+        return f"interrupted by {how} before the run started: nothing to resume."
+    head = f"interrupted by {how}; the workers are stopped."
+    record = read_run(Path(run_dir))
+    if record.state == "unreadable":
+        return f"{head} {run_dir}/run.json cannot be read ({record.error}): nothing to resume."
+    checkpoint = _newest_checkpoint(record)
+    of_total = f" of {record.total_iterations}" if record.total_iterations else ""
+    if checkpoint is not None and checkpoint == record.total_iterations:
+        return (
+            f"{head} Training had ended (the checkpoint at iteration {checkpoint}{of_total} "
+            f"holds it); write its model and results with: smlt resume {shlex.quote(str(run_dir))}"
+        )
+    if checkpoint is not None:
+        return (
+            f"{head} The newest checkpoint is at iteration {checkpoint}{of_total}; continue with: "
+            f"smlt resume {shlex.quote(str(run_dir))}"
+        )
+    every = record.checkpoint_every
+    if every:
+        when = f"the first comes after iteration {every}{of_total}"
+    else:
+        when = "with --checkpoint-every 0 they come only where workers hand over, and at the end"
+    return (
+        f"{head} Nothing to resume: no checkpoint was committed ({when}); "
+        "start again with smlt train."
+    )
+
+
+def _newest_checkpoint(record: RunInfo) -> int | None:
+    """The iteration of the run's newest committed checkpoint: what the object store holds
+    (where ``smlt resume`` looks), else what status.json last said."""
+    if record.object_store is None or record.job_id is None:
+        return record.last_checkpoint
+    from smlt.storage.checkpoint import CheckpointStore
+
+    try:
+        committed = CheckpointStore(open_object_store(record.object_store), record.job_id)
+        iterations = committed.list_committed()
+    except (SmltError, OSError):  # unreachable S3, a folder gone: status.json's word then
+        return record.last_checkpoint
+    return iterations[-1] if iterations else None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _number(value: float) -> str:
+    """A metric: four decimals, or three significant digits for small ones (0.000123)."""
+    if value != 0 and abs(value) < 1e-3 and math.isfinite(value):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _task_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """The numbers the task's ``evaluate()`` added to an epoch entry."""
+    return {
+        k: float(v)
+        for k, v in entry.items()
+        if k not in _EPOCH_FIELDS and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _format_metrics(metrics: dict[str, float], *, label: str = "evaluate():") -> str:
+    """``evaluate(): accuracy 0.9533  loss 0.1933``, or "" without metrics. They are named as
+    the task named them: ``evaluate()`` may compute them on held-out or on training data."""
+    if not metrics:
+        return ""
+    return f"{label} " + "  ".join(f"{k} {_number(v)}" for k, v in metrics.items())
+
+
+def _format_epoch_line(status: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The line of a finished epoch, for logs. An epoch run before a resume (its ``part`` is
+    older than the status's) is marked so and has no cost: the cost so far is not its cost."""
+    epochs_total = _epochs_total(status)
+    replayed = entry.get("part", 0) < status.get("part", 0)
+    parts = [
+        f"epoch {entry['epoch'] + 1}/{epochs_total}: it {entry['iteration'] + 1}/"
+        f"{status['total_iterations']}",
+        f"train loss {entry['train_loss']:.4f}",
+        _rate(entry.get("samples_per_s")),
+    ]
+    if not replayed:
+        parts += [_config(status), f"${status['cost_usd']:.5f}"]
+    parts.append(_format_metrics(_task_metrics(entry)))
+    if replayed:
+        parts.append("(before resume)")
+    return "  ".join(p for p in parts if p)
+
+
+def _format_live(status: dict[str, Any], *, started: bool) -> list[str]:
+    """The lines under the live progress bar: training, then the newest epoch's metrics.
+    Until the run reports its first iteration (``started``) they say the workers are starting,
+    instead of showing a loss of nan at 0 samples/s."""
+    cost = f"${status['cost_usd']:.5f}"
+    last = status.get("last") or {}
+    if not started or not last:
+        return [f"starting workers...  {_config(status)}"]
+    lines = [
+        "  ".join(
+            p
+            for p in (
+                f"train loss {last['loss']:.4f}",
+                _rate(last.get("samples_per_s")),
+                _config(status),
+                cost,
+            )
+            if p
+        )
+    ]
+    epochs = status.get("epochs") or []
+    metrics = _task_metrics(epochs[-1]) if epochs else {}
+    if metrics:
+        label = f"evaluate() after epoch {epochs[-1]['epoch'] + 1}:"
+        lines.append(_format_metrics(metrics, label=label))
+    return lines
+
+
+def _epochs_total(status: dict[str, Any]) -> int:
+    return max(1, status["total_iterations"] // max(1, status["iterations_per_epoch"]))
+
+
+def _rate(samples_per_s: Any) -> str:
+    if not isinstance(samples_per_s, int | float) or not math.isfinite(samples_per_s):
+        return ""
+    return f"{samples_per_s:,.0f} samples/s"
+
+
+def _config(status: dict[str, Any]) -> str:
+    return f"{status['workers']} x {status['memory_mb']} MB"
+
+
+class _Lines(Progress):
+    """A rich Progress whose bar is followed by free lines of text, each wrapped to the
+    terminal's width rather than cut: on an 80-column terminal a one-line bar with the
+    training figures and the metrics loses the metrics."""
+
+    def __init__(self, *columns: Any, **options: Any) -> None:
+        self.lines: list[str] = []  # before Progress's own __init__, which renders once
+        super().__init__(*columns, **options)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for line in self.lines:
+            yield Text(line)
+
+
 class _ProgressDisplay:
-    """A live line on a terminal; one line per epoch when output is not a terminal (CI, logs)."""
+    """A live bar and a few lines on a terminal; one line per epoch when output is not a
+    terminal (CI, logs)."""
 
     def __init__(self, out: Console) -> None:
         self.console = out
         self.live = out.is_terminal
-        self.progress = Progress(
+        self.bar = BarColumn()
+        self.progress = _Lines(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[info]}"),
+            self.bar,
+            TextColumn("it {task.completed:.0f}/{task.total:.0f}"),
             TimeElapsedColumn(),
             console=out,
             transient=False,
         )
+        self.output_dir: str | None = None
         self._task: Any = None
         self._epochs_printed = 0
+        self._first_iteration: int | None = None
 
     def __enter__(self) -> _ProgressDisplay:
         if self.live:
@@ -347,47 +783,35 @@ class _ProgressDisplay:
             self.progress.stop()
 
     def update(self, status: dict[str, Any]) -> None:
+        self.output_dir = status.get("output_dir", self.output_dir)
+        done = status["iteration"]
+        if self._first_iteration is None:
+            self._first_iteration = done  # a resumed run starts with the iterations before
+        if self.live:
+            self._update_live(status, started=done > self._first_iteration)
+            return
+        for entry in status["epochs"][self._epochs_printed :]:
+            print(_format_epoch_line(status, entry), file=sys.stderr, flush=True)
+        self._epochs_printed = len(status["epochs"])
+
+    def _update_live(self, status: dict[str, Any], *, started: bool) -> None:
         total = status["total_iterations"]
         done = status["iteration"]
-        per_epoch = status["iterations_per_epoch"]
-        epochs_total = max(1, total // per_epoch)
-        epochs = status["epochs"]
-        description = f"epoch {min(done // per_epoch + 1, epochs_total)}/{epochs_total}"
-        if self.live:
-            info = self._info(status, status["last"] or {}, epochs[-1] if epochs else {})
-            if self._task is None:
-                self._task = self.progress.add_task(description, total=total, info=info)
-            self.progress.update(self._task, completed=done, description=description, info=info)
-            return
-        for entry in epochs[self._epochs_printed :]:
-            record = {
-                "iteration": entry["iteration"],
-                "loss": entry["train_loss"],
-                "samples_per_s": entry["samples_per_s"],
-            }
-            print(
-                f"epoch {entry['epoch'] + 1}/{epochs_total}: {self._info(status, record, entry)}",
-                file=sys.stderr,
-                flush=True,
-            )
-        self._epochs_printed = len(epochs)
-
-    @staticmethod
-    def _info(status: dict[str, Any], last: dict[str, Any], metrics: dict[str, Any]) -> str:
-        shown = {k: v for k, v in metrics.items() if k not in _EPOCH_FIELDS}
-        return (
-            f"it {last.get('iteration', -1) + 1}/{status['total_iterations']}  "
-            f"loss {last.get('loss', float('nan')):.4f}  "
-            f"{last.get('samples_per_s', 0.0):,.0f} samples/s  "
-            f"{status['workers']} x {status['memory_mb']} MB  ${status['cost_usd']:.5f}"
-            + "".join(f"  held-out {k} {v:.4f}" for k, v in shown.items())
-        )
+        epochs_total = _epochs_total(status)
+        epoch = min(done // max(1, status["iterations_per_epoch"]) + 1, epochs_total)
+        description = f"epoch {epoch}/{epochs_total}"
+        # The bar gives way first on a narrow terminal: the figures are what matter.
+        self.bar.bar_width = max(5, min(40, self.console.width - 40))
+        self.progress.lines = _format_live(status, started=started)
+        if self._task is None:
+            self._task = self.progress.add_task(description, total=total)
+        self.progress.update(self._task, completed=done, description=description)
 
 
 def _print_summary(result: Any) -> None:
     table = Table(title=f"smlt run {result.job_id}", show_header=False)
     for name, value in result.final_metrics.items():
-        table.add_row(f"held-out {name}", f"{value:.4f}")
+        table.add_row(f"evaluate(): {name}", _number(value))
     if result.history:
         table.add_row("final training loss", f"{result.history[-1]['loss']:.4f}")
     cfg = result.configs[-1]
@@ -395,7 +819,8 @@ def _print_summary(result: Any) -> None:
     if result.optimizer:
         table.add_row("optimizer", f"{result.optimizer['class']}, {result.optimizer['mode']}")
     table.add_row(
-        "iterations", f"{result.iterations} ({result.epochs} epochs of batch {result.batch_size})"
+        "iterations",
+        f"{result.iterations} ({_plural(result.epochs, 'epoch')} of batch {result.batch_size})",
     )
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     table.add_row(
