@@ -6,8 +6,10 @@ and imported there with :func:`load_task`, so a task must be importable on its o
 needs beside torch, numpy and the installed packages must live in that one file.
 
 Everything the user writes is checked here, once, on the client, before a single worker is paid
-for: :func:`check_task` validates ``data()``, and :func:`check_model`, :func:`check_optimizer` and
-:func:`check_loss` validate the other methods on a tiny batch. Each failure is a
+for: :func:`check_task` validates ``data()``, and :func:`check_model`, :func:`check_optimizer`,
+:func:`check_scheduler` and :func:`check_loss` validate the other methods on a tiny batch
+(:func:`clip_grad_norm`, :func:`loss_reduction` and :func:`scheduler_interval` the class
+attributes). Each failure is a
 :class:`~smlt.errors.TaskError` whose message names the file, the method and what was expected,
 because the person reading it did not write smlt and should not have to read it.
 """
