@@ -34,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from smlt.client.checks import check_request
 from smlt.client.runs import RunInfo, list_runs, read_run
 from smlt.errors import ConfigError, ObjectStoreError, SmltError, SmltWarning
 from smlt.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore, open_object_store
@@ -139,11 +140,25 @@ def train(
     ] = False,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
-    from smlt.client.driver import train as run_training
 
-    _run(
-        output,
-        lambda progress: run_training(
+    def start(progress: Callable[[dict[str, Any]], None]) -> Any:
+        rescales = _rescales(rescale or [])
+        # A mistyped flag is refused here, before PyTorch, Ray or Redis are even imported.
+        check_request(
+            backend,
+            backend_options={"address": ray_address} if backend == "ray" else {},
+            epochs=epochs,
+            batch_size=batch_size,
+            workers=workers,
+            memory_mb=memory_mb,
+            function_timeout_s=function_timeout,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            rescales=rescales,
+        )
+        from smlt.client.driver import train as run_training
+
+        return run_training(
             task,
             epochs=epochs,
             batch_size=batch_size,
@@ -159,12 +174,13 @@ def train(
             function_timeout_s=function_timeout,
             checkpoint_every=checkpoint_every,
             heartbeat_timeout_s=heartbeat_timeout,
-            rescales=_rescales(rescale or []),
+            rescales=rescales,
             keep_checkpoints=keep_checkpoints,
             overwrite=overwrite,
             progress=progress,
-        ),
-    )
+        )
+
+    _run(output, start)
 
 
 @app.command()

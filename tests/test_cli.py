@@ -101,12 +101,16 @@ def test_train_digits_writes_a_usable_model(tmp_path: Path) -> None:
             "workers": 2,
             "memory_mb": 1769,
             "reason": "largest size that fits 2 workers at once (no memory given)",
+            "part": 0,
         }
     ]
     assert result["final_metrics"]["accuracy"] > 0.85
     assert result["history"][-1]["loss"] < result["history"][0]["loss"] / 3
     assert result["cost_usd"] > 0
     assert [e["epoch"] for e in result["epoch_metrics"]] == [0, 1, 2, 3]
+    assert [(p["command"], p["ended"]) for p in result["parts"]] == [("train", "finished")]
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["iteration"], status["last_checkpoint"]) == ("finished", 44, 44)
     assert "***" in result["redis"]
     for name in ("loss.png", "throughput.png", "phases.png"):
         assert (out / name).stat().st_size > 1000
@@ -120,7 +124,7 @@ def test_train_digits_writes_a_usable_model(tmp_path: Path) -> None:
     model = task.model()
     model.load_state_dict(torch.load(out / "model.pt"))
     assert task.evaluate(model)["accuracy"] == pytest.approx(result["final_metrics"]["accuracy"])
-    assert "held-out accuracy" in proc.stdout
+    assert "evaluate(): accuracy" in proc.stdout
     _assert_nothing_left(marker)
 
 

@@ -227,7 +227,7 @@ def run_folders(tmp_path: Path) -> Path:
     _write_run(
         runs / "sweep" / "running",
         _plan("digits-b-running"),
-        _status("running", at(5), NOW - timedelta(seconds=3), iteration=12),
+        _status("running", at(5), datetime.now(UTC) - timedelta(seconds=3), iteration=12),
     )
     _write_run(
         runs / "stale",

@@ -25,10 +25,12 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -86,26 +88,46 @@ def ensure_ray(
     if ray.is_initialized():
         return False
     try:
-        if address is not None:
-            _probe(address, init_timeout_s)
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-            return False
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            # Ray keeps about one idle worker process per CPU and kills the rest after a
-            # second; a generation of n > CPUs fractional-CPU workers would then pay torch's
-            # import again at every re-invocation, re-scale and time-limit generation.
-            _system_config={
-                "num_workers_soft_limit": WARM_WORKERS,
-                "idle_worker_killing_time_threshold_ms": 600_000,
-            },
-        )
+        with _caller_keeps_sigterm():
+            return _init_ray(address, num_cpus, init_timeout_s)
     except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise BackendError(f"cannot start or join {where}: {exc}") from exc
+
+
+@contextmanager
+def _caller_keeps_sigterm() -> Iterator[None]:
+    """``ray.init`` installs SIGTERM handlers of its own (one prints a C++ stack trace and
+    aborts the process); the caller's handler (the CLI's, which stops the run cleanly) is put
+    back. Only the main thread can set handlers."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init_ray(address: str | None, num_cpus: int | None, init_timeout_s: float) -> bool:
+    """``ray.init`` as :func:`ensure_ray` describes it; True if it started a local Ray."""
+    if address is not None:
+        _probe(address, init_timeout_s)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return False
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        # Ray keeps about one idle worker process per CPU and kills the rest after a
+        # second; a generation of n > CPUs fractional-CPU workers would then pay torch's
+        # import again at every re-invocation, re-scale and time-limit generation.
+        _system_config={
+            "num_workers_soft_limit": WARM_WORKERS,
+            "idle_worker_killing_time_threshold_ms": 600_000,
+        },
+    )
     return True
 
 

@@ -26,7 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,8 +311,8 @@ def resume(
     now: nothing depends on the current folder.
     """
     _redis_urls(redis_url)
+    plan = RunPlan.load(Path(run_dir))  # its errors name the folder as the user gave it
     run_dir = Path(run_dir).resolve()
-    plan = RunPlan.load(run_dir)
     plan = replace(plan, output_dir=str(run_dir))
     status = read_status(run_dir) or {}
     if status.get("state") == "finished":
@@ -449,6 +449,10 @@ def _execute(
                 objects.delete_prefix(artifact_prefix(plan.job_id))
         else:
             state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            with suppress(Exception):  # the store knows better than the last status we saw
+                newest = checkpoints.latest()
+                if newest is not None:
+                    record.checkpointed(newest.iteration)
             record.end(state, time.monotonic() - started, error=str(exc) or type(exc).__name__)
         raise
 

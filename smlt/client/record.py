@@ -166,6 +166,12 @@ class RunRecord:
         if force or news or time.monotonic() - self._written_s >= STATUS_INTERVAL_S:
             self.write("running")
 
+    def checkpointed(self, iteration: int) -> None:
+        """A checkpoint at ``iteration`` is committed: the current part got at least that far."""
+        self.last_checkpoint = max(self.last_checkpoint or 0, iteration)
+        to_iteration = max(self.current.to_iteration, iteration)
+        self.current = replace(self.current, to_iteration=to_iteration)
+
     def end(
         self,
         state: str,
