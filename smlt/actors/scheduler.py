@@ -137,10 +137,10 @@ def generation_leftovers(
         found += [keys.heartbeat(generation, rank, a) for a in range(attempts.get(rank, 0) + 1)]
     if stop > start:
         last = stop - 1
-        found += [keys.param_ready(last), keys.mean_grad_ready(last)]
+        found += [keys.param_ready(last), keys.mean_grad_ready(last), keys.grad_norm_ready(last)]
         for s in range(workers):
             found += [keys.param(last, s), keys.optim(last, s), keys.mean_grad(last, s)]
-            found += [keys.grad_ready(last, s)]
+            found += [keys.grad_ready(last, s), keys.grad_norm(last, s)]
             found += [keys.grad(last, s, r) for r in range(workers)]
     return found
 
