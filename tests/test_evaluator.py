@@ -125,7 +125,6 @@ def test_a_long_evaluation_does_not_stall_the_workers(
         epochs=2,
         batch_size=256,
         workers=3,
-        shard_timeout_s=2,
         output=in_process_runs / "slow-eval",
     )
     assert [e["epoch"] for e in result.epoch_metrics] == [0, 1]
@@ -133,8 +132,10 @@ def test_a_long_evaluation_does_not_stall_the_workers(
     assert result.final_metrics == {
         k: v for k, v in result.epoch_metrics[-1].items() if k in ("accuracy", "loss")
     }
-    # No iteration waited for an evaluation.
-    assert max(h["iter_s"] for h in result.history) < 2
+    # No iteration waited for an evaluation (SlowEval's takes 3 s; before, rank 0 evaluated
+    # inline at each epoch's end, iteration 5 and 11, and its peers waited). Iteration 0 is left
+    # out: it includes the wait for the peers' cold starts, which differ by seconds here.
+    assert max(h["iter_s"] for h in result.history[1:]) < 2
 
 
 @pytest.mark.slow

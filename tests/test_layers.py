@@ -17,6 +17,7 @@ import pytest
 SMLT = Path(__file__).resolve().parent.parent / "smlt"
 
 RANK = {
+    "__version__": 0,  # a constant of the package itself (``smlt --version`` reads it)
     "errors": 0,
     "task": 0,
     "storage": 1,

@@ -20,7 +20,7 @@ import pytest
 
 import smlt
 from smlt.client.checks import RUN_FILES, warn_about_waste
-from smlt.errors import SmltWarning
+from smlt.errors import ConfigError, SmltWarning
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
@@ -73,9 +73,6 @@ def _left_behind(root: Path) -> list[str]:
         (["--rescale", "5:2:64"], "--rescale 5:2:64: 64 MB is outside"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--epochs", "0"], "--epochs must be >= 1"),
-        # Known once the data set's size is: after the task is loaded and checked (seconds),
-        # still before Ray or Redis.
-        (["--rescale", "500:2"], "the run has 6 iterations (0..5), so it would never apply"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -89,8 +86,20 @@ def test_a_bad_flag_fails_fast_and_leaves_nothing(
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert _left_behind(tmp_path) == []
-    if "never apply" not in message:  # that one needs the data set: the task is loaded first
-        assert elapsed_s < FAST_FAILURE_S, f"took {elapsed_s:.1f} s: did Ray or Redis start?"
+    assert elapsed_s < FAST_FAILURE_S, f"took {elapsed_s:.1f} s: did Ray or Redis start?"
+
+
+def test_a_rescale_past_the_end_is_refused_once_the_data_set_is_known(
+    in_process_runs: Path,
+) -> None:
+    """Known after the task is loaded and checked (seconds), still before Ray starts a run."""
+    out = in_process_runs / "rescale-past-the-end"
+    with pytest.raises(ConfigError, match=r"the run has 6 iterations \(0\.\.5\), so it would"):
+        smlt.train(DIGITS, batch_size=256, rescales=((500, 2, None),), output=out)
+    assert not out.exists()
+    assert not [
+        p for p in (in_process_runs / "objects").glob("jobs/*/artifact/**/*") if p.is_file()
+    ]
 
 
 @pytest.mark.slow

@@ -123,6 +123,12 @@ class Backend(ABC):
         limits = self.limits
         return limits.min_memory_mb, limits.max_memory_mb
 
+    def check_fits(self, workers: int, memory_mb: int) -> object:
+        """Raise ``CapacityError`` if ``workers`` x ``memory_mb`` cannot run at once: checked as
+        a run starts, before it writes anything. Platforms whose only limits are
+        :attr:`limits` (checked by the resource manager) have nothing more to check."""
+        return None
+
     def default_memory_mb(self, workers: int) -> int:
         """Memory per worker when the user gives none: one vCPU's worth (1,769 MB) within the
         backend's range. Backends with a finite cluster override this with what fits."""

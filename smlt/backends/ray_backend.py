@@ -259,6 +259,15 @@ class RayBackend(Backend):
     def memory_range_mb(self) -> tuple[int, int]:
         return MIN_MEMORY_MB, self.max_memory_mb
 
+    def check_fits(self, workers: int, memory_mb: int) -> ClusterCapacity:
+        """As :meth:`Backend.check_fits`; returns the capacity it checked against."""
+        capacity = self.capacity()
+        if not capacity.fits(workers, memory_mb):
+            raise CapacityError(
+                capacity.explain(workers, memory_mb, MIN_MEMORY_MB, self.max_memory_mb)
+            )
+        return capacity
+
     def capacity(self) -> ClusterCapacity:
         """The cluster's alive nodes (see :mod:`smlt.backends.ray_capacity` for why sizes,
         not free room)."""
@@ -302,11 +311,7 @@ class RayBackend(Backend):
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         await self.clean()  # re-scaling: the old group's room counts for the new one
-        capacity = await trio.to_thread.run_sync(self.capacity)
-        if not capacity.fits(workers, memory_mb):
-            raise CapacityError(
-                capacity.explain(workers, memory_mb, MIN_MEMORY_MB, self.max_memory_mb)
-            )
+        capacity = await trio.to_thread.run_sync(self.check_fits, workers, memory_mb)
         bundle = {"CPU": cpu_share(memory_mb), "memory": float(memory_mb * _MIB)}
         group = await trio.to_thread.run_sync(
             functools.partial(

@@ -383,7 +383,7 @@ def _execute(
             probe = get_backend(plan.backend, **backend_options)
             latest = checkpoints.latest() if initial is None else None
             first = latest.iteration if latest is not None else 0
-            _manager(plan, probe).initial(first)  # a configuration the backend cannot hold
+            _check_capacity(plan, probe, first)
             record = _start(plan, initial is None, first, overwrite)
             if latest is not None:
                 record.last_checkpoint = latest.iteration
@@ -502,6 +502,17 @@ def _manager(plan: RunPlan, backend: Backend) -> ResourceManager:
         fit_memory_mb=backend.default_memory_mb,
         rescales=tuple(Rescale(*r) for r in plan.rescales),
     )
+
+
+def _check_capacity(plan: RunPlan, backend: Backend, first: int) -> None:
+    """Refuse, before the run starts, a configuration the backend cannot hold: the first one
+    and every scheduled re-scale whose memory is known (without one, smlt picks what fits)."""
+    config = _manager(plan, backend).initial(first)
+    backend.check_fits(config.workers, config.memory_mb)
+    for at, workers, memory_mb in plan.rescales:
+        memory_mb = memory_mb or plan.memory_mb
+        if at > first and memory_mb is not None:
+            backend.check_fits(workers, memory_mb)
 
 
 def _start(plan: RunPlan, resumed: bool, first: int, overwrite: bool) -> RunRecord:
