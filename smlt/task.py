@@ -333,15 +333,12 @@ def check_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor
 
 def loss_reduction(task: Task) -> Literal["mean", "sum"]:
     """The task's declared ``loss_reduction``, checked."""
-    value = getattr(task, "loss_reduction", "mean")
-    if value == "mean":
-        return "mean"
-    if value == "sum":
-        return "sum"
-    raise TaskError(
-        f"{type(task).__name__}.loss_reduction is {value!r}; it must be 'mean' (loss() averages "
-        "over its batch) or 'sum' (loss() sums over its batch)"
+    value = _declared_choice(
+        task,
+        "loss_reduction",
+        {"mean": "loss() averages over its batch", "sum": "loss() sums over its batch"},
     )
+    return "sum" if value == "sum" else "mean"
 
 
 def clip_grad_norm(task: Task) -> float | None:
@@ -360,15 +357,24 @@ def clip_grad_norm(task: Task) -> float | None:
 
 def scheduler_interval(task: Task) -> Literal["iteration", "epoch"]:
     """The task's declared ``scheduler_interval``, checked."""
-    value = getattr(task, "scheduler_interval", "iteration")
-    if value == "iteration":
-        return "iteration"
-    if value == "epoch":
-        return "epoch"
-    raise TaskError(
-        f"{type(task).__name__}.scheduler_interval is {value!r}; it must be 'iteration' (the "
-        "schedule steps after every optimizer step) or 'epoch' (after every epoch's last one)"
+    value = _declared_choice(
+        task,
+        "scheduler_interval",
+        {
+            "iteration": "the schedule steps after every optimizer step",
+            "epoch": "after every epoch's last one",
+        },
     )
+    return "epoch" if value == "epoch" else "iteration"
+
+
+def _declared_choice(task: Task, name: str, meanings: dict[str, str]) -> str:
+    """``task.<name>`` (the first choice if absent), which must be one of ``meanings``."""
+    value = getattr(task, name, next(iter(meanings)))
+    if isinstance(value, str) and value in meanings:
+        return value
+    choices = " or ".join(f"{choice!r} ({meaning})" for choice, meaning in meanings.items())
+    raise TaskError(f"{type(task).__name__}.{name} is {value!r}; it must be {choices}")
 
 
 def overrides_evaluate(task: Task) -> bool:

@@ -24,108 +24,11 @@ import torch
 
 from smlt.storage.redis_server import RedisServer, connect
 from smlt.sync.keys import JobKeys
+from tests.cli_support import assert_nothing_left as _assert_nothing_left
+from tests.cli_support import run_smlt as _smlt
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "examples" / "digits.py"
-
-
-def _smlt(
-    args: list[str], tmp_path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
-) -> tuple[subprocess.CompletedProcess[str], str]:
-    marker = uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "SMLT_TEST_MARKER": marker,
-        "SMLT_OBJECT_STORE": str(tmp_path / "objects"),
-        **(extra_env or {}),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "smlt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        cwd=tmp_path,
-    )
-    return proc, marker
-
-
-def _processes_with(marker: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"SMLT_TEST_MARKER={marker}".encode() in environ:
-            found.append(f"{pid}: {cmdline[:120]}")
-    return found
-
-
-def _assert_nothing_left(marker: str) -> None:
-    deadline = time.monotonic() + 10  # Ray's processes exit a moment after the driver
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(marker) == []
-
-
-@pytest.mark.slow
-def test_train_digits_writes_a_usable_model(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc, marker = _smlt(
-        [
-            "train",
-            f"{DIGITS}:Digits",
-            "--epochs",
-            "4",
-            "--batch-size",
-            "128",
-            "--workers",
-            "2",
-            "--output",
-            str(out),
-        ],
-        tmp_path,
-        timeout_s=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "result.json").read_text())
-    assert result["iterations"] == 4 * 11  # 1347 training samples / 128 -> 11 per epoch
-    assert len(result["history"]) == result["iterations"]
-    assert result["configs"] == [
-        {
-            "from_iteration": 0,
-            "workers": 2,
-            "memory_mb": 1769,
-            "reason": "largest size that fits 2 workers at once (no memory given)",
-            "part": 0,
-        }
-    ]
-    assert result["final_metrics"]["accuracy"] > 0.85
-    assert result["history"][-1]["loss"] < result["history"][0]["loss"] / 3
-    assert result["cost_usd"] > 0
-    assert [e["epoch"] for e in result["epoch_metrics"]] == [0, 1, 2, 3]
-    assert [(p["command"], p["ended"]) for p in result["parts"]] == [("train", "finished")]
-    status = json.loads((out / "status.json").read_text())
-    assert (status["state"], status["iteration"], status["last_checkpoint"]) == ("finished", 44, 44)
-    assert "***" in result["redis"]
-    for name in ("loss.png", "throughput.png", "phases.png"):
-        assert (out / name).stat().st_size > 1000
-    # model.pt loads into the task's own model and reproduces the reported accuracy.
-    sys.path.insert(0, str(DIGITS.parent))
-    try:
-        from digits import Digits  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(DIGITS.parent))
-    task = Digits()
-    model = task.model()
-    model.load_state_dict(torch.load(out / "model.pt"))
-    assert task.evaluate(model)["accuracy"] == pytest.approx(result["final_metrics"]["accuracy"])
-    assert "evaluate(): accuracy" in proc.stdout
-    _assert_nothing_left(marker)
 
 
 GOOD_TASK = textwrap.dedent(

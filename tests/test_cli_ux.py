@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 import typer.main
 from rich.console import Console
 
@@ -39,48 +40,12 @@ from smlt.cli import (
     app,
 )
 from smlt.client.runs import list_runs, read_run
+from tests.cli_support import assert_nothing_left as _assert_nothing_left
+from tests.cli_support import run_smlt as _smlt
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "examples" / "digits.py"
 NOW = datetime.now(UTC)
-
-
-def _smlt(
-    args: list[str], cwd: Path, timeout_s: float = 60
-) -> tuple[subprocess.CompletedProcess[str], str]:
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "SMLT_TEST_MARKER": marker, "SMLT_OBJECT_STORE": str(cwd / "objects")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "smlt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        cwd=cwd,
-    )
-    return proc, marker
-
-
-def _processes_with(marker: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"SMLT_TEST_MARKER={marker}".encode() in environ:
-            found.append(f"{pid}: {cmdline[:120]}")
-    return found
-
-
-def _assert_nothing_left(marker: str) -> None:
-    deadline = time.monotonic() + 10  # Ray's processes exit a moment after the driver
-    while _processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_with(marker) == []
 
 
 # -- smlt --version ----------------------------------------------------------------------------
@@ -551,23 +516,19 @@ def _wait_for_a_checkpoint(out: Path, objects: Path, proc: subprocess.Popen[byte
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_run_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+def test_sigterm_stops_a_run_cleanly_and_resume_finishes_it_from_anywhere(tmp_path: Path) -> None:
+    """SIGTERM ends the run in one line naming the resume command; then the user edits the task
+    file (here: breaks it) and resumes from another folder: the resume runs the packaged code,
+    and the record, the model and the plots describe the whole run."""
     out, objects = tmp_path / "out", tmp_path / "objects"
+    task_file = tmp_path / "task.py"
+    task_file.write_text(DIGITS.read_text())
     marker = uuid.uuid4().hex
     env = {**os.environ, "SMLT_TEST_MARKER": marker, "SMLT_OBJECT_STORE": str(objects)}
     args = ["--epochs", "3", "--batch-size", "64", "--workers", "2", "--checkpoint-every", "5"]
     with (tmp_path / "stderr").open("w+b") as err:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smlt",
-                "train",
-                f"{DIGITS}:Digits",
-                *args,
-                "--output",
-                str(out),
-            ],
+            [sys.executable, "-m", "smlt", "train", "task.py:Digits", *args, "--output", "out"],
             env=env,
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
@@ -589,7 +550,37 @@ def test_sigterm_stops_a_run_cleanly_and_says_how_to_resume(tmp_path: Path) -> N
         assert trace not in stderr
     [message] = [line for line in stderr.splitlines() if "interrupted" in line]
     assert message.startswith("interrupted by SIGTERM; the workers are stopped.")
-    assert message.endswith(f"smlt resume {out}")
-    if (out / "status.json").exists():
-        assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
+    assert message.endswith("smlt resume out")
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["last_checkpoint"] is not None
+    _assert_nothing_left(marker)
+
+    task_file.write_text("raise SystemExit('the edited task file was imported')\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed, marker = _smlt(["resume", str(out)], elsewhere, timeout_s=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "evaluate(): accuracy" in resumed.stdout
+    result = json.loads((out / "result.json").read_text())
+    parts = [(p["command"], p["ended"]) for p in result["parts"]]
+    assert parts == [("train", "interrupted"), ("resume", "finished")]
+    assert result["cost_usd"] == pytest.approx(sum(p["cost_usd"] for p in result["parts"]))
+    assert [h["iteration"] for h in result["history"]] == list(range(66))  # 1347 / 64 -> 22
+    assert [e["epoch"] for e in result["epoch_metrics"]] == [0, 1, 2]
+    assert result["final_metrics"]["accuracy"] > 0.85
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"] / 3
+    assert "***" in result["redis"]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    for name in ("loss.png", "throughput.png", "phases.png"):
+        assert (out / name).stat().st_size > 1000
+    # model.pt loads into the task's own model and reproduces the reported accuracy.
+    sys.path.insert(0, str(DIGITS.parent))
+    try:
+        from digits import Digits  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(DIGITS.parent))
+    task = Digits()
+    model = task.model()
+    model.load_state_dict(torch.load(out / "model.pt"))
+    assert task.evaluate(model)["accuracy"] == pytest.approx(result["final_metrics"]["accuracy"])
     _assert_nothing_left(marker)

@@ -9,11 +9,8 @@ is never overwritten without ``--overwrite``, and ``--overwrite`` replaces that 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import pytest
 import smlt
 from smlt.client.checks import RUN_FILES, warn_about_waste
 from smlt.errors import ConfigError, SmltWarning
+from tests.cli_support import run_smlt
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
@@ -32,20 +30,9 @@ FAST_FAILURE_S = 3.0
 def _smlt(
     args: list[str], cwd: Path, timeout_s: float
 ) -> tuple[subprocess.CompletedProcess[str], float]:
-    env = {
-        **os.environ,
-        "SMLT_OBJECT_STORE": str(cwd / "objects"),
-        "SMLT_TEST_MARKER": uuid.uuid4().hex,
-    }
+    """The command's result and how long it took, start to exit."""
     began = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "smlt", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env=env,
-        cwd=cwd,
-    )
+    proc, _ = run_smlt(args, cwd, timeout_s)
     return proc, time.monotonic() - began
 
 
