@@ -7,10 +7,16 @@ tests/test_cli.py; these cases pin the arithmetic that one run cannot show at on
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from smlt.client.record import STATUS_FILE, RunRecord
+from smlt.errors import ConfigError
 
 
 def _history(first: int, last: int, start_s: float = 0.0) -> list[dict[str, Any]]:
@@ -96,3 +102,42 @@ def test_nothing_is_written_for_a_run_that_never_started(tmp_path: Path) -> None
     record = _begin(tmp_path / "never", "train", 0)
     record.end("failed", wall_s=0.5, error="refused")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_resume_is_refused_while_the_runs_driver_is_alive(tmp_path: Path) -> None:
+    """Two drivers of one run would both pay workers for the same iterations (a driver that
+    ignored Ctrl-C, or a resume typed in a second terminal)."""
+    from smlt.client.driver import RunPlan, resume
+
+    objects = tmp_path / "objects"
+    RunPlan(
+        job_id="job",
+        task="t.py:T",
+        backend="ray",
+        output_dir=str(tmp_path),
+        object_store=objects.as_uri(),
+        epochs=1,
+        batch_size=1,
+        workers=1,
+        memory_mb=None,
+        seed=0,
+        total_iterations=1,
+        iterations_per_epoch=1,
+        num_params=1,
+        shard_timeout_s=1.0,
+        function_timeout_s=None,
+        checkpoint_every=1,
+        heartbeat_timeout_s=1.0,
+    ).save()
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status = {"state": "running", "host": socket.gethostname(), "pid": driver.pid}
+        (tmp_path / STATUS_FILE).write_text(json.dumps(status))
+        with pytest.raises(ConfigError, match=rf"run job is still running .*pid {driver.pid}"):
+            resume(tmp_path)
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    # Its driver gone, the run is resumable as far as that goes (this one has no checkpoint).
+    with pytest.raises(ConfigError, match="no committed checkpoint"):
+        resume(tmp_path)

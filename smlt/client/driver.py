@@ -46,7 +46,7 @@ from smlt.client.checks import (
     claim_output,
     warn_about_waste,
 )
-from smlt.client.record import Part, RunRecord, mark_parts, read_status
+from smlt.client.record import Part, RunRecord, mark_parts, read_status, running_driver
 from smlt.client.report import plot_run, write_result
 from smlt.errors import (
     ConfigError,
@@ -315,6 +315,13 @@ def resume(
     run_dir = Path(run_dir).resolve()
     plan = replace(plan, output_dir=str(run_dir))
     status = read_status(run_dir) or {}
+    pid = running_driver(status)
+    if pid is not None:  # two drivers of one run would both pay workers for the same steps
+        raise ConfigError(
+            f"run {plan.job_id} is still running (its driver, pid {pid}, wrote "
+            f"{run_dir / 'status.json'} at {status.get('updated_at')}): stop it first "
+            "(Ctrl-C or kill PID), then resume"
+        )
     if status.get("state") == "finished":
         raise ConfigError(
             f"run {plan.job_id} finished ({status.get('updated_at')}): nothing to resume; its "

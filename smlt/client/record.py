@@ -16,6 +16,8 @@ Tools (``smlt runs``) read the same file.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ __all__ = [
     "mark_parts",
     "now_iso",
     "read_status",
+    "running_driver",
 ]
 
 STATUS_FILE = "status.json"
@@ -215,6 +218,9 @@ class RunRecord:
             "wall_s": self.wall_s,
             "last_checkpoint": self.last_checkpoint,
             "error": error,
+            # Which driver writes: a resume refuses to start while it is alive.
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "parts": [asdict(p) for p in self.parts],
         }
         path = self.run_dir / STATUS_FILE
@@ -252,6 +258,23 @@ def mark_parts(entries: list[dict[str, Any]], starts: list[int]) -> list[dict[st
         part = max((k for k, s in enumerate(starts) if s <= entry["iteration"]), default=0)
         marked.append({**entry, "part": part})
     return marked
+
+
+def running_driver(status: dict[str, Any]) -> int | None:
+    """The pid of the driver that wrote ``status`` if it says ``running`` and that process is
+    alive on this machine (a driver on another machine cannot be checked: None)."""
+    pid = status.get("pid")
+    if status.get("state") != "running" or status.get("host") != socket.gethostname():
+        return None
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
