@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smlt.client.checks import check_request
+from smlt.client.record import EPOCH_FIELDS
 from smlt.client.runs import RunInfo, list_runs, read_run
 from smlt.errors import ConfigError, ObjectStoreError, SmltError, SmltWarning
 from smlt.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore, open_object_store
@@ -49,7 +50,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 # Fields of an epoch entry that are not the task's own metrics.
-_EPOCH_FIELDS = ("epoch", "iteration", "train_loss", "samples_per_s", "part", "wall_s")
+_EPOCH_FIELDS = EPOCH_FIELDS
 
 
 def _print_version(value: bool) -> None:

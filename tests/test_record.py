@@ -20,7 +20,11 @@ from smlt.errors import ConfigError
 
 
 def _history(first: int, last: int, start_s: float = 0.0) -> list[dict[str, Any]]:
-    return [{"iteration": t, "wall_s": start_s + (t - first + 1) * 1.0} for t in range(first, last)]
+    return [
+        {"iteration": t, "wall_s": start_s + (t - first + 1) * 1.0, "loss": 1.0 / (t + 1)}
+        | {"samples_per_s": 100.0}
+        for t in range(first, last)
+    ]
 
 
 def _summary(history: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -42,6 +46,7 @@ def _begin(run_dir: Path, command: str, from_iteration: int) -> RunRecord:
         job_id="job",
         task="t.py:T",
         total_iterations=20,
+        iterations_per_epoch=5,
         command=command,
         from_iteration=from_iteration,
     )
@@ -141,3 +146,18 @@ def test_a_resume_is_refused_while_the_runs_driver_is_alive(tmp_path: Path) -> N
     # Its driver gone, the run is resumable as far as that goes (this one has no checkpoint).
     with pytest.raises(ConfigError, match="no committed checkpoint"):
         resume(tmp_path)
+
+
+def test_epochs_a_killed_part_never_evaluated_are_listed_as_not_evaluated(tmp_path: Path) -> None:
+    first = _begin(tmp_path, "train", 0)
+    first.update({"iteration": 12, "cost_usd": 0.1, "last_checkpoint": 10}, wall_s=5.0, force=True)
+    second = _begin(tmp_path, "resume", 10)
+    summary = _summary(_history(0, 20), [{"epoch": 3, "iteration": 19, "acc": 0.9}])
+    second.end("finished", wall_s=5.0, summary=summary)
+    epochs = second.merged(summary)["epochs"]
+    assert [(e["iteration"], e.get("evaluated", True)) for e in epochs] == [
+        (4, False),
+        (9, False),
+        (19, True),
+    ]
+    assert epochs[0]["train_loss"] == 1.0 / 5 and epochs[0]["part"] == 0

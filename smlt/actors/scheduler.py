@@ -219,6 +219,8 @@ class TaskScheduler:
                 "workers": self.config.workers,
                 "memory_mb": self.config.memory_mb,
                 "cost_usd": self._cost(include_running=True),
+                "billed_worker_s": sum(s for _m, s in self._billed)
+                + sum(inv.billed_s for inv, _t0, _a in self._running.values()),
                 "failures": len(self._failures),
                 "last_checkpoint": max(committed) if committed else None,
                 "error": self._error,

@@ -46,7 +46,14 @@ from smlt.client.checks import (
     claim_output,
     warn_about_waste,
 )
-from smlt.client.record import Part, RunRecord, mark_parts, read_status, running_driver
+from smlt.client.record import (
+    EPOCH_FIELDS,
+    Part,
+    RunRecord,
+    mark_parts,
+    read_status,
+    running_driver,
+)
 from smlt.client.report import plot_run, write_result
 from smlt.errors import (
     ConfigError,
@@ -536,6 +543,7 @@ def _start(plan: RunPlan, resumed: bool, first: int, overwrite: bool) -> RunReco
         job_id=plan.job_id,
         task=plan.task,
         total_iterations=plan.total_iterations,
+        iterations_per_epoch=plan.iterations_per_epoch,
         command="resume" if resumed else "train",
         from_iteration=first,
     )
@@ -609,8 +617,7 @@ def _final_metrics(epochs: list[dict[str, Any]], total_iterations: int) -> dict[
     evaluating the final model again here would cost one more pass over the held-out set."""
     if not epochs or epochs[-1]["iteration"] != total_iterations - 1:
         return None
-    reserved = ("epoch", "iteration", "train_loss", "samples_per_s")
-    metrics = {k: v for k, v in epochs[-1].items() if k not in reserved}
+    metrics = {k: v for k, v in epochs[-1].items() if k not in EPOCH_FIELDS}
     return metrics or None
 
 

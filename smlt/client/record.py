@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EPOCH_FIELDS",
     "STATUS_FILE",
     "STATUS_INTERVAL_S",
     "Part",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 STATUS_FILE = "status.json"
+#: Fields of an epoch's entry that are not the task's own metrics (``evaluate()``'s names).
+EPOCH_FIELDS = frozenset(
+    {"epoch", "iteration", "train_loss", "samples_per_s", "part", "wall_s", "evaluated"}
+)
 #: How often a running part rewrites ``status.json`` (its last record is what a resume keeps of a
 #: part whose driver was killed, so this bounds what such a record can miss).
 STATUS_INTERVAL_S = 2.0
@@ -84,6 +89,7 @@ class RunRecord:
     job_id: str
     task: str
     total_iterations: int
+    iterations_per_epoch: int
     started_at: str
     earlier: list[Part]
     current: Part
@@ -98,6 +104,7 @@ class RunRecord:
         job_id: str,
         task: str,
         total_iterations: int,
+        iterations_per_epoch: int,
         command: str,
         from_iteration: int,
     ) -> RunRecord:
@@ -125,7 +132,16 @@ class RunRecord:
             billed_worker_s=0.0,
             ended="running",
         )
-        return cls(run_dir, job_id, task, total_iterations, started_at, earlier, current)
+        return cls(
+            run_dir,
+            job_id,
+            task,
+            total_iterations,
+            iterations_per_epoch,
+            started_at,
+            earlier,
+            current,
+        )
 
     # -- the whole run -------------------------------------------------------------------------
 
@@ -160,6 +176,9 @@ class RunRecord:
             to_iteration=max(self.current.to_iteration, int(status.get("iteration", 0))),
             wall_s=wall_s,
             cost_usd=float(status.get("cost_usd", self.current.cost_usd or 0.0)),
+            billed_worker_s=float(
+                status.get("billed_worker_s", self.current.billed_worker_s or 0.0)
+            ),
             epochs=list(status.get("epochs", self.current.epochs)),
         )
         checkpoint = status.get("last_checkpoint")
@@ -243,6 +262,19 @@ class RunRecord:
         # Epochs an earlier part evaluated that the checkpoint this part started from missed.
         known = {e["iteration"]: e for p in self.earlier for e in p.epochs}
         known.update({e["iteration"]: e for e in summary["epochs"]})
+        # An epoch that ended in a part interrupted before its evaluation finished, and before
+        # a checkpoint recorded it: listed from the history, marked as never evaluated.
+        losses = {h["iteration"]: h for h in summary["history"]}
+        per_epoch = self.iterations_per_epoch
+        for end in range(per_epoch - 1, self.current.from_iteration, per_epoch):
+            if end not in known and end in losses:
+                known[end] = {
+                    "epoch": end // per_epoch,
+                    "iteration": end,
+                    "train_loss": losses[end]["loss"],
+                    "samples_per_s": losses[end]["samples_per_s"],
+                    "evaluated": False,
+                }
         merged["epochs"] = mark_parts([known[i] for i in sorted(known)], starts)
         for name in ("generations", "failures", "configs"):
             earlier = [{**e, "part": p.part} for p in self.earlier for e in getattr(p, name)]

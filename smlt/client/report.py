@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from smlt.client.record import EPOCH_FIELDS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -48,7 +50,7 @@ def _jsonable(value: Any) -> Any:
 # --- plots ------------------------------------------------------------------------------------
 
 # Epoch-record keys that are not the task's metrics; every other numeric key came from evaluate().
-_NOT_METRICS = frozenset({"epoch", "iteration", "train_loss", "samples_per_s", "part", "wall_s"})
+_NOT_METRICS = EPOCH_FIELDS
 _TRAINING, _TRAINING_RAW, _MARK = "tab:blue", "#a6c8e8", "0.35"
 # From this many points on a curve is drawn with its running mean; the phases' stack, whose
 # colours blur into noise at more than about one iteration per two pixels, shows at most
