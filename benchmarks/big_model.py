@@ -26,7 +26,6 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 from benchmarks._output import command_line, write_outputs
 
@@ -59,29 +58,6 @@ TASK = textwrap.dedent(
 )
 
 
-def _reference(task: Any, epochs: int, batch_size: int, seed: int, threads: int) -> dict[str, Any]:
-    """The plain PyTorch loop smlt promises to equal at one worker, on the worker's number of
-    threads (CPU reductions depend on it)."""
-    import torch
-
-    import smlt
-
-    torch.set_num_threads(threads)
-    x, y = task.data()
-    torch.manual_seed(seed)
-    model = task.model()
-    opt = task.optimizer(model)
-    t = 0
-    for epoch in range(epochs):
-        for idx in smlt.global_batches(len(x), batch_size, seed=seed, epoch=epoch):
-            opt.zero_grad()
-            torch.manual_seed(smlt.iteration_seed(seed, t))
-            task.loss(model, (x[idx], y[idx])).backward()
-            opt.step()
-            t += 1
-    return model.state_dict()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=10_000)
@@ -96,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     import smlt
     from smlt.backends.base import MB_PER_VCPU
     from smlt.task import load_task
+    from tests.reference import reference_state_dict
 
     folder = Path(tempfile.mkdtemp(prefix="smlt-big-"))
     task_file = folder / "big.py"
@@ -116,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     got = torch.load(result.model_path)
     memory_mb = result.configs[0]["memory_mb"]
     threads = max(1, math.floor(memory_mb / MB_PER_VCPU))  # what the Ray backend gives a worker
-    expected = _reference(load_task(f"{task_file}:Big"), 1, args.batch_size, 0, threads)
+    # The plain PyTorch loop the test suite holds smlt to (tests/reference.py), on the
+    # worker's number of threads (CPU reductions depend on it).
+    expected = reference_state_dict(
+        load_task(f"{task_file}:Big"), epochs=1, batch_size=args.batch_size, seed=0, threads=threads
+    )
     identical = all(torch.equal(got[k], expected[k]) for k in expected)
     parameters = sum(v.numel() for v in expected.values())
     history = result.history

@@ -309,3 +309,26 @@ def test_get_backend_by_name() -> None:
         get_backend("sim")
     with pytest.raises(ConfigError, match="bad option"):
         get_backend("ray", memory_gb=4)
+
+
+def test_the_callers_sigterm_handler_survives_what_ray_init_installs() -> None:
+    """``ray.init`` installs SIGTERM handlers (one prints a C++ trace and aborts); ensure_ray
+    runs it inside this guard, so the CLI's handler, which stops a run cleanly, stays."""
+    import signal
+
+    from smlt.backends.ray_backend import _caller_keeps_sigterm
+
+    def callers(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def rays(signum: int, frame: object) -> None:
+        raise SystemExit(1)
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, callers)
+    try:
+        with _caller_keeps_sigterm():
+            signal.signal(signal.SIGTERM, rays)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)

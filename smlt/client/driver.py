@@ -573,13 +573,9 @@ def _reporter(
 
 
 def _part_summary(part: Part) -> dict[str, Any]:
-    """A part as ``result.json`` lists it (its generations and failures are in the run's
-    lists, marked with the part)."""
-    keep = (
-        "part", "command", "started_at", "from_iteration", "to_iteration",
-        "wall_s", "cost_usd", "billed_worker_s", "ended",
-    )  # fmt: skip
-    return {k: getattr(part, k) for k in keep}
+    """A part as ``result.json`` lists it: its own figures, without its lists (its generations,
+    failures and epochs are in the run's lists, marked with the part)."""
+    return {k: v for k, v in asdict(part).items() if not isinstance(v, list)}
 
 
 def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job_id: str) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "RunRecord",
     "mark_parts",
     "now_iso",
+    "read_json_object",
     "read_status",
     "running_driver",
 ]
@@ -311,8 +312,14 @@ def running_driver(status: dict[str, Any]) -> int | None:
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """``status.json`` of ``run_dir``, or None if there is none or it cannot be read."""
+    return read_json_object(Path(run_dir) / STATUS_FILE)
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None if it is missing, unreadable, half-written, not UTF-8
+    or not an object (run folders are read by tools that must never raise on them)."""
     try:
-        data = json.loads((Path(run_dir) / STATUS_FILE).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

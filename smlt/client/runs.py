@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from smlt.client.record import read_json_object, read_status
+
 __all__ = [
     "DEFAULT_STALE_AFTER_S",
     "STALE_AFTER_ENV",
@@ -127,11 +129,11 @@ def read_run(
     run_dir: Path, *, now: datetime | None = None, stale_after_s: float = DEFAULT_STALE_AFTER_S
 ) -> RunInfo:
     """What ``run_dir``'s files say; never raises for missing or corrupt files."""
-    plan = _read_json(run_dir / "run.json")
+    plan = read_json_object(run_dir / "run.json")
     if plan is None or not isinstance(plan.get("job_id"), str):
         return RunInfo(path=run_dir, state="unreadable", error=_unreadable(run_dir / "run.json"))
-    status = _read_json(run_dir / "status.json")
-    result = _read_json(run_dir / "result.json")
+    status = read_status(run_dir)
+    result = read_json_object(run_dir / "result.json")
     job_id: str = plan["job_id"]
     state: RunState = "unknown"
     updated_at = None
@@ -177,14 +179,6 @@ def read_run(
 
 def _first(*values: _T | None) -> _T | None:
     return next((v for v in values if v is not None), None)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, unreadable, half-written or not UTF-8
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _unreadable(path: Path) -> str:
