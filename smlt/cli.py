@@ -132,6 +132,28 @@ def train(
             help="committed checkpoints kept while the run goes on (the newest at the end)"
         ),
     ] = 2,
+    clip_grad_norm: Annotated[
+        float | None,
+        typer.Option(
+            help="clip the mean gradient to this global norm before each step, as "
+            "torch.nn.utils.clip_grad_norm_ (default: the task's clip_grad_norm)"
+        ),
+    ] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="samples a worker puts through the model at once; its slice of the batch goes "
+            "in several passes whose gradients are summed (default: only where the slice would "
+            "not fit --memory-mb)"
+        ),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32, or bf16: forward pass under bfloat16 autocast (parameters, optimizer "
+            "and exchange stay float32)"
+        ),
+    ] = "fp32",
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -156,6 +178,9 @@ def train(
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
             rescales=rescales,
+            clip_grad_norm=clip_grad_norm,
+            micro_batch=micro_batch,
+            precision=precision,
         )
         from smlt.client.driver import train as run_training
 
@@ -177,6 +202,9 @@ def train(
             heartbeat_timeout_s=heartbeat_timeout,
             rescales=rescales,
             keep_checkpoints=keep_checkpoints,
+            clip_grad_norm=clip_grad_norm,
+            micro_batch=micro_batch,
+            precision=precision,
             overwrite=overwrite,
             progress=progress,
         )
@@ -725,6 +753,8 @@ def _format_live(status: dict[str, Any], *, started: bool) -> list[str]:
             p
             for p in (
                 f"train loss {last['loss']:.4f}",
+                _figure("lr", last.get("lr")),
+                _figure("grad norm", last.get("grad_norm")),
                 _rate(last.get("samples_per_s")),
                 _config(status),
                 cost,
@@ -742,6 +772,13 @@ def _format_live(status: dict[str, Any], *, started: bool) -> list[str]:
 
 def _epochs_total(status: dict[str, Any]) -> int:
     return max(1, status["total_iterations"] // max(1, status["iterations_per_epoch"]))
+
+
+def _figure(name: str, value: Any) -> str:
+    """``lr 0.0421``: three significant digits, or "" when the run does not report it."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return ""
+    return f"{name} {value:.3g}"
 
 
 def _rate(samples_per_s: Any) -> str:

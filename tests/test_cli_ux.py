@@ -327,7 +327,13 @@ def _status_dict(**fields: Any) -> dict[str, Any]:
     ]
     return {
         "iteration": 50,
-        "last": {"iteration": 49, "loss": 0.3012, "samples_per_s": 150.0},
+        "last": {
+            "iteration": 49,
+            "loss": 0.3012,
+            "samples_per_s": 150.0,
+            "lr": 0.0004213,
+            "grad_norm": 1.9876,
+        },
         "epochs": epochs,
         "total_iterations": 66,
         "iterations_per_epoch": 22,
@@ -362,7 +368,8 @@ def test_the_live_display_keeps_every_figure_at_any_width(width: int) -> None:
     display.update(_status_dict())
     text = _live_text(display)
     flat = " ".join(text.split())
-    for figure in ("it 50/66", "train loss 0.3012", "150 samples/s", "2 x 1769 MB", "$0.00123"):
+    figures = ("it 50/66", "train loss 0.3012", "lr 0.000421", "grad norm 1.99", "150 samples/s")
+    for figure in (*figures, "2 x 1769 MB", "$0.00123"):
         assert figure in flat, text
     assert "evaluate() after epoch 2: accuracy 0.9200 loss 0.2740" in flat, text
     assert "held-out" not in text

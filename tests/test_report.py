@@ -314,3 +314,27 @@ def test_a_long_runs_phases_are_averaged_in_bins_and_spiky_bins_cut_off() -> Non
 def test_no_history_writes_nothing(tmp_path: Path) -> None:
     assert plot_run(tmp_path / "out", [], []) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_moving_learning_rate_and_the_gradient_norm_get_panels_of_their_own() -> None:
+    """Under the loss, on the same iteration axis: a schedule's staircase, and the norm of every
+    step; a learning rate that never moved gets no panel (it would say nothing)."""
+    records = history(40)
+    for i, record in enumerate(records):
+        record["lr"] = 0.1 * 0.5 ** (i // 10)
+        record["grad_norm"] = 2.0 + math.sin(i)
+    fig = build_figures(records, [])["loss"]
+    lines = labelled_lines(fig)
+    lr = lines["learning rate (each iteration)"]
+    norm = lines["gradient norm (before clipping) (each iteration)"]
+    loss_axis = lines["training loss (each iteration)"].axes
+    assert len({id(loss_axis), id(lr.axes), id(norm.axes)}) == 3 and len(fig.axes) == 3
+    assert lr.get_drawstyle() == "steps-post"
+    assert list(np.asarray(lr.get_ydata())) == [r["lr"] for r in records]
+    assert list(np.asarray(norm.get_xdata())) == list(range(40))
+    for record in records:
+        record["lr"] = 0.1
+        del record["grad_norm"]
+    fig = build_figures(records, [])["loss"]
+    assert len(fig.axes) == 1
+    assert not any("learning rate" in label for label in labelled_lines(fig))

@@ -60,6 +60,9 @@ def _left_behind(root: Path) -> list[str]:
         (["--rescale", "5:2:64"], "--rescale 5:2:64: 64 MB is outside"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--clip-grad-norm", "0"], "--clip-grad-norm must be a positive number"),
+        (["--micro-batch", "0"], "--micro-batch must be >= 1 (samples per micro-batch), got 0"),
+        (["--precision", "fp16"], "--precision must be one of fp32, bf16, got 'fp16'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )

@@ -22,6 +22,7 @@ reference is tests/reference.py's plain PyTorch loop, which does exactly that. W
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -286,12 +287,22 @@ def test_a_rescale_in_the_middle_matches_the_reference(in_process_runs: Path) ->
 
 
 def test_a_schedule_stepped_per_epoch_matches_the_reference(in_process_runs: Path) -> None:
-    result = _train(in_process_runs, "StepPerEpoch", 3)
-    reference = _reference(in_process_runs, "StepPerEpoch")
+    """Also the run's ``clip_grad_norm`` (``--clip-grad-norm``), which the task does not set:
+    it reaches every worker through the run's options and clips as the reference clips."""
+    result = _train(in_process_runs, "StepPerEpoch", 3, "-clipped", clip_grad_norm=MAX_NORM)
+    task = _load(_task_file(in_process_runs), "StepPerEpoch")
+    assert task.clip_grad_norm is None
+    task.clip_grad_norm = MAX_NORM  # the user's loop with clip_grad_norm_(..., MAX_NORM)
+    reference = reference_run(task, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED)
+    clipped = sum(norm > MAX_NORM for norm in reference.grad_norms)
+    assert ITERATIONS // 4 <= clipped < ITERATIONS, reference.grad_norms  # it bites, not always
     assert_same_state(_state(result), reference.state, workers=3)
     lrs = [h["lr"] for h in result.history]
     assert lrs == reference.lrs
     assert lrs == [0.02 * 0.5**epoch for epoch in range(EPOCHS) for _ in range(5)]
+    _assert_norms([h["grad_norm"] for h in result.history], reference.grad_norms, workers=3)
+    assert json.loads((result.output_dir / "run.json").read_text())["clip_grad_norm"] == MAX_NORM
+    assert result.training == {"clip_grad_norm": MAX_NORM, "micro_batch": None, "precision": "fp32"}
 
 
 def test_a_schedule_that_cannot_work_is_refused_before_workers_start(
@@ -300,6 +311,18 @@ def test_a_schedule_that_cannot_work_is_refused_before_workers_start(
     output = in_process_runs / "plateau"
     with pytest.raises(TaskError, match=r"Plateau\.scheduler\(\).*ReduceLROnPlateau"):
         smlt.train(f"{_task_file(in_process_runs)}:Plateau", epochs=1, output=output)
+    assert not output.exists()
+    # A OneCycleLR sized for fewer iterations than the run's: known once the data set's size
+    # is, and refused then, naming the iteration a worker would have failed at.
+    output = in_process_runs / "too-short"
+    with pytest.raises(TaskError, match=r"TooShort\.scheduler\(\): OneCycleLR\.step\(\) raised"):
+        smlt.train(
+            f"{_task_file(in_process_runs)}:TooShort",
+            epochs=EPOCHS,
+            batch_size=BATCH_SIZE,
+            seed=SEED,
+            output=output,
+        )
     assert not output.exists()
 
 

@@ -104,6 +104,9 @@ class JobSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     history: tuple[dict[str, Any], ...] = ()
     epochs: tuple[dict[str, Any], ...] = ()
+    #: How every worker trains (``clip_grad_norm``, ``micro_batch``, ``precision``): passed to
+    #: each invocation's options as they are.
+    training: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
@@ -204,9 +207,12 @@ class TaskScheduler:
 
     # -- what the driver sees ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """A snapshot for progress displays; cheap, callable while ``run`` works."""
-        snap = self.log.snapshot()
+    def status(self, history_from: int | None = None) -> dict[str, Any]:
+        """A snapshot for progress displays; cheap, callable while ``run`` works. With
+        ``history_from``, ``history`` holds the entries of iterations from there on: a driver
+        polling twice a second hands every iteration to its callbacks, however many passed
+        between two polls."""
+        snap = self.log.snapshot(history_from)
         committed = self.committer.committed()
         with self._lock:
             return {
@@ -397,6 +403,7 @@ class TaskScheduler:
             shard_timeout_s=s.shard_timeout_s,
             function_timeout_s=s.function_timeout_s,
             options={
+                **s.training,
                 "faults": s.faults,
                 "checkpoint_every": s.checkpoint_every,
                 "heartbeat_interval_s": s.heartbeat_interval_s,

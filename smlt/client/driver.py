@@ -25,7 +25,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -39,6 +39,7 @@ from smlt.actors.resource_manager import Rescale, ResourceManager
 from smlt.actors.scheduler import DEFAULT_EVAL_TIMEOUT_S, JobSpec
 from smlt.backends.base import Backend
 from smlt.client.artifacts import package_task
+from smlt.client.callbacks import Callback, RecordFeed, check_callbacks
 from smlt.client.checks import (
     RUN_FILES,
     check_request,
@@ -55,6 +56,7 @@ from smlt.client.record import (
     running_driver,
 )
 from smlt.client.report import plot_run, write_result
+from smlt.client.tensorboard import TensorBoardWriter, require_tensorboard, run_log_dir
 from smlt.errors import (
     ConfigError,
     ObjectNotFoundError,
@@ -83,9 +85,11 @@ from smlt.storage.redis_server import RedisServer, redact_url
 from smlt.sync.keys import JobKeys, validate_job_id
 from smlt.sync.store import DEFAULT_SHARD_TIMEOUT_S, ParameterStore
 from smlt.task import Task, load_task, run_evaluate
+from smlt.task import clip_grad_norm as declared_clip_norm
 from smlt.worker.handler import remove_cache
 from smlt.worker.optim import is_shardable
 from smlt.worker.sampler import GlobalBatchSampler
+from smlt.worker.schedule import check_schedule_lasts
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
@@ -142,6 +146,9 @@ class TrainResult:
     #: What the run was warned about before it started (a batch cut to the data set, idle
     #: workers).
     warnings: list[str] = field(default_factory=list)
+    #: How every step was taken: ``clip_grad_norm`` (the run's, else the task's; None: no
+    #: clipping), ``micro_batch`` (None: split only where a slice would not fit), ``precision``.
+    training: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -181,6 +188,10 @@ class RunPlan:
     heartbeat_timeout_s: float
     rescales: tuple[tuple[int, int, int | None], ...] = ()
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    #: How the workers train: kept here so that a resumed run trains exactly as it started.
+    clip_grad_norm: float | None = None
+    micro_batch: int | None = None
+    precision: str = "fp32"
     sessions: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -223,19 +234,32 @@ def train(
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     rescales: tuple[tuple[int, int, int | None], ...] = (),
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS,
+    clip_grad_norm: float | None = None,
+    micro_batch: int | None = None,
+    precision: str = "fp32",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    callbacks: Sequence[Callback] = (),
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
     ``task`` is a :class:`Task` instance or ``"path/to/file.py:ClassName"``. Checkpoints go to
     the object store every ``checkpoint_every`` iterations (default: every epoch) and at every
     generation boundary; at most ``keep_checkpoints`` committed ones are kept while it runs, and
-    the newest alone once it succeeded. An ``output`` folder that holds another run is refused
-    unless ``overwrite``. Everything that can be checked without Ray or Redis is checked before
-    either starts; ``run.json`` is written only once the run starts, so a run refused before
-    then leaves no file. Raises a :class:`~smlt.errors.SmltError` subclass naming what went
-    wrong; warns (:class:`~smlt.errors.SmltWarning`) about a configuration that runs but wastes.
+    the newest alone once it succeeded. ``clip_grad_norm`` overrides the task's
+    :attr:`~smlt.Task.clip_grad_norm`; ``micro_batch`` makes each worker go through its slice of
+    the global batch that many samples at a time (default: only where the slice would not fit
+    the worker's memory); ``precision="bf16"`` runs the forward pass under bfloat16 autocast. An
+    ``output`` folder that holds another run is refused unless ``overwrite``. Everything that
+    can be checked without Ray or Redis is checked before either starts; ``run.json`` is written
+    only once the run starts, so a run refused before then leaves no file. Raises a
+    :class:`~smlt.errors.SmltError` subclass naming what went wrong; warns
+    (:class:`~smlt.errors.SmltWarning`) about a configuration that runs but wastes.
+
+    ``callbacks`` (:class:`~smlt.Callback` instances) get the run's records as they happen
+    (:mod:`smlt.client.callbacks`); ``tensorboard`` is a folder for TensorBoard event files,
+    written to ``tensorboard/JOB`` (:mod:`smlt.client.tensorboard`).
     """
     spec = _task_spec(task)
     _redis_urls(redis_url)
@@ -251,8 +275,14 @@ def train(
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
         rescales=rescales,
+        clip_grad_norm=clip_grad_norm,
+        micro_batch=micro_batch,
+        precision=precision,
     )
     faults = _faults()
+    callbacks = check_callbacks(callbacks)
+    if tensorboard is not None:
+        tensorboard = require_tensorboard(tensorboard)
     user_task = load_task(spec)
     class_name = type(user_task).__name__
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -266,6 +296,12 @@ def train(
         sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
         total_iterations = epochs * sampler.iterations_per_epoch
         check_schedule(rescales, total_iterations)
+        check_schedule_lasts(
+            user_task,
+            iterations=total_iterations,
+            iterations_per_epoch=sampler.iterations_per_epoch,
+            seed=seed,
+        )
         warned = warn_about_waste(
             manifest.num_samples, batch_size, sampler.batch_size, workers, rescales
         )
@@ -297,10 +333,22 @@ def train(
         heartbeat_timeout_s=heartbeat_timeout_s,
         rescales=tuple(rescales),
         keep_checkpoints=keep_checkpoints,
+        clip_grad_norm=clip_grad_norm,
+        micro_batch=micro_batch,
+        precision=precision,
         warnings=tuple(warned),
     )
     return _execute(
-        plan, user_task, initial, redis_url, ray_address, faults, progress, overwrite=overwrite
+        plan,
+        user_task,
+        initial,
+        redis_url,
+        ray_address,
+        faults,
+        progress,
+        overwrite=overwrite,
+        callbacks=callbacks,
+        tensorboard=tensorboard,
     )
 
 
@@ -310,14 +358,21 @@ def resume(
     redis_url: str | None = None,
     ray_address: str | None = None,
     progress: ProgressFn | None = None,
+    callbacks: Sequence[Callback] = (),
+    tensorboard: str | Path | None = None,
 ) -> TrainResult:
     """Finish a run whose driver died, from its last committed checkpoint.
 
     The task is the one packaged for the run (the code its workers ran, even if the user's file
     changed since or is not where it was), and ``run_dir`` is the run's folder wherever it is
-    now: nothing depends on the current folder.
+    now: nothing depends on the current folder. ``callbacks`` get the records from the
+    checkpoint on; give ``tensorboard`` the folder the run's ``train`` had, and the run's steps
+    go on in the same event folder, none written twice.
     """
     _redis_urls(redis_url)
+    callbacks = check_callbacks(callbacks)
+    if tensorboard is not None:
+        tensorboard = require_tensorboard(tensorboard)
     plan = RunPlan.load(Path(run_dir))  # its errors name the folder as the user gave it
     run_dir = Path(run_dir).resolve()
     plan = replace(plan, output_dir=str(run_dir))
@@ -342,7 +397,17 @@ def resume(
         )
     user_task = _packaged_task(objects, plan.job_id)
     _check_redis(redis_url)
-    return _execute(plan, user_task, None, redis_url, ray_address, _faults(), progress)
+    return _execute(
+        plan,
+        user_task,
+        None,
+        redis_url,
+        ray_address,
+        _faults(),
+        progress,
+        callbacks=callbacks,
+        tensorboard=tensorboard,
+    )
 
 
 def _packaged_task(objects: ObjectStore, job_id: str) -> Task:
@@ -367,6 +432,8 @@ def _execute(
     progress: ProgressFn | None,
     *,
     overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
+    tensorboard: Path | None = None,
 ) -> TrainResult:
     """Run ``plan`` from ``initial`` parameters (a new run), or from its latest checkpoint if
     None (a resume).
@@ -385,6 +452,7 @@ def _execute(
     output_dir = Path(plan.output_dir)
     recoveries: list[dict[str, Any]] = []
     record: RunRecord | None = None
+    feed: RecordFeed | None = None
     try:
         with ExitStack() as cleanup:
             from smlt.backends import get_backend  # imports Ray: after the fast checks
@@ -401,7 +469,8 @@ def _execute(
             record = _start(plan, initial is None, first, overwrite)
             if latest is not None:
                 record.last_checkpoint = latest.iteration
-            report = _reporter(plan, record, progress, started)
+            feed = live = _record_feed(plan, first, callbacks, tensorboard)
+            report = _reporter(plan, record, progress, started, live)
             restarts = 0
             from_checkpoint = initial is None
             while True:
@@ -432,7 +501,12 @@ def _execute(
                     job = _job_spec(plan, keys.session, redis_urls, start, faults, latest)
                     try:
                         summary = _run_scheduler(
-                            plan.backend, backend_options, job, manager, report
+                            plan.backend,
+                            backend_options,
+                            job,
+                            manager,
+                            report,
+                            history_from=lambda: live.next_iteration,
                         )
                     except (TrainingError, StoreUnavailableError) as exc:
                         if not _store_lost(exc, redis_url) or restarts >= _REDIS_RESTARTS:
@@ -468,6 +542,8 @@ def _execute(
                 if newest is not None:
                     record.checkpointed(newest.iteration)
             record.end(state, time.monotonic() - started, error=str(exc) or type(exc).__name__)
+        if feed is not None:
+            feed.fail(exc)
         raise
 
     summary["failures"] = summary["failures"] + [{"store_lost": r} for r in recoveries]
@@ -497,6 +573,13 @@ def _execute(
         optimizer=_optimizer_mode(user_task),
         parts=[_part_summary(p) for p in record.parts],
         warnings=list(plan.warnings),
+        training={
+            "clip_grad_norm": plan.clip_grad_norm
+            if plan.clip_grad_norm is not None
+            else declared_clip_norm(user_task),
+            "micro_batch": plan.micro_batch,
+            "precision": plan.precision,
+        },
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
@@ -505,6 +588,7 @@ def _execute(
     except SmltError as exc:  # the model is saved: a leftover costs storage, not the result
         result.failures.append({"cleanup": str(exc)})
         write_result(output_dir, result.to_dict())
+    feed.finish(result)
     return result
 
 
@@ -549,14 +633,37 @@ def _start(plan: RunPlan, resumed: bool, first: int, overwrite: bool) -> RunReco
     )
 
 
+def _record_feed(
+    plan: RunPlan, first: int, callbacks: Sequence[Callback], tensorboard: Path | None
+) -> RecordFeed:
+    """This call's callbacks, the TensorBoard writer first: it has written an iteration before
+    a callback after it can stop the run there."""
+    writers = (
+        [] if tensorboard is None else [TensorBoardWriter(run_log_dir(tensorboard, plan.job_id))]
+    )
+    return RecordFeed(
+        [*writers, *callbacks],
+        first_iteration=first,
+        iterations_per_epoch=plan.iterations_per_epoch,
+        run_dir=plan.output_dir,
+    )
+
+
 def _reporter(
-    plan: RunPlan, record: RunRecord, progress: ProgressFn | None, started: float
+    plan: RunPlan,
+    record: RunRecord,
+    progress: ProgressFn | None,
+    started: float,
+    feed: RecordFeed,
 ) -> ProgressFn:
-    """The scheduler's status, as the whole run's, to ``status.json`` and to ``progress``."""
+    """The scheduler's status, as the whole run's, to ``status.json``, to the callbacks (the
+    history entries it brought, as ``result.json`` will have them) and to ``progress``."""
     starts = [p.from_iteration for p in record.parts]
 
     def report(status: dict[str, Any]) -> None:
         record.update(status, time.monotonic() - started)
+        epochs = mark_parts(status.get("epochs", []), starts)
+        feed.deliver(record.run_history(status.pop("history", [])), epochs, record.cost_usd)
         whole = {
             **status,
             "job_id": plan.job_id,
@@ -564,7 +671,7 @@ def _reporter(
             "part": record.current.part,
             "last_checkpoint": record.last_checkpoint,
             "cost_usd": record.cost_usd,
-            "epochs": mark_parts(status.get("epochs", []), starts),
+            "epochs": epochs,
         }
         if progress is not None:
             progress(whole)
@@ -646,7 +753,19 @@ def _job_spec(
         faults=faults,
         history=tuple(meta.get("history", ())),
         epochs=tuple(meta.get("epochs", ())),
+        training=training_options(plan),
     )
+
+
+def training_options(plan: RunPlan) -> dict[str, Any]:
+    """What every worker of the run applies to each step, as ``WorkerPayload.options`` carries
+    it (only what the user set: a worker's defaults are the task's)."""
+    options: dict[str, Any] = {"precision": plan.precision}
+    if plan.clip_grad_norm is not None:
+        options["clip_grad_norm"] = plan.clip_grad_norm
+    if plan.micro_batch is not None:
+        options["micro_batch"] = plan.micro_batch
+    return options
 
 
 def _faults() -> str:
@@ -769,15 +888,17 @@ def _run_scheduler(
     job: JobSpec,
     manager: ResourceManager,
     progress: ProgressFn | None,
+    history_from: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
-    """Run the scheduler to completion, reporting its status every half second.
+    """Run the scheduler to completion, reporting its status every half second (with the
+    history entries from ``history_from()`` on, when given).
 
     It runs in a Ray actor, so that on a cluster the job's control loop does not depend on the
     driver's machine; with ``SMLT_SCHEDULER_IN_PROCESS=1`` it runs on a thread of this process
     instead (a debugging aid, and what the test suite uses to avoid an actor start per run).
     """
     if os.environ.get(SCHEDULER_IN_PROCESS_ENV, "") == "1":
-        return _run_scheduler_here(backend, backend_options, job, manager, progress)
+        return _run_scheduler_here(backend, backend_options, job, manager, progress, history_from)
     import ray
 
     from smlt.actors.launch import launch_scheduler
@@ -788,7 +909,8 @@ def _run_scheduler(
         while True:
             ready, _ = ray.wait([done], timeout=_STATUS_INTERVAL_S)
             if progress is not None:
-                progress(ray.get(actor.status.remote(), timeout=30))
+                since = history_from() if history_from is not None else None
+                progress(ray.get(actor.status.remote(since), timeout=30))
             if ready:
                 return _unwrap(done)
     finally:
@@ -801,6 +923,7 @@ def _run_scheduler_here(
     job: JobSpec,
     manager: ResourceManager,
     progress: ProgressFn | None,
+    history_from: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
     from smlt.actors.launch import SchedulerHost
 
@@ -818,7 +941,7 @@ def _run_scheduler_here(
     while thread.is_alive():
         thread.join(_STATUS_INTERVAL_S)
         if progress is not None:
-            progress(host.status())
+            progress(host.status(history_from() if history_from is not None else None))
     if "error" in outcome:
         raise outcome["error"]
     result: dict[str, Any] = outcome["result"]

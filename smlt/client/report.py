@@ -94,9 +94,11 @@ def _loss_figure(records: list[dict[str, Any]], epochs: list[dict[str, Any]]) ->
     names = _metric_names(epochs)
     losses = [name for name in names if _is_loss_like(name)]
     others = [n for n in names if n not in losses]
-    fig = _figure(9.0, 3.8 + 1.8 * len(others))
+    steps = _step_panels(records)
+    panels = len(others) + len(steps)
+    fig = _figure(9.0, 3.8 + 1.8 * panels)
     axes = fig.subplots(
-        1 + len(others), 1, sharex=True, squeeze=False, height_ratios=[2.0] + [1.0] * len(others)
+        1 + panels, 1, sharex=True, squeeze=False, height_ratios=[2.0] + [1.0] * panels
     )[:, 0]
     ax, colours = axes[0], _colours()
     x, y = _column(records, "iteration"), _column(records, "loss")
@@ -121,12 +123,24 @@ def _loss_figure(records: list[dict[str, Any]], epochs: list[dict[str, Any]]) ->
     if finite.size == 0:
         _say(ax, "no finite loss values")
     _legend_beside(ax)
-    for ax, name in zip(axes[1:], others, strict=True):
+    for ax, name in zip(axes[1 : 1 + len(others)], others, strict=True):
         values = _column(epochs, name)
         ax.plot(ex, values, "s-", ms=4, lw=1.2, color=next(colours), label=f"{name} (evaluate)")
         ax.set_ylabel(f"{name}\n(evaluate)")
         if not np.isfinite(values).any():
             _say(ax, f"evaluate() gave no finite {name}")
+    for ax, (key, label) in zip(axes[1 + len(others) :], steps.items(), strict=True):
+        # The step's own values, each iteration: a schedule is a staircase, a norm a trace.
+        ax.plot(
+            x,
+            _column(records, key),
+            "-",
+            lw=1.2,
+            color=next(colours),
+            drawstyle="steps-post" if key == "lr" else "default",
+            label=f"{label} (each iteration)",
+        )
+        ax.set_ylabel(label.replace(" (", "\n("))
     for ax in axes:
         ax.grid(alpha=0.3)
         _mark_resumes(ax, x, records, label=ax is axes[0])
@@ -223,6 +237,18 @@ def _phases_figure(records: list[dict[str, Any]]) -> Figure:
     summary.set(xlabel="seconds", title="typical iteration\n(median, p90 whisker)")
     summary.grid(axis="x", alpha=0.3)
     return fig
+
+
+def _step_panels(records: list[dict[str, Any]]) -> dict[str, str]:
+    """What each step did besides its loss, as panels under it: the learning rate when a
+    schedule moved it (a constant one says nothing), the global gradient norm when reported."""
+    panels = {}
+    lrs = _column(records, "lr")
+    if np.unique(lrs[np.isfinite(lrs)]).size > 1:
+        panels["lr"] = "learning rate"
+    if np.isfinite(_column(records, "grad_norm")).any():
+        panels["grad_norm"] = "gradient norm (before clipping)"
+    return panels
 
 
 def _is_loss_like(name: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from smlt.errors import ConfigError
 from smlt.storage.redis_server import redact_url
 
-__all__ = ["StopReason", "WorkerPayload", "WorkerReport"]
+__all__ = ["PRECISIONS", "StopReason", "WorkerPayload", "WorkerReport"]
 
 
 class StopReason:
@@ -26,6 +26,12 @@ class StopReason:
     FINISHED = "finished"  # the job reached its last iteration
     STOP_ITERATION = "stop_iteration"  # the generation agreed to stop (a peer or the scheduler)
     TIME_LIMIT = "time_limit"  # this function's remaining time fell under the margin
+
+
+#: The compute precisions a run may ask for (``--precision``): float32 throughout, or the forward
+#: and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``; parameters, optimizer state
+#: and the exchange are float32 either way.
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)

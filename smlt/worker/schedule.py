@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from smlt.errors import TaskError
+from smlt.protocol.model import FlatModel
 from smlt.task import Task, check_scheduler, scheduler_interval
 
-__all__ = ["Schedule", "apply_hyperparameters"]
+__all__ = ["Schedule", "apply_hyperparameters", "check_schedule_lasts"]
 
 Hyperparameters = list[dict[str, Any]]
 
@@ -141,6 +142,22 @@ class Schedule:
                 if key not in pristine or not _same(value, pristine[key]):
                     driven.append(key)
         self._driven = driven
+
+
+def check_schedule_lasts(
+    task: Task, *, iterations: int, iterations_per_epoch: int, seed: int = 0
+) -> None:
+    """Step the task's schedule through a run of ``iterations`` as the workers will, so that a
+    schedule shorter than the run (a OneCycleLR whose ``total_steps`` is the epoch count, not
+    the iteration count) fails on the client, before any worker is paid, with the
+    :class:`TaskError` a worker would raise at that iteration. No schedule: nothing to do."""
+    if type(task).scheduler is Task.scheduler:
+        return
+    torch.manual_seed(seed)
+    model = task.model()
+    FlatModel(model)  # as the workers build it: the optimizer sees the re-pointed parameters
+    schedule = Schedule(task, task.optimizer(model), iterations_per_epoch=iterations_per_epoch)
+    schedule.lr(iterations - 1)  # the last iteration's learning rate: what a worker needs last
 
 
 def apply_hyperparameters(
