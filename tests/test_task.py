@@ -268,6 +268,7 @@ def test_task_error_is_a_config_error() -> None:
         ("digits.py:Digits", 1347, ((64,), ())),
         ("resnet18.py:ResNet18", 2048, ((3, 32, 32), ())),
         ("transformer.py:Transformer", 4096, ((32,), ())),
+        ("transformer.py:TransformerWarmupCosine", 4096, ((32,), ())),
     ],
 )
 def test_examples_load_and_give_a_finite_scalar_loss(
