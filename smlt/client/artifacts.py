@@ -31,6 +31,7 @@ from smlt.task import (
     check_task,
     load_task,
 )
+from smlt.worker.memory import measure_memory
 from smlt.worker.selfcheck import check_update
 
 __all__ = ["package_task"]
@@ -44,13 +45,16 @@ def package_task(
     *,
     check: bool = True,
     on_shard: Callable[[Shard], None] | None = None,
+    precision: str = "fp32",
 ) -> ArtifactManifest:
     """Import the task, validate it, and write its source, data shards and manifest to ``store``.
 
     ``data()`` is called once, here. With ``check`` the model, optimizer and loss are also run on
     two samples, the loss's reduction is checked against ``loss_reduction``, and one real smlt
-    update runs (:func:`~smlt.worker.selfcheck.check_update`), so a broken task fails on the
-    client instead of on n paid workers. Any earlier
+    update runs (:func:`~smlt.worker.selfcheck.check_update`, its forward pass under the run's
+    ``precision``), so a broken task fails on the client instead of on n paid workers; then the
+    task's memory use is measured on a few samples (:func:`~smlt.worker.memory.measure_memory`)
+    and kept in the manifest, for workers to choose their micro-batches by. Any earlier
     artifact of the same job is deleted first: its shards would not match the new manifest.
     ``on_shard`` is called after each shard upload, for progress display.
     """
@@ -59,13 +63,15 @@ def package_task(
     prefix = artifact_prefix(job_id)
     task = load_task(spec)
     data = check_task(task)
+    memory_profile = None
     if check:
         model = check_model(task)
         check_optimizer(task, model)
         tiny = data.rows(0, min(2, data.num_samples))
         check_loss(task, model, tiny)
         check_loss_reduction(task, model, data)
-        check_update(task, tiny)
+        check_update(task, tiny, precision=precision)
+        memory_profile = measure_memory(task, data, precision=precision).to_dict()
     source_path = Path(spec.rpartition(":")[0]).expanduser().resolve()
     source = source_path.read_bytes()
 
@@ -100,6 +106,7 @@ def package_task(
         shards=tuple(shards),
         total_bytes=sum(s.num_bytes for s in shards),
         created_unix_s=time.time(),
+        memory_profile=memory_profile,
     )
     store.put_bytes(manifest_key(job_id), manifest.to_json())
     return manifest

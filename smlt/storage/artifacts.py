@@ -31,6 +31,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +126,10 @@ class ArtifactManifest:
     total_bytes: int
     created_unix_s: float
     format: str = MANIFEST_FORMAT
+    #: What the client measured of the task's memory use on a tiny batch, for workers to size
+    #: their micro-batches by (:class:`smlt.worker.memory.MemoryProfile`, as a dict); the
+    #: same numbers for every attempt of every worker. None: not measured (packaged unchecked).
+    memory_profile: dict[str, Any] | None = None
 
     @property
     def bytes_per_sample(self) -> int:

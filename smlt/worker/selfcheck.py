@@ -9,7 +9,8 @@ sets, and the optimizer state through its encoding and back; then the schedule s
 the whole run when its length is known. An optimizer that smlt cannot run (a class whose
 constructor rejects its own defaults, a state that cannot be stored), a schedule that cannot
 last the run or a clip norm that is not a positive number then fails here, in seconds, with its
-name and cause, rather than on every worker after deployment.
+name and cause, rather than on every worker after deployment. The forward pass runs under the
+run's precision, as the workers' does, so an op that has no bfloat16 kernel fails here too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from smlt.sync.shards import shard_slice
 from smlt.task import Batch, Task, clip_grad_norm
 from smlt.worker.clipping import clip_, norm_pieces, piece_norms, total_norm
 from smlt.worker.optim import ShardOptimizer, is_shardable
+from smlt.worker.precision import check_precision, compute_precision
 from smlt.worker.schedule import Schedule, apply_hyperparameters
 
 __all__ = ["check_update"]
@@ -37,6 +39,7 @@ def check_update(
     seed: int = 0,
     iterations: int | None = None,
     iterations_per_epoch: int | None = None,
+    precision: str = "fp32",
 ) -> str:
     """Run one smlt update of ``task`` on ``batch``; returns how the optimizer is run
     (``"sharded"`` or ``"replicated"``). Raises TaskError naming the optimizer, the schedule
@@ -44,8 +47,10 @@ def check_update(
 
     With ``iterations`` (the run's length) and ``iterations_per_epoch``, the task's schedule is
     then stepped through every iteration of the run, as the workers will step it (a OneCycleLR
-    whose ``total_steps`` is shorter than the run fails here); without, once.
+    whose ``total_steps`` is shorter than the run fails here); without, once. ``precision``
+    (``"bf16"``: the forward pass and loss under bfloat16 autocast) is the run's.
     """
+    precision = check_precision(precision)
     clip_norm = clip_grad_norm(task)
     torch.manual_seed(seed)
     model = task.model()
@@ -64,11 +69,28 @@ def check_update(
     driver = optimizer if mode == "sharded" else task.optimizer(model)
     per_epoch = iterations_per_epoch or iterations or 1  # unknown: the run is one epoch
     schedule = Schedule(task, driver, iterations_per_epoch=per_epoch)
+    # check_loss ran the forward pass in float32 already; this one is in the workers' precision.
+    under = "" if precision == "fp32" else f" under --precision {precision}"
     try:
-        task.loss(model, batch).backward()
-    except Exception as exc:  # check_loss ran it forward already; this is its backward pass
+        with compute_precision(precision):
+            loss = task.loss(model, batch)
+    except Exception as exc:
+        where, hint = "", ""
+        if precision == "bf16":
+            where = " (its forward pass in torch.autocast('cpu', dtype=torch.bfloat16))"
+            hint = (
+                ". Run with --precision fp32, or keep that op in float32: call it on .float() "
+                "inputs inside torch.autocast('cpu', enabled=False)"
+            )
         raise TaskError(
-            f"{type(task).__name__}.loss() failed in its backward pass: {type(exc).__name__}: {exc}"
+            f"{type(task).__name__}.loss() failed{under}{where}: {type(exc).__name__}: {exc}{hint}"
+        ) from exc
+    try:
+        loss.backward()
+    except Exception as exc:
+        raise TaskError(
+            f"{type(task).__name__}.loss() failed in its backward pass{under}: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     names = {id(p): n for n, p in model.named_parameters()}
     sparse = [names[id(p)] for p in flat.params if p.grad is not None and p.grad.is_sparse]

@@ -8,7 +8,9 @@ One invocation runs iterations ``[start, end)`` of one generation. Each iteratio
    (``n`` for a ``loss_reduction = "sum"`` task) so that the exchange's plain mean over workers
    is the global batch's gradient even when B is not divisible by n; plus this worker's side of
    the step (which parameters got a gradient, which buffers its forward pass changed:
-   :mod:`smlt.worker.contribution`);
+   :mod:`smlt.worker.contribution`). The slice goes through in micro-batches when the run asks
+   for them or it would not fit the worker's memory (:mod:`smlt.worker.microbatch`), and the
+   forward pass under bfloat16 autocast when the run asks for it (:mod:`smlt.worker.precision`);
 3. **sync**: scatter-reduce; the owner of shard r steps the user's optimizer on shard r
    (elementwise optimizers), or every worker steps the full optimizer on the whole mean gradient
    (any other optimizer); version t + 1 lands directly in the model's parameter vector. Before
@@ -32,7 +34,6 @@ t + 1 (``snapshot`` keys) and the scheduler evaluates it off the workers' critic
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -43,7 +44,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from smlt.errors import CodecError, StaleVersionError, TaskError, TrainingError
+from smlt.errors import CodecError, StaleVersionError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.model import FlatModel
@@ -75,7 +76,15 @@ from smlt.worker.contribution import (
     new_discrete,
     snapshot,
 )
+from smlt.worker.memory import (
+    MemoryProfile,
+    check_micro_batch,
+    plan_micro_batch,
+    resident_data_bytes,
+)
+from smlt.worker.microbatch import accumulate
 from smlt.worker.optim import ShardOptimizer, is_shardable
+from smlt.worker.precision import check_precision
 from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
 from smlt.worker.schedule import Schedule, apply_hyperparameters
 
@@ -170,6 +179,20 @@ class Trainer:
         override = payload.options.get("clip_grad_norm")
         self.clip_norm = clip_grad_norm(task) if override is None else float(override)
         self._grad_norm: float | None = None
+        # How the slice is computed: the forward pass's precision, and the micro-batch size,
+        # fixed for the invocation from what every attempt of this rank sees identically.
+        self.precision = check_precision(payload.options.get("precision"))
+        profile = reader.manifest.memory_profile
+        self.micro_batch = plan_micro_batch(
+            requested=check_micro_batch(payload.options.get("micro_batch")),
+            slice_samples=-(-self.sampler.batch_size // n),
+            memory_mb=payload.memory_mb,
+            workers=n,
+            profile=None if profile is None else MemoryProfile.from_dict(profile, "manifest"),
+            data_bytes=resident_data_bytes(
+                [s.num_bytes for s in reader.manifest.shards], reader.shards_in_memory
+            ),
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -271,6 +294,7 @@ class Trainer:
             "lr": lr,
             "samples": len(indices),
             "batch": global_batch,
+            "micro": self.micro_batch,
             "data_s": timing.data_s,
             "compute_s": timing.compute_s,
             "sync_s": phases.total_s,
@@ -300,7 +324,9 @@ class Trainer:
     def _compute(
         self, t: int, indices: np.ndarray, batch: tuple[torch.Tensor, ...], global_batch: int
     ) -> tuple[np.ndarray, dict[str, Any], float]:
-        """The loss and gradient of this rank's slice; the vector to exchange and its side."""
+        """The loss and gradient of this rank's slice, in micro-batches of ``self.micro_batch``
+        under ``self.precision`` (:mod:`smlt.worker.microbatch`); the vector to exchange and
+        its side."""
         p = self.payload
         self._before = snapshot(self.flat)
         compute_started = time.monotonic()
@@ -309,18 +335,16 @@ class Trainer:
         self.flat.zero_grad()
         loss_value = 0.0
         if len(indices):
-            loss = self.task.loss(self.model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TaskError(f"loss() must return a scalar tensor, got {type(loss).__name__}")
-            loss.backward()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss is {loss_value} at iteration {t} on rank {p.rank}: training diverged "
-                    "(lower the learning rate?)"
-                )
-            if self.reduction == "sum":
-                loss_value /= len(indices)  # reports are per sample, whatever the reduction
+            loss_value = accumulate(
+                self.task,
+                self.flat,
+                batch,
+                micro_batch=self.micro_batch,
+                reduction=self.reduction,
+                precision=self.precision,
+                before=self._before,
+                where=f"iteration {t} on rank {p.rank}",
+            )
         # The user's forward and backward end here; flattening the gradient is smlt's work.
         self._timing.compute_s = time.monotonic() - compute_started
         weight = len(indices) / global_batch
