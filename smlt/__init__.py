@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 from smlt import errors
 
 if TYPE_CHECKING:
+    from smlt.client.callbacks import Callback
     from smlt.client.driver import TrainResult, resume, train
     from smlt.task import Task
     from smlt.worker.sampler import global_batches, iteration_seed
 
 __all__ = [
+    "Callback",
     "Task",
     "TrainResult",
     "errors",
@@ -34,6 +36,10 @@ def __getattr__(name: str) -> Any:
     # Imported on first use: ``smlt --version`` and a mistyped flag answer without importing
     # PyTorch (a second or more), and a worker importing smlt.task does not pay for the
     # driver's Ray and actors.
+    if name == "Callback":  # no PyTorch: a callback module imports smlt cheaply
+        from smlt.client.callbacks import Callback
+
+        return Callback
     if name == "Task":
         from smlt.task import Task
 

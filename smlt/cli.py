@@ -30,6 +30,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -161,6 +162,15 @@ def train(
             "folder is refused)"
         ),
     ] = False,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="write TensorBoard event files to DIR/JOB: training loss, learning rate, "
+            "gradient norm, samples/s, cost, time per phase, evaluate() metrics; view them "
+            "with tensorboard --logdir DIR (needs pip install 'smlt[tensorboard]')",
+        ),
+    ] = None,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
 
@@ -182,6 +192,10 @@ def train(
             micro_batch=micro_batch,
             precision=precision,
         )
+        if tensorboard is not None:  # a missing package is told before PyTorch is imported
+            from smlt.client.tensorboard import require_tensorboard
+
+            require_tensorboard(tensorboard)
         from smlt.client.driver import train as run_training
 
         return run_training(
@@ -207,6 +221,7 @@ def train(
             precision=precision,
             overwrite=overwrite,
             progress=progress,
+            tensorboard=tensorboard,
         )
 
     _run(output, start)
@@ -227,6 +242,14 @@ def resume(
         str | None,
         typer.Option(help="an existing Ray cluster (ray://... or auto); default: a local Ray"),
     ] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="write TensorBoard event files to DIR/JOB; give the DIR the run's train had, "
+            "and its steps go on in the same folder, none written twice",
+        ),
+    ] = None,
 ) -> None:
     """Finish a run that was interrupted or whose driver died, from its last committed
     checkpoint, with the parameters in RUN_DIR/run.json."""
@@ -235,7 +258,11 @@ def resume(
     _run(
         run_dir,
         lambda progress: resume_run(
-            run_dir, redis_url=redis_url, ray_address=ray_address, progress=progress
+            run_dir,
+            redis_url=redis_url,
+            ray_address=ray_address,
+            progress=progress,
+            tensorboard=tensorboard,
         ),
     )
 
@@ -379,7 +406,7 @@ def clean(
         threshold_s = parse_duration(older_than, option="--older-than")
         _clean(object_store, threshold_s, older_than, dry_run=dry_run)
     except SmltError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -540,7 +567,9 @@ def _run(run_dir: Path | None, start: Callable[[Callable[[dict[str, Any]], None]
             warnings.showwarning = _show_warning
             result = start(progress)
     except SmltError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message may hold brackets (pip install 'smlt[tensorboard]') that rich
+        # would take for markup and drop.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit):
@@ -571,7 +600,9 @@ def _show_warning(
     """smlt's warnings (a configuration that runs but wastes) as one line, like its errors;
     anything else as Python shows it."""
     if issubclass(category, SmltWarning):
-        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+        )
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 

@@ -26,6 +26,7 @@ the rank, the file, the method.
     │   ├── OutOfMemoryError         the function exceeded its memory
     │   ├── WorkerError              the worker's handler raised (carries the remote traceback)
     │   └── CapacityError            the cluster cannot hold the requested workers x memory
+    ├── CallbackError                a callback given to train() raised: the run was stopped
     └── TrainingError                a run that cannot continue (repeated failure, diverged loss)
 
     SmltWarning (a UserWarning)      a run that works but wastes: idle workers, a cut batch
@@ -36,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "BackendAuthError",
     "BackendError",
+    "CallbackError",
     "CapacityError",
     "CodecError",
     "ConfigError",
@@ -163,6 +165,15 @@ class WorkerError(BackendError):
 
 class CapacityError(BackendError):
     """The cluster cannot hold the requested workers x memory at once."""
+
+
+class CallbackError(SmltError):
+    """A callback given to ``train()`` or ``resume()`` raised; the run was stopped as Ctrl-C
+    stops it. ``callback`` is the callback, and the exception it raised is the ``__cause__``."""
+
+    def __init__(self, message: str, *, callback: object = None) -> None:
+        super().__init__(message)
+        self.callback = callback
 
 
 class TrainingError(SmltError):

@@ -40,8 +40,8 @@ class SchedulerHost:
     def run(self) -> dict[str, Any]:
         return self.scheduler.run()
 
-    def status(self) -> dict[str, Any]:
-        return self.scheduler.status()
+    def status(self, history_from: int | None = None) -> dict[str, Any]:
+        return self.scheduler.status(history_from)
 
 
 def launch_scheduler(

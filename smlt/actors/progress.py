@@ -257,14 +257,23 @@ class ProgressLog:
         with self.lock:
             self.epochs.append(entry)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, history_from: int | None = None) -> dict[str, Any]:
+        """The log's state for a status; with ``history_from``, also ``history``: the entries
+        of iterations ``history_from`` and later (what a poller has not seen yet; the history
+        is in iteration order, so only its tail is looked at)."""
         with self.lock:
-            return {
+            snap = {
                 "iteration": self.history[-1]["iteration"] + 1 if self.history else 0,
                 "last": self.history[-1] if self.history else None,
                 "epochs": list(self.epochs),
                 "rank_iteration": dict(self.rank_next),
             }
+            if history_from is not None:
+                start = len(self.history)
+                while start > 0 and self.history[start - 1]["iteration"] >= history_from:
+                    start -= 1
+                snap["history"] = self.history[start:]
+            return snap
 
 
 def _shard_records(raw: str | None) -> dict[str, Any] | None:

@@ -249,17 +249,24 @@ class RunRecord:
         tmp.replace(path)
         self._written_s = time.monotonic()
 
+    def run_history(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Copies of the scheduler's history ``entries`` as the whole run's: each marked with
+        its part, its ``wall_s`` shifted by the parts before that one. What ``result.json``
+        holds, and what callbacks get while the run goes on."""
+        starts = [p.from_iteration for p in self.parts]
+        offsets = [sum(p.wall_s for p in self.parts[:k]) for k in range(len(self.parts))]
+        history = mark_parts(entries, starts)
+        for entry in history:
+            entry["wall_s"] = entry["wall_s"] + offsets[entry["part"]]
+        return history
+
     def merged(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The scheduler's ``summary`` of this part extended to the whole run: every entry marked
         with its part, history times continuous across parts, and the earlier parts'
         generations, failures and configurations before this one's."""
         starts = [p.from_iteration for p in self.parts]
-        offsets = [sum(p.wall_s for p in self.parts[:k]) for k in range(len(self.parts))]
-        history = mark_parts(summary["history"], starts)
-        for entry in history:
-            entry["wall_s"] = entry["wall_s"] + offsets[entry["part"]]
         merged = dict(summary)
-        merged["history"] = history
+        merged["history"] = self.run_history(summary["history"])
         # Epochs an earlier part evaluated that the checkpoint this part started from missed.
         known = {e["iteration"]: e for p in self.earlier for e in p.epochs}
         known.update({e["iteration"]: e for e in summary["epochs"]})
