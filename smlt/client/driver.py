@@ -291,7 +291,7 @@ def train(
     claim_output(output_dir, overwrite=overwrite)
     _check_redis(redis_url)  # before anything is written to the object store
     objects = open_object_store(object_store)
-    manifest = package_task(spec, objects, job_id)
+    manifest = package_task(spec, objects, job_id, precision=precision)
     try:
         sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
         total_iterations = epochs * sampler.iterations_per_epoch
