@@ -761,6 +761,7 @@ def _format_epoch_line(status: dict[str, Any], entry: dict[str, Any]) -> str:
         f"epoch {entry['epoch'] + 1}/{epochs_total}: it {entry['iteration'] + 1}/"
         f"{status['total_iterations']}",
         f"train loss {entry['train_loss']:.4f}",
+        _figure("lr", entry.get("lr")),
         _rate(entry.get("samples_per_s")),
     ]
     if not replayed:

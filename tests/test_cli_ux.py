@@ -323,7 +323,7 @@ def _status_dict(**fields: Any) -> dict[str, Any]:
         {"epoch": 0, "iteration": 21, "train_loss": 1.0969, "samples_per_s": 208.0, "part": 0}
         | {"accuracy": 0.7511, "loss": 0.8835},
         {"epoch": 1, "iteration": 43, "train_loss": 0.2810, "samples_per_s": 144.0, "part": 1}
-        | {"accuracy": 0.9200, "loss": 0.2740},
+        | {"lr": 0.05, "accuracy": 0.9200, "loss": 0.2740},
     ]
     return {
         "iteration": 50,
@@ -402,7 +402,7 @@ def test_epoch_lines_mark_epochs_run_before_a_resume_and_name_the_metrics(
         "evaluate(): accuracy 0.7511  loss 0.8835  (before resume)"
     )
     assert after == (
-        "epoch 2/3: it 44/66  train loss 0.2810  144 samples/s  2 x 1769 MB  $0.00123  "
+        "epoch 2/3: it 44/66  train loss 0.2810  lr 0.05  144 samples/s  2 x 1769 MB  $0.00123  "
         "evaluate(): accuracy 0.9200  loss 0.2740"
     )
     # Without "part" (a driver from before resumable records), nothing is marked.

@@ -241,6 +241,8 @@ class ProgressLog:
             "train_loss": loss,
             "samples_per_s": record["samples_per_s"],
         }
+        if "lr" in record:
+            entry["lr"] = record["lr"]  # the epoch's last step's: what the next one starts near
         if snapshot is None:
             self.epochs.append(entry)  # nothing to evaluate: the epoch is complete
         else:

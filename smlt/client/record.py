@@ -40,7 +40,7 @@ __all__ = [
 STATUS_FILE = "status.json"
 #: Fields of an epoch's entry that are not the task's own metrics (``evaluate()``'s names).
 EPOCH_FIELDS = frozenset(
-    {"epoch", "iteration", "train_loss", "samples_per_s", "part", "wall_s", "evaluated"}
+    {"epoch", "iteration", "train_loss", "lr", "samples_per_s", "part", "wall_s", "evaluated"}
 )
 #: How often a running part rewrites ``status.json`` (its last record is what a resume keeps of a
 #: part whose driver was killed, so this bounds what such a record can miss).
@@ -283,6 +283,8 @@ class RunRecord:
                     "samples_per_s": losses[end]["samples_per_s"],
                     "evaluated": False,
                 }
+                if "lr" in losses[end]:
+                    known[end]["lr"] = losses[end]["lr"]
         merged["epochs"] = mark_parts([known[i] for i in sorted(known)], starts)
         for name in ("generations", "failures", "configs"):
             earlier = [{**e, "part": p.part} for p in self.earlier for e in getattr(p, name)]
