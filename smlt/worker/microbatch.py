@@ -1,10 +1,11 @@
 """Gradient accumulation: a worker's slice of the global batch in micro-batches (``--micro-batch``).
 
 A worker whose slice of the global batch (``b_r`` samples) does not fit its memory, or whose run
-asks for it (``--micro-batch M``), goes through the slice ``M`` samples at a time: forward and
-backward on each micro-batch, the parameters' gradients summed in ``.grad`` (PyTorch accumulates
-them), and the exchange only after the last one, so a global batch larger than n x what fits in one
-function still trains, with the gradient of one pass over the slice up to float rounding:
+asks for it (``--micro-batch M``), goes through the slice at most ``M`` samples at a time (in as few
+micro-batches as that takes, of even sizes: :func:`micro_ranges`): forward and backward on each
+micro-batch, the parameters' gradients summed in ``.grad`` (PyTorch accumulates them), and the
+exchange only after the last one, so a global batch larger than n x what fits in one function still
+trains, with the gradient of one pass over the slice up to float rounding:
 
 - a mean-reduced loss (``loss_reduction = "mean"``) has each micro-batch's loss weighted by
   ``m_i / b_r`` before its backward pass, so the sum is the slice's mean; a summed loss is
@@ -43,6 +44,7 @@ import torch
 
 from smlt.errors import TaskError, TrainingError
 from smlt.protocol.model import FlatModel
+from smlt.sync.shards import shard_slice
 from smlt.task import Batch, Task
 from smlt.worker.contribution import Before
 from smlt.worker.precision import compute_precision
@@ -51,11 +53,16 @@ __all__ = ["accumulate", "micro_ranges"]
 
 
 def micro_ranges(samples: int, micro_batch: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each micro-batch of a slice: ``micro_batch`` samples each, the last
-    one what is left."""
+    """``[start, stop)`` of each micro-batch of a slice of ``samples``: as few as hold at most
+    ``micro_batch`` samples each, as even as the slice allows (the shard arithmetic of
+    :func:`~smlt.sync.shards.shard_slice`). Even, rather than ``micro_batch`` each and the rest
+    last, so that no micro-batch is left with a sample or two: BatchNorm cannot train on one
+    sample, and its statistics are noisy on a few."""
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    return [(a, min(a + micro_batch, samples)) for a in range(0, samples, micro_batch)]
+    count = -(-samples // micro_batch)
+    ranges = [shard_slice(samples, count, i) for i in range(count)]
+    return [(r.start, r.stop) for r in ranges]
 
 
 # --- the pass --------------------------------------------------------------------------------
