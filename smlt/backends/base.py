@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from smlt.errors import ConfigError
+from smlt.optimizer.cost import LAMBDA_X86, MB_PER_VCPU, Pricing
 from smlt.protocol.payload import WorkerPayload, WorkerReport
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "Pricing",
 ]
 
-#: Lambda's memory-to-CPU rule: 1,769 MB buys one vCPU (platform-facts.md).
-MB_PER_VCPU = 1769
+#: The Ray backend's default price, AWS Lambda x86. Every price lives in
+#: :mod:`smlt.optimizer.cost` (one table for the scheduler's bill and the optimizer's forecasts);
+#: ``Pricing`` and ``MB_PER_VCPU`` are re-exported from there for the backends.
+LAMBDA_X86_PRICING = LAMBDA_X86
 
 
 @dataclass(frozen=True)
@@ -58,27 +61,6 @@ class BackendLimits:
                 f"{workers} workers is outside this backend's range [1, {self.max_concurrency}]"
             )
         return workers
-
-
-@dataclass(frozen=True)
-class Pricing:
-    """Prices in USD; ``cost_usd`` is the platform's bill for the given usage."""
-
-    name: str
-    usd_per_gb_s: float
-    usd_per_request: float
-    billing_granularity_s: float = 0.001
-
-    def cost_usd(self, memory_mb: int, billed_s: float, requests: int = 1) -> float:
-        """Cost of ``requests`` invocations of ``memory_mb`` running ``billed_s`` in total."""
-        step = self.billing_granularity_s
-        rounded_s = -(-billed_s // step) * step if step > 0 else billed_s
-        return memory_mb / 1024 * rounded_s * self.usd_per_gb_s + requests * self.usd_per_request
-
-
-#: AWS Lambda x86 in us-east-1 (platform-facts.md); the Ray backend is priced like this unless
-#: configured otherwise, so a laptop run says what the same run would cost on Lambda.
-LAMBDA_X86_PRICING = Pricing("aws_lambda_x86", usd_per_gb_s=0.0000166667, usd_per_request=0.2e-6)
 
 
 class Invocation(ABC):
