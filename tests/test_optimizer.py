@@ -364,6 +364,8 @@ def test_an_infeasible_deadline_is_reported_with_what_is_in_reach() -> None:
     )
     assert fastest_true <= (1 + WITHIN) * fastest_s
     assert cheapest_true <= (1 + WITHIN) * cheapest_usd
+    for named in (decision.fastest, decision.cheapest):  # and both would really run
+        assert platform.need_mb(named.workers, WORKLOAD) <= named.memory_mb
     error = decision.error()
     assert isinstance(error, InfeasibleGoalError)
     assert "fastest" in str(error) and "cheapest" in str(error)

@@ -222,6 +222,7 @@ class _Grid:
     time_s: FloatArray
     cost_usd: FloatArray
     trial_usd: FloatArray
+    confidence: float
 
     @property
     def p_feasible(self) -> FloatArray:
@@ -417,6 +418,7 @@ def _forecast(
         time_s=economics.wall_s(s) + problem.elapsed_s,
         cost_usd=economics.cost_usd(s) + problem.spent_usd,
         trial_usd=trial.cost_usd(s),
+        confidence=settings.confidence,
     )
 
 
@@ -456,8 +458,13 @@ def _prediction(problem: Problem, grid: _Grid, i: int) -> Prediction:
 
 
 def _likely_fits(grid: _Grid) -> IntArray:
-    fits = np.flatnonzero(grid.p_fits >= 0.5)
-    return fits if fits.size else np.arange(grid.workers.size)
+    """Candidates that fit in memory with the recommendation's confidence (failing that, more
+    likely than not; failing that, all): what the fastest, cheapest and frontier are from."""
+    for threshold in (grid.confidence, 0.5):
+        fits = np.flatnonzero(grid.p_fits >= threshold)
+        if fits.size:
+            return fits
+    return np.arange(grid.workers.size)
 
 
 def _extremes(grid: _Grid) -> tuple[int | None, int | None]:

@@ -179,12 +179,12 @@ class Decision:
         if self.fastest is not None:
             parts.append(
                 f"the fastest predicted is {format_duration(self.fastest.time_s)} "
-                f"({self.fastest.workers} workers x {self.fastest.memory_mb} MB)"
+                f"({_config(self.fastest)})"
             )
         if self.cheapest is not None:
             parts.append(
                 f"the cheapest predicted is ${self.cheapest.cost_usd:.4f} "
-                f"({self.cheapest.workers} workers x {self.cheapest.memory_mb} MB)"
+                f"({_config(self.cheapest)})"
             )
         return InfeasibleGoalError("; ".join(parts))
 
@@ -208,6 +208,10 @@ class Decision:
             "cheapest": None if self.cheapest is None else self.cheapest.to_dict(),
             "model": self.model,
         }
+
+
+def _config(p: Prediction) -> str:
+    return f"{p.workers} worker{'s' if p.workers != 1 else ''} x {p.memory_mb} MB"
 
 
 @dataclass(frozen=True)
