@@ -345,8 +345,16 @@ def test_a_callback_that_raises_is_named_and_every_callback_still_ends() -> None
 def test_a_callback_that_raises_at_the_end_of_a_finished_run_is_named() -> None:
     feed = RecordFeed([Raises(in_end=True)], first_iteration=0, iterations_per_epoch=4, run_dir="r")
     result = SimpleNamespace(history=[], epoch_metrics=[], cost_usd=0.0)
-    with pytest.raises(CallbackError, match=r"Raises.on_end raised OSError: disk full \(after"):
+    match = r"Raises.on_end raised OSError: disk full \(at the end\); the run had finished"
+    with pytest.raises(CallbackError, match=match):
         feed.finish(cast(TrainResult, result))
+    # An iteration left for the end, and a callback that raises on it: the others still end.
+    after = Recorder()
+    feed = RecordFeed([Raises(), after], first_iteration=0, iterations_per_epoch=4, run_dir="r")
+    result = SimpleNamespace(history=[_row(0)], epoch_metrics=[], cost_usd=0.0)
+    with pytest.raises(CallbackError, match=r"\(at iteration 0\); the run had finished"):
+        feed.finish(cast(TrainResult, result))
+    assert after.ends == [result]
 
 
 def test_what_is_not_a_callback_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -109,6 +109,7 @@ class RecordFeed:
         self._per_epoch = max(1, iterations_per_epoch)
         self._epochs_from = first_iteration  # epochs ending before it are delivered or not ours
         self._run_dir = run_dir
+        self._finished = False  # the run's results are written: a callback can stop nothing
 
     def deliver(
         self, history: Iterable[dict[str, Any]], epochs: Iterable[dict[str, Any]], cost_usd: float
@@ -127,25 +128,30 @@ class RecordFeed:
 
     def finish(self, result: TrainResult) -> None:
         """The run finished: deliver what has not been (from its complete record), then
-        ``on_end(result)`` to every callback."""
-        for row in sorted(result.history, key=lambda r: int(r["iteration"])):
-            if int(row["iteration"]) >= self.next_iteration:
-                self.next_iteration = int(row["iteration"])
-                self._iteration({**row, "cost_usd": result.cost_usd})
-        pending = self._pending_epochs(result.epoch_metrics)
-        for end in sorted(pending):
-            self._epoch(pending[end])
-        raised: list[tuple[CallbackError, Exception]] = []
+        ``on_end(result)`` to every callback, even if one of them raised meanwhile."""
+        self._finished = True
+        raised: list[CallbackError] = []
+        try:
+            for row in sorted(result.history, key=lambda r: int(r["iteration"])):
+                if int(row["iteration"]) >= self.next_iteration:
+                    self.next_iteration = int(row["iteration"])
+                    self._iteration({**row, "cost_usd": result.cost_usd})
+            pending = self._pending_epochs(result.epoch_metrics)
+            for end in sorted(pending):
+                self._epoch(pending[end])
+        except CallbackError as exc:
+            raised.append(exc)
         for callback in self.callbacks:
             try:
                 callback.on_end(result)
             except Exception as exc:
-                raised.append((self._error(callback, "on_end", exc, None), exc))
+                error = self._error(callback, "on_end", exc, "at the end")
+                error.__cause__ = exc
+                raised.append(error)
         if raised:
-            (error, cause), others = raised[0], raised[1:]
-            for other, _cause in others:
-                error.add_note(str(other))
-            raise error from cause
+            for other in raised[1:]:
+                raised[0].add_note(str(other))
+            raise raised[0]
 
     def fail(self, error: BaseException) -> None:
         """The run failed or was stopped with ``error``: ``on_end(None)`` to every callback. What
@@ -186,12 +192,10 @@ class RecordFeed:
             except Exception as exc:
                 raise self._error(callback, method, exc, where) from exc
 
-    def _error(
-        self, callback: Callback, method: str, exc: Exception, where: str | None
-    ) -> CallbackError:
-        """The error that names ``callback``; ``where`` in the run, None once it finished."""
-        if where is None:
-            where, consequence = "after the run finished", f"its results are in {self._run_dir}"
+    def _error(self, callback: Callback, method: str, exc: Exception, where: str) -> CallbackError:
+        """The error that names ``callback``, and what became of the run."""
+        if self._finished:
+            consequence = f"the run had finished; its results are in {self._run_dir}"
         else:
             consequence = (
                 f"the run was stopped; smlt resume {self._run_dir} continues it from its newest "
