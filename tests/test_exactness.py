@@ -581,12 +581,14 @@ def test_the_readmes_replay_loop_runs_as_printed_and_is_the_reference(tmp_path: 
     dropout model, so the seeding matters as much as the batches)."""
     import re
 
+    from smlt.task import load_task
+
     repo = Path(__file__).resolve().parent.parent
     section = (repo / "README.md").read_text().split("### What n workers promise")[1]
     [loop] = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
     task_file = tmp_path / "dropout_digits.py"
     task_file.write_text((repo / "examples" / "digits.py").read_text() + DROPOUT_DIGITS)
-    task = smlt.task.load_task(f"{task_file}:DropoutDigits")
+    task = load_task(f"{task_file}:DropoutDigits")
     scope = {"torch": torch, "smlt": smlt, "task": task, "seed": 3, "epochs": 1, "batch_size": 256}
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -198,7 +198,8 @@ def test_a_run_stopped_by_a_callback_and_resumed_logs_every_step_once(
 
     # 2. The resume, with a callback that blocks the driver's thread until the run is over.
     second, waiter = Recorder(), WaitForTheEnd(run)
-    result = smlt.resume(run, tensorboard=tb, callbacks=[second, waiter])
+    # No tensorboard= here: run.json remembers the folder the run's train() had.
+    result = smlt.resume(run, callbacks=[second, waiter])
     assert waiter.saw_the_end, "the workers waited for the driver's blocked callback"
     start = result.parts[-1]["from_iteration"]
     assert start == checkpoint
