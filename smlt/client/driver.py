@@ -192,6 +192,8 @@ class RunPlan:
     clip_grad_norm: float | None = None
     micro_batch: int | None = None
     precision: str = "fp32"
+    #: Where TensorBoard event files go (``tensorboard/JOB``); a resume goes on writing there.
+    tensorboard: str | None = None
     sessions: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -336,6 +338,7 @@ def train(
         clip_grad_norm=clip_grad_norm,
         micro_batch=micro_batch,
         precision=precision,
+        tensorboard=str(tensorboard.resolve()) if tensorboard is not None else None,
         warnings=tuple(warned),
     )
     return _execute(
@@ -366,8 +369,8 @@ def resume(
     The task is the one packaged for the run (the code its workers ran, even if the user's file
     changed since or is not where it was), and ``run_dir`` is the run's folder wherever it is
     now: nothing depends on the current folder. ``callbacks`` get the records from the
-    checkpoint on; give ``tensorboard`` the folder the run's ``train`` had, and the run's steps
-    go on in the same event folder, none written twice.
+    checkpoint on. TensorBoard events go on in the folder the run's ``train`` had (or in
+    ``tensorboard`` if given), none written twice.
     """
     _redis_urls(redis_url)
     callbacks = check_callbacks(callbacks)
@@ -376,6 +379,8 @@ def resume(
     plan = RunPlan.load(Path(run_dir))  # its errors name the folder as the user gave it
     run_dir = Path(run_dir).resolve()
     plan = replace(plan, output_dir=str(run_dir))
+    if tensorboard is None and plan.tensorboard is not None:
+        tensorboard = require_tensorboard(plan.tensorboard)
     status = read_status(run_dir) or {}
     pid = running_driver(status)
     if pid is not None:  # two drivers of one run would both pay workers for the same steps
