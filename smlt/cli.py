@@ -246,8 +246,8 @@ def resume(
         Path | None,
         typer.Option(
             metavar="DIR",
-            help="write TensorBoard event files to DIR/JOB; give the DIR the run's train had, "
-            "and its steps go on in the same folder, none written twice",
+            help="write TensorBoard event files to DIR/JOB (default: the run's train --tensorboard "
+            "DIR, if it had one); the steps go on there, none written twice",
         ),
     ] = None,
 ) -> None:
