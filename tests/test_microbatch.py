@@ -10,7 +10,7 @@ every attempt of a rank makes alike (smlt/worker/memory.py). What is shown:
   5/4/4 or 4/4/4 per slice of 13 or 12 at 4): 1 worker x B and 4 workers x B/4 equal the plain
   PyTorch loop (one pass per global batch) within tests/test_exactness.py's tolerances, with the
   reference's learning rate at every iteration; a worker killed at iteration 5 changes no bit;
-- through ``smlt.train``, a task whose slice does not fit the worker's 512 MB splits it by
+- through ``smlt.train``, a task whose slice does not fit the worker's memory splits it by
   itself, and still equals the reference; the same slice with memory to spare is not split;
 - on threads: a worker failing at the points of a step where its gradient is recomputed, on a
   model with BatchNorm, changes no byte; micro-batches of 12 at one worker give what 4 workers x
@@ -42,6 +42,7 @@ from smlt.storage.redis_server import RedisServer
 from smlt.task import check_task, load_task
 from smlt.worker.contribution import snapshot
 from smlt.worker.memory import (
+    RUNTIME_MB,
     MemoryProfile,
     check_micro_batch,
     measure_memory,
@@ -64,10 +65,11 @@ from tests.test_schedules import TASKS as SCHEDULE_TASKS
 from tests.worker_harness import Outcome, ThreadedJob
 
 MICRO = 5
-#: Copies of a 16-wide hidden layer in Wide's forward pass: a tanh over 16 x 2^17 floats saves
-#: 8 MiB per sample, so a slice of 50 needs about 800 MiB beside the runtime's 300.
-WIDE_REPEAT = 2**17
-WIDE_MEMORY_MB = 512
+#: Copies of a 16-wide hidden layer in Wide's forward pass: a tanh over 16 x 2^14 floats saves
+#: 1 MiB per sample, so a slice of 50 needs about 100 MiB beside the runtime, and the worker's
+#: memory leaves room for a dozen or so samples at a time.
+WIDE_REPEAT = 2**14
+WIDE_MEMORY_MB = RUNTIME_MB + 30
 
 TASKS = textwrap.dedent(
     f'''
@@ -202,10 +204,10 @@ def test_a_killed_worker_changes_nothing_with_micro_batches(
 
 
 def test_a_slice_that_does_not_fit_is_split_by_itself(in_process_runs: Path) -> None:
-    """Wide at one worker and 512 MB, no ``micro_batch``: by the profile the client measured,
-    a slice of 50 does not fit, micro-batches of a few do; the run splits and still equals one
-    pass per global batch (within tolerance, not bit for bit: it did split). With memory to
-    spare the same slice is not split."""
+    """Wide at one worker with 30 MB beyond the runtime's, no ``micro_batch``: by the profile
+    the client measured, a slice of 50 does not fit, micro-batches of a dozen or so do; the run
+    splits and still equals one pass per global batch (within tolerance, not bit for bit: it did
+    split). With memory to spare the same slice is not split."""
     path = _task_file(in_process_runs)
     task = load_task(f"{path}:Wide")
     data = check_task(task)
