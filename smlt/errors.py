@@ -144,7 +144,14 @@ class BackendAuthError(BackendError):
 
 
 class ThrottledError(BackendError):
-    """The platform refused the invocation for rate or concurrency; retry later."""
+    """The platform refused the invocation for rate or concurrency; retry later.
+
+    ``retry_after_s`` is the wait the platform asked for, when it said (Lambda's
+    ``retryAfterSeconds``, an HTTP ``Retry-After``); backends wait at least that long."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class FunctionTimeoutError(BackendError, TimeoutError):

@@ -303,7 +303,7 @@ def test_misuse_is_reported() -> None:
 
 def test_get_backend_by_name() -> None:
     assert isinstance(get_backend("ray", max_memory_mb=4096), RayBackend)
-    with pytest.raises(ConfigError, match="known backends: ray"):
+    with pytest.raises(ConfigError, match="known backends: aws_lambda, openwhisk, ray"):
         get_backend("kubernetes")
     with pytest.raises(ConfigError, match="not available yet"):
         get_backend("sim")

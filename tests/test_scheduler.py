@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from smlt.actors.committer import Committer
-from smlt.actors.failures import FailurePolicy, RetryPolicy, cause_key
+from smlt.actors.failures import FailurePolicy, RetryPolicy, cause_key, more_memory_mb
 from smlt.actors.progress import CheckpointReady, ProgressLog
 from smlt.actors.resource_manager import ResourceManager
 from smlt.actors.scheduler import JobSpec, TaskScheduler, generation_leftovers
-from smlt.errors import ConfigError, ObjectStoreError, TrainingError
+from smlt.errors import ConfigError, ObjectStoreError, OutOfMemoryError, TrainingError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
@@ -65,6 +65,23 @@ def test_the_same_cause_twice_without_progress_gives_up() -> None:
     again = p.decide(7, "InjectedFault: raise at rank 2 iteration 7", 0.5)  # digits ignored
     assert not again.retry
     assert again.why == "failed the same way twice without progress"
+
+
+def test_a_repeated_out_of_memory_is_retried_once_with_more_memory() -> None:
+    p = policy(max_attempts=10, backoff_s=1.0)
+    cause = "OutOfMemoryError: rank 1 used 257 MB of 256"
+    first = p.decide(4, cause, 0.0, out_of_memory_at=(256, 10240))
+    assert (first.retry, first.memory_mb) == (True, None)  # once may be bad luck
+    second = p.decide(4, cause, 1.0, out_of_memory_at=(256, 10240))
+    assert (second.retry, second.memory_mb) == (True, 512)  # twice: twice the memory, once
+    third = p.decide(4, cause, 2.0, out_of_memory_at=(512, 10240))
+    assert (third.retry, third.why) == (False, "failed the same way twice without progress")
+    # At the platform's maximum there is no more to give.
+    at_max = policy(max_attempts=10)
+    assert at_max.decide(4, cause, 0.0, out_of_memory_at=(10240, 10240)).retry
+    assert not at_max.decide(4, cause, 1.0, out_of_memory_at=(10240, 10240)).retry
+    assert (more_memory_mb(3008, 10240), more_memory_mb(6000, 10240)) == (6016, 10240)
+    assert more_memory_mb(512, 512) is None
 
 
 def test_progress_starts_a_fresh_budget() -> None:
@@ -260,6 +277,7 @@ def test_keep_checkpoints_must_keep_one() -> None:
 #
 # The test puts a script (JSON) in Redis under a key outside the job's namespace:
 #   fail:        [[rank, attempt, iteration, message], ...]  raise at the start of that iteration
+#   oom:         [[rank, attempt, iteration], ...]  raise OutOfMemoryError there instead
 #   fail_copy:   [rank, n]  the n-th delivery (1 or 2) of rank's attempt-0 invocation raises
 #   misreport:   [iteration, kind]  report a wrong size for this rank-0 checkpoint shard
 #   iteration_s: seconds per iteration
@@ -271,6 +289,10 @@ def _script_key(job_id: str) -> str:
 
 def _copy_key(job_id: str, gen: int, rank: int, attempt: int) -> str:
     return f"scripted-test:{job_id}:copies:{gen}:{rank}:{attempt}"
+
+
+def _memory_key(job_id: str, gen: int, rank: int, attempt: int) -> str:
+    return f"scripted-test:{job_id}:memory:{gen}:{rank}:{attempt}"
 
 
 class ScriptedFailure(RuntimeError):
@@ -305,6 +327,7 @@ def scripted(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         return shards
 
     copy = client.incr(_copy_key(p.job_id, p.generation, p.rank, p.attempt))
+    client.set(_memory_key(p.job_id, p.generation, p.rank, p.attempt), p.memory_mb, ex=600)
     client.expire(_copy_key(p.job_id, p.generation, p.rank, p.attempt), 600)
     heartbeat = Heartbeat(
         client,
@@ -330,6 +353,8 @@ def scripted(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
             for rank, attempt, iteration, message in script.get("fail", ()):
                 if (rank, attempt, iteration) == (p.rank, p.attempt, t):
                     raise ScriptedFailure(f"{message} at iteration {t}")
+            if [p.rank, p.attempt, t] in script.get("oom", ()):
+                raise OutOfMemoryError(f"rank {p.rank} used {p.memory_mb + 1} MB of {p.memory_mb}")
             # Lockstep, as synchronous training is: nobody finishes t before everyone started it.
             store.announce(0, keys.full_ready(t), p.rank, ttl_s=600)
             for _ in store.announcements(
@@ -440,6 +465,27 @@ def test_the_same_failure_twice_without_progress_still_ends_the_run(
         run.run()
     assert "disk full at iteration 2" in str(info.value)
     assert run.status()["state"] == "failed"
+
+
+def test_a_rank_out_of_memory_twice_is_re_invoked_with_twice_the_memory(
+    redis_server: RedisServer, ray_and_objects: Path, job_id: str
+) -> None:
+    script = {"oom": [[1, 0, 2], [1, 1, 2]]}
+    summary = scheduler(redis_server, ray_and_objects, job_id, script=script).run()
+    assert iterations(summary) == list(range(8))
+    failures = rank_failures(summary)
+    assert [(f["attempt"], f.get("retry_memory_mb")) for f in failures] == [(0, None), (1, 512)]
+    store = redis.Redis.from_url(redis_server.url)
+    seen = [int(store.get(_memory_key(job_id, 0, 1, a)) or 0) for a in range(3)]
+    assert seen == [MEMORY_MB, MEMORY_MB, 2 * MEMORY_MB]
+    assert int(store.get(_memory_key(job_id, 0, 0, 0)) or 0) == MEMORY_MB  # its peer: unchanged
+
+    # Out of memory once more at twice the memory: the run ends, naming the cause.
+    again = {"oom": [[1, 0, 2], [1, 1, 2], [1, 2, 2]]}
+    run = scheduler(redis_server, ray_and_objects, f"{job_id}-again", script=again)
+    with pytest.raises(TrainingError, match="worker 1 failed the same way twice") as info:
+        run.run()
+    assert "OutOfMemoryError: rank 1 used 513 MB of 512" in str(info.value)
 
 
 def test_a_duplicated_invocation_runs_twice_and_is_billed_twice(

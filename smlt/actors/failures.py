@@ -13,6 +13,12 @@ two pieces of bad luck, not a worker that cannot make progress. The policy sees 
 the failures themselves: a rank's failure iterations never decrease within a generation, and a
 failure at a later iteration than the previous one means someone finished the previous one.
 
+**Out of memory twice: once more, with more memory.** A worker that runs out of memory twice
+without progress would do so a third time: the same cause twice ends the run, except that a
+repeated out-of-memory is retried once at :func:`more_memory_mb` (twice the memory, within the
+platform's range; the decision's ``memory_mb``). The rank keeps that size for the rest of the
+generation; running out of memory once more at it ends the run.
+
 The *attempt number* is not the budget. It keeps counting for the whole generation, because it
 names the heartbeat keys and lets fault injection fire on attempt 0 only.
 """
@@ -23,7 +29,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FailureDecision", "FailurePolicy", "RetryPolicy", "cause_key"]
+__all__ = ["FailureDecision", "FailurePolicy", "RetryPolicy", "cause_key", "more_memory_mb"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,15 @@ class FailureDecision:
     failures: int
     #: Why the rank is given up on ("" when retrying), e.g. "failed the same way twice".
     why: str = ""
+    #: The memory to re-invoke with, when not the rank's current one (a repeated out-of-memory).
+    memory_mb: int | None = None
+
+
+def more_memory_mb(memory_mb: int, max_memory_mb: int) -> int | None:
+    """The size a worker that ran out of memory twice at ``memory_mb`` gets once more: twice
+    as much, at most ``max_memory_mb``; None if it already had the most there is."""
+    bigger = min(2 * memory_mb, max_memory_mb)
+    return bigger if bigger > memory_mb else None
 
 
 def cause_key(cause: str) -> str:
@@ -76,10 +91,20 @@ class FailurePolicy:
         self._iteration: int | None = None  # where the budget's failures happened
         self._causes: list[str] = []
         self._first_s = 0.0
+        self._grown = False  # a repeated out-of-memory was already given more memory
 
-    def decide(self, iteration: int, cause: str, at_s: float) -> FailureDecision:
+    def decide(
+        self,
+        iteration: int,
+        cause: str,
+        at_s: float,
+        *,
+        out_of_memory_at: tuple[int, int] | None = None,
+    ) -> FailureDecision:
         """The rank failed at ``iteration`` (the one it had not finished) with ``cause``,
-        noticed at ``at_s`` (any monotonic clock, the same for every call)."""
+        noticed at ``at_s`` (any monotonic clock, the same for every call). For an
+        out-of-memory, ``out_of_memory_at`` is ``(memory MB it ran with, the platform's
+        maximum)``."""
         if self._iteration is None or iteration > self._iteration:
             # The first failure, or a replacement got past the last one: a fresh budget.
             self._causes = []
@@ -90,9 +115,16 @@ class FailurePolicy:
         self._causes.append(key)
         failures = len(self._causes)
         retry = self.retry
+        late = at_s - self._first_s > retry.deadline_s
+        bigger = more_memory_mb(*out_of_memory_at) if out_of_memory_at is not None else None
+        if repeated and bigger is not None and not self._grown:
+            if not late and failures < retry.max_attempts:
+                self._grown = True
+                delay_s = retry.delay_s(failures, self._uniform())
+                return FailureDecision(True, delay_s, failures, memory_mb=bigger)
         if repeated:
             why = "failed the same way twice"
-        elif at_s - self._first_s > retry.deadline_s:
+        elif late:
             why = f"kept failing for over {retry.deadline_s:g} s"
         elif failures >= retry.max_attempts:
             why = f"failed {failures} times"

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis
@@ -47,7 +47,14 @@ from smlt.actors.failures import FailurePolicy, RetryPolicy
 from smlt.actors.progress import CheckpointReady, EvaluationDue, ProgressLog
 from smlt.actors.resource_manager import Config, ResourceManager
 from smlt.backends.base import Backend, Invocation
-from smlt.errors import ConfigError, SmltError, StoreUnavailableError, TaskError, TrainingError
+from smlt.errors import (
+    ConfigError,
+    OutOfMemoryError,
+    SmltError,
+    StoreUnavailableError,
+    TaskError,
+    TrainingError,
+)
 from smlt.protocol.control import request_stop
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.payload import WorkerPayload, WorkerReport
@@ -434,9 +441,10 @@ class TaskScheduler:
     ) -> None:
         policy = FailurePolicy(self.spec.retry)
         attempt, resume = 0, start
+        memory_mb = cfg.memory_mb  # more after a repeated out-of-memory (FailurePolicy)
         while True:
             attempts[rank] = attempt
-            payload = self._payload(gen, rank, resume, attempt, cfg)
+            payload = self._payload(gen, rank, resume, attempt, replace(cfg, memory_mb=memory_mb))
             outcome = await self._deliver(payload, copies=2 if self._duplicate(payload) else 1)
             if isinstance(outcome, WorkerReport):
                 reports[rank] = outcome
@@ -450,7 +458,15 @@ class TaskScheduler:
                 ) from exc
             resume = max(start, await self._rank_position(rank))
             record = self._failure_record(payload, outcome, resume)
-            decision = policy.decide(resume, record["cause"], outcome.detected_s)
+            oom = (memory_mb, self.manager.limits.max_memory_mb)
+            decision = policy.decide(
+                resume,
+                record["cause"],
+                outcome.detected_s,
+                out_of_memory_at=oom if isinstance(exc, OutOfMemoryError) else None,
+            )
+            if decision.memory_mb is not None:
+                memory_mb = record["retry_memory_mb"] = decision.memory_mb
             record["budget_failures"] = decision.failures
             self._record_failure(record)
             if not decision.retry:

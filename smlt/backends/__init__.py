@@ -2,7 +2,9 @@
 
 The registry holds import paths, not classes, so choosing a backend imports only that backend's
 SDK (Ray takes a second to import; boto3 is not installed everywhere). Every backend takes its
-options as keyword arguments and validates them at construction.
+options as keyword arguments and validates them at construction; the serverless ones also read
+their platform's own configuration (boto3's for ``aws_lambda``, ``~/.wskprops`` and ``__OW_*``
+for ``openwhisk``), so they need no options to be chosen from the command line.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ __all__ = ["BACKENDS", "PLANNED_BACKENDS", "get_backend"]
 #: Backend name -> "module:Class".
 BACKENDS: dict[str, str] = {
     "ray": "smlt.backends.ray_backend:RayBackend",
+    "aws_lambda": "smlt.backends.aws_lambda:LambdaBackend",
+    "openwhisk": "smlt.backends.openwhisk:OpenWhiskBackend",
+    "sim": "smlt.backends.sim:SimBackend",
 }
 #: Names that are part of the design but not built yet: asking for one says so.
-PLANNED_BACKENDS = ("aws_lambda", "openwhisk", "sim")
+PLANNED_BACKENDS: tuple[str, ...] = ()
 
 
 def get_backend(name: str, **options: Any) -> Backend:

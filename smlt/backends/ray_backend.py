@@ -341,7 +341,11 @@ class RayBackend(Backend):
         """Schedule rank r into bundle r of the group; returns at once."""
         if self._group is None:
             raise BackendError("invoke before deploy: no workers are reserved")
-        if payload.rank >= self._workers or payload.memory_mb != self._memory_mb:
+        # A rank re-invoked with more memory after a repeated out-of-memory (the scheduler's
+        # FailurePolicy) runs in its own bundle all the same: a Ray task has no memory limit of
+        # its own to raise (its node's is what counts), so the larger size changes the bill and
+        # the worker's micro-batch plan, not the process.
+        if payload.rank >= self._workers or payload.memory_mb < self._memory_mb:
             raise BackendError(
                 f"payload for rank {payload.rank} x {payload.memory_mb} MB does not match the "
                 f"deployed {self._workers} workers x {self._memory_mb} MB"
@@ -350,10 +354,10 @@ class RayBackend(Backend):
         size_bytes = len(json.dumps(event))
         if size_bytes > MAX_PAYLOAD_BYTES:
             raise ConfigError(f"payload of {size_bytes} bytes exceeds {MAX_PAYLOAD_BYTES} bytes")
-        share = cpu_share(payload.memory_mb)
+        share = cpu_share(self._memory_mb)
         options: dict[str, Any] = {
             "num_cpus": share,
-            "memory": payload.memory_mb * _MIB,
+            "memory": self._memory_mb * _MIB,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 self._group, placement_group_bundle_index=payload.rank
             ),
