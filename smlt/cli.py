@@ -1,5 +1,5 @@
 """The ``smlt`` command line: ``smlt train TASK ...``, ``smlt resume RUN_DIR``, ``smlt runs``,
-``smlt clean``.
+``smlt clean``, ``smlt emulator``.
 
 Errors that smlt raises on purpose (bad task, unreachable Redis, a configuration that does not
 fit) print as one paragraph and exit with status 2; anything else is a bug and keeps its
@@ -917,6 +917,97 @@ def _print_summary(result: Any) -> None:
         f"{result.output_dir}/ (result.json, model.pt, loss.png, throughput.png, phases.png)",
     )
     Console().print(table)
+
+
+@app.command("emulator")
+def emulator_command(
+    host: Annotated[
+        str, typer.Option(help="address to listen on; 127.0.0.1 keeps it to this machine")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 0,
+    openwhisk_auth: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_EMULATOR_OPENWHISK_AUTH",
+            help="the OpenWhisk key to accept, UUID:KEY (default: a generated one); prefer the "
+            "variable, a command line is visible to every local user",
+        ),
+    ] = None,
+    aws_access_key_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_EMULATOR_AWS_ACCESS_KEY_ID",
+            help="the AWS access key id to accept, e.g. your own (default: a generated one)",
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int, typer.Option(min=1, help="containers busy at once per platform; more get 429")
+    ] = 100,
+    openwhisk_max_memory_mb: Annotated[
+        int, typer.Option(help="largest OpenWhisk action memory limit (OpenWhisk's default: 512)")
+    ] = 512,
+    env_file: Annotated[
+        Path,
+        typer.Option(help="where the credentials are written for `source` (mode 0600)"),
+    ] = Path("~/.cache/smlt/emulator.env"),
+    print_credentials: Annotated[
+        bool, typer.Option(help="also print the credentials (they end up in scrollback and logs)")
+    ] = False,
+    verbose: Annotated[bool, typer.Option(help="log every request (never its headers)")] = False,
+) -> None:
+    """Serve the AWS Lambda and OpenWhisk APIs here; functions run in local processes.
+
+    Point boto3 at it with AWS_ENDPOINT_URL_LAMBDA and OpenWhisk clients with __OW_API_HOST and
+    __OW_API_KEY: all of them, with the credentials it accepts, are written to --env-file, which
+    is removed when the emulator stops (Ctrl-C). Images are not pulled: a function packaged as an
+    image runs smlt's worker entry point (see smlt/emulator/config.py).
+    """
+    import logging
+
+    from smlt.emulator import Emulator
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    emulator_log = logging.getLogger("smlt.emulator")
+    emulator_log.addHandler(handler)
+    emulator_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        emu = Emulator(
+            host=host,
+            port=port,
+            openwhisk_auth=openwhisk_auth,
+            aws_access_key_id=aws_access_key_id,
+            max_concurrency=max_concurrency,
+            openwhisk_max_memory_mb=openwhisk_max_memory_mb,
+        ).start()
+    except SmltError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    written = ""
+    try:
+        path = emu.write_env_file(env_file)
+        written = path.read_text()
+        print(f"smlt emulator: AWS Lambda and OpenWhisk APIs on {emu.url}")
+        print(f"  AWS_ENDPOINT_URL_LAMBDA={emu.lambda_url}")
+        print(f"  __OW_API_HOST={emu.openwhisk_url}")
+        print(f"credentials: source {path}  (mode 0600, removed when the emulator stops)")
+        if print_credentials:
+            print(written, end="")
+        print("Ctrl-C stops the emulator and its containers.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        emu.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        target = Path(env_file).expanduser()
+        if written and target.exists() and target.read_text() == written:
+            target.unlink()  # still ours (another emulator may have written its own since)
+        emulator_log.removeHandler(handler)
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ storage -> sync -> protocol (the scheduler-worker contract) -> worker, actors, b
 -> cli. ``smlt.errors`` and ``smlt.task`` (the user's contract) sit below all of them. Worker,
 actors and backends are peers that talk only through the protocol: the scheduler never reaches
 into the worker's package, and the worker knows nothing of who invoked it (actors may use the
-backend contract, which is how they invoke).
+backend contract, which is how they invoke). The emulator is a tool beside the backends that
+imports none of its peers: it runs the worker only by name, in its subprocess containers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RANK = {
     "worker": 4,
     "actors": 4,
     "backends": 4,
+    "emulator": 4,
     "client": 5,
     "cli": 6,
     "__main__": 7,
@@ -36,6 +38,7 @@ FORBIDDEN = {
     "worker": {"actors", "backends"},
     "backends": {"worker", "actors"},
     "actors": {"worker"},
+    "emulator": {"worker", "actors", "backends"},
 }
 
 
