@@ -35,10 +35,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from smlt.client.checks import check_request
+from smlt.client.checks import check_goal, check_request
 from smlt.client.record import EPOCH_FIELDS
 from smlt.client.runs import RunInfo, list_runs, read_run
 from smlt.errors import ConfigError, ObjectStoreError, SmltError, SmltWarning
+from smlt.optimizer.goals import goal_from_options
 from smlt.storage.objects import LocalObjectStore, ObjectStore, S3ObjectStore, open_object_store
 
 __all__ = ["app", "main", "parse_duration"]
@@ -82,7 +83,10 @@ def train(
     task: Annotated[str, typer.Argument(help="path/to/file.py:ClassName")],
     epochs: Annotated[int, typer.Option(help="passes over the training set")] = 1,
     batch_size: Annotated[int, typer.Option(help="global batch size (split across workers)")] = 256,
-    workers: Annotated[int, typer.Option(help="number of workers")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="number of workers (default 1; with a goal: fixed, not searched)"),
+    ] = None,
     memory_mb: Annotated[
         int | None, typer.Option(help="memory per worker (MB); CPU follows it, 1769 MB = 1 vCPU")
     ] = None,
@@ -171,12 +175,45 @@ def train(
             "with tensorboard --logdir DIR (needs pip install 'smlt[tensorboard]')",
         ),
     ] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option(
+            help="finish within this wall time (90s, 30m, 1h30m), as cheaply as possible: "
+            "smlt chooses workers x memory"
+        ),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="spend at most this many US dollars (0.50), finishing as soon as possible: "
+            "smlt chooses workers x memory"
+        ),
+    ] = None,
+    fastest: Annotated[
+        bool, typer.Option(help="finish as soon as possible: smlt chooses workers x memory")
+    ] = False,
+    max_trials: Annotated[
+        int | None,
+        typer.Option(help="with a goal: at most this many trial configurations (default 12)"),
+    ] = None,
+    trial_iterations: Annotated[
+        int | None,
+        typer.Option(help="with a goal: iterations each trial trains (default 5)"),
+    ] = None,
 ) -> None:
-    """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots."""
+    """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots.
+
+    With --deadline, --budget or --fastest, smlt chooses workers x memory itself: a few short
+    trials (ordinary training iterations) measure the time per iteration, and a Bayesian
+    optimizer picks the configuration; --workers or --memory-mb, if given, stay fixed."""
 
     def start(progress: Callable[[dict[str, Any]], None]) -> Any:
         rescales = _rescales(rescale or [])
         # A mistyped flag is refused here, before PyTorch, Ray or Redis are even imported.
+        goal = goal_from_options(deadline=deadline, budget=budget, fastest=fastest)
+        check_goal(
+            goal, rescales=rescales, max_trials=max_trials, trial_iterations=trial_iterations
+        )
         check_request(
             backend,
             backend_options={"address": ray_address} if backend == "ray" else {},
@@ -222,6 +259,11 @@ def train(
             overwrite=overwrite,
             progress=progress,
             tensorboard=tensorboard,
+            deadline=deadline,
+            budget=budget,
+            fastest=fastest,
+            max_trials=max_trials,
+            trial_iterations=trial_iterations,
         )
 
     _run(output, start)
@@ -902,6 +944,14 @@ def _print_summary(result: Any) -> None:
         table.add_row("final training loss", f"{result.history[-1]['loss']:.4f}")
     cfg = result.configs[-1]
     table.add_row("workers x memory", f"{cfg['workers']} x {cfg['memory_mb']} MB")
+    search = result.search
+    if search is not None:
+        for i, trial in enumerate(search["trials"], 1):
+            table.add_row(f"trial {i}", _trial_line(trial))
+        table.add_row("chosen", search["chosen"]["reason"])
+    goal = result.goal
+    if goal is not None:
+        table.add_row("goal", f"{goal['text']}: {'met' if goal['met'] else 'MISSED'}")
     if result.optimizer:
         table.add_row("optimizer", f"{result.optimizer['class']}, {result.optimizer['mode']}")
     table.add_row(
@@ -1008,6 +1058,150 @@ def emulator_command(
         if written and target.exists() and target.read_text() == written:
             target.unlink()  # still ours (another emulator may have written its own since)
         emulator_log.removeHandler(handler)
+
+
+def _trial_line(trial: dict[str, Any]) -> str:
+    """One trial of the goal's search, as the summary lists it."""
+    where = f"{trial['workers']} x {trial['memory_mb']} MB"
+    if trial["outcome"] != "ok":
+        return f"{where}: out of memory"
+    return (
+        f"{where}: {trial['s_per_iteration']:.3f} s/iteration over "
+        f"{_plural(trial['iterations'], 'iteration')}, ${trial['cost_usd']:.6f}"
+    )
+
+
+# -- smlt plan -----------------------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan_command(
+    task: Annotated[str, typer.Argument(help="path/to/file.py:ClassName")],
+    epochs: Annotated[int, typer.Option(help="passes over the training set")] = 1,
+    batch_size: Annotated[int, typer.Option(help="global batch size (split across workers)")] = 256,
+    deadline: Annotated[
+        str | None, typer.Option(help="finish within this (90s, 30m, 1h30m) at the least cost")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="spend at most this many US dollars, as fast as possible")
+    ] = None,
+    fastest: Annotated[bool, typer.Option("--fastest", help="as fast as possible")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="fix the number of workers (not searched)")
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="fix the memory per worker in MB (not searched)")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="sim (a model of AWS Lambda calibrated on this machine)")
+    ] = "sim",
+    seed: Annotated[int, typer.Option(help="seeds the sim's noise and the optimizer")] = 0,
+    noise: Annotated[
+        float, typer.Option(help="sim: log-normal spread of each worker's compute time")
+    ] = 0.0,
+    max_concurrency: Annotated[
+        int, typer.Option(help="sim: functions that may run at once (Lambda's default: 1000)")
+    ] = 1000,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="where to write the frontier's PNG (default plans/TASK-STAMP/)"),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the plan as JSON on stdout")
+    ] = False,
+) -> None:
+    """Choose workers x memory for training TASK before paying for it.
+
+    Times the task once on this machine, runs the optimizer's trials on the sim backend (the
+    real scheduler on a modelled platform), and prints the recommendation, its predicted wall
+    time and cost, the trials and the time-cost frontier (also drawn as a PNG). Exits with 3 if
+    no configuration meets the goal (naming the fastest time and the cheapest cost in reach),
+    with 2 for any other error."""
+    try:
+        # A mistyped flag is refused here, before PyTorch is imported.
+        goal = goal_from_options(deadline=deadline, budget=budget, fastest=fastest)
+        from smlt.client.plan import (
+            EXIT_INFEASIBLE,
+            default_plan_dir,
+            plan_task,
+            plot_frontier,
+        )
+
+        result = plan_task(
+            task,
+            epochs=epochs,
+            batch_size=batch_size,
+            goal=goal,
+            workers=workers,
+            memory_mb=memory_mb,
+            backend=backend,
+            seed=seed,
+            noise_sigma=noise,
+            max_concurrency=max_concurrency,
+        )
+        folder = default_plan_dir(result.profile)
+        png = plot if plot is not None else folder / "frontier.png"
+        plot_frontier(result, png)
+        data = {**result.to_dict(), "plot": str(png)}
+        if plot is None:
+            (folder / "plan.json").write_text(json.dumps(data, indent=2))
+    except SmltError as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_plan(result, png)
+    if not result.feasible:
+        console.print(f"[bold red]infeasible:[/] {escape(str(result.decision.error()))}")
+        raise typer.Exit(EXIT_INFEASIBLE)
+
+
+def _print_plan(result: Any, png: Path) -> None:
+    """The plan as a person reads it: the recommendation, the trials, the frontier."""
+    decision = result.decision
+    out = Console()
+    verdict = "recommended" if decision.feasible else "closest to the goal (infeasible)"
+    out.print(
+        f"smlt plan {result.profile.task}: {decision.goal}, "
+        f"{result.problem.workload.iterations + sum(t['iterations'] for t in result.trials)} "
+        f"iterations of batch {result.problem.workload.batch_size}"
+    )
+    out.print(
+        f"{verdict}: [bold]{decision.workers} workers x {decision.memory_mb} MB[/]: "
+        f"predicted {decision.predicted.time_s:.0f} s wall time, "
+        f"${decision.predicted.cost_usd:.4f} ({escape(decision.reason)})"
+    )
+    trials = Table(title=f"{_plural(len(result.trials), 'trial')} on the sim", box=box.SIMPLE)
+    for name in ("workers", "memory MB", "outcome", "s/iteration", "wall s", "cost USD", "grain"):
+        trials.add_column(name, justify="right")
+    for t in result.trials:
+        s = t["s_per_iteration"]
+        trials.add_row(
+            str(t["workers"]),
+            str(t["memory_mb"]),
+            t["outcome"],
+            "-" if s is None else f"{s:.4f}",
+            f"{t['wall_s']:.1f}",
+            f"{t['cost_usd']:.6f}",
+            t["grain"],
+        )
+    out.print(trials)
+    frontier = Table(title="time-cost frontier (predicted)", box=box.SIMPLE)
+    for name in ("workers", "memory MB", "wall time s", "cost USD", ""):
+        frontier.add_column(name, justify="right")
+    for p in decision.frontier:
+        mark = "<-" if (p.workers, p.memory_mb) == (decision.workers, decision.memory_mb) else ""
+        frontier.add_row(
+            str(p.workers), str(p.memory_mb), f"{p.time_s:.0f}", f"{p.cost_usd:.4f}", mark
+        )
+    out.print(frontier)
+    out.print(
+        f"profiled in {result.profile.profile_s:.1f} s "
+        f"({result.profile.s_per_sample_1_vcpu * 1e3:.3f} ms/sample on 1 vCPU, "
+        f"{result.profile.num_params:,} parameters); planned in {result.planning_s:.1f} s; "
+        f"plot: {png}"
+    )
 
 
 def main() -> None:

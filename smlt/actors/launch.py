@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from smlt.actors.resource_manager import ResourceManager
+from smlt.actors.resource_manager import ResourceManager, fits_of
 from smlt.actors.scheduler import JobSpec, TaskScheduler
 from smlt.backends import get_backend
 
@@ -33,7 +33,10 @@ class SchedulerHost:
     ) -> None:
         target = get_backend(backend, **backend_options)
         manager = ResourceManager(
-            target.limits, fit_memory_mb=target.default_memory_mb, **manager_settings
+            target.limits,
+            fit_memory_mb=target.default_memory_mb,
+            fits=fits_of(target),
+            **manager_settings,
         )
         self.scheduler = TaskScheduler(target, spec, manager)
 

@@ -45,7 +45,7 @@ from smlt.actors.committer import Committer
 from smlt.actors.evaluator import Evaluator
 from smlt.actors.failures import FailurePolicy, RetryPolicy
 from smlt.actors.progress import CheckpointReady, EvaluationDue, ProgressLog
-from smlt.actors.resource_manager import Config, ResourceManager
+from smlt.actors.resource_manager import Config, GenerationOutcome, ResourceManager
 from smlt.backends.base import Backend, Invocation
 from smlt.errors import (
     ConfigError,
@@ -55,6 +55,7 @@ from smlt.errors import (
     TaskError,
     TrainingError,
 )
+from smlt.optimizer.cost import CostBreakdown, CostModel
 from smlt.protocol.control import request_stop
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.payload import WorkerPayload, WorkerReport
@@ -182,7 +183,7 @@ class TaskScheduler:
             CheckpointStore(open_object_store(spec.object_store_url), spec.job_id),
             spec.num_params,
             keep=spec.keep_checkpoints,
-            meta_before=self.log.meta_before,
+            meta_before=self._meta_before,
             on_failure=self._record_failure,
         )
         self._lock = threading.Lock()
@@ -193,6 +194,9 @@ class TaskScheduler:
         # (gen, rank, attempt) -> when its heartbeat was found expired (monotonic, wall clock)
         self._hung: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._billed: list[tuple[int, float]] = []  # (memory_mb, billed_s) per ended invocation
+        self._costs = CostModel(functions=backend.pricing)
+        self._trials_usd = 0.0  # what generations the manager ran as trials were billed
+        self._out_of_memory: set[int] = set()  # generations in which a worker ran out of memory
         self._generations: list[dict[str, Any]] = []
         self._configs: list[dict[str, Any]] = [self.config.to_dict()]
         self._failures: list[dict[str, Any]] = []
@@ -239,9 +243,16 @@ class TaskScheduler:
                 "error": self._error,
             }
 
+    def _breakdown(self) -> CostBreakdown:
+        """What the ended invocations were billed, by part (the one price table of
+        :mod:`smlt.optimizer.cost`); ``trials_usd`` is the share spent in the optimizer's
+        trials. Caller holds ``self._lock``."""
+        bill = self._costs.bill(list(self._billed), wall_s=time.monotonic() - self.log.started)
+        return CostBreakdown(bill.workers_usd, bill.store_usd, bill.requests_usd, self._trials_usd)
+
     def _cost(self, *, include_running: bool) -> float:
         pricing = self.backend.pricing
-        cost = sum(pricing.cost_usd(m, s) for m, s in self._billed)
+        cost = self._breakdown().total_usd
         if include_running:
             cost += sum(
                 pricing.cost_usd(inv.payload.memory_mb, inv.billed_s, requests=0)
@@ -260,6 +271,8 @@ class TaskScheduler:
                 "failures": [self._with_recovery(f) for f in self._failures],
                 "checkpoints": self.committer.committed(),
                 "cost_usd": self._cost(include_running=False),
+                "cost": self._breakdown().to_dict(),
+                "search": self.manager.report(),
                 "billed_worker_s": sum(s for _m, s in self._billed),
                 "invocations": len(self._billed),
                 "pricing": self.backend.pricing.name,
@@ -279,11 +292,16 @@ class TaskScheduler:
 
     # -- the run -------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Run the job to its end; returns the summary (history, generations, cost, ...)."""
+    def run(self, clock: trio.abc.Clock | None = None) -> dict[str, Any]:
+        """Run the job to its end; returns the summary (history, generations, cost, ...).
+
+        ``clock`` is trio's (None: the real one). The ``sim`` backend runs the scheduler on
+        ``trio.testing.MockClock(autojump_threshold=0)``, where its workers' modelled time
+        passes as fast as the bookkeeping allows; the summary's own ``wall_s`` and
+        ``elapsed_s`` stay on the real monotonic clock."""
         try:
             try:
-                trio.run(self._run)
+                trio.run(self._run, clock=clock)
             except BaseExceptionGroup as group:
                 # Nurseries wrap errors in groups; the caller wants the one that ended the run.
                 raise _primary_error(group) from None
@@ -348,6 +366,8 @@ class TaskScheduler:
 
     async def _run_generation(self, gen: int, start: int, cfg: Config) -> tuple[int, str]:
         began = time.monotonic()
+        with self._lock:
+            billed_before = len(self._billed)
         self.log.start_generation(gen, cfg.workers)
         await self.backend.deploy(self.spec.job_id, cfg.workers, cfg.memory_mb)
         reports: dict[int, WorkerReport] = {}
@@ -373,6 +393,11 @@ class TaskScheduler:
         else:
             why = "function time limit"
         await self._caught_up()  # the history holds the whole generation before it is saved
+        outcome = self._measure(gen, start, stop, cfg, time.monotonic() - began, billed_before)
+        # Before the boundary's checkpoint is queued: its metadata carries the trial.
+        if self.manager.record(outcome) is not None:
+            with self._lock:
+                self._trials_usd += outcome.cost_usd
         self._commit_boundary(gen, start, stop, cfg.workers, reports)
         await trio.to_thread.run_sync(
             self._drop_generation_keys, gen, start, stop, cfg.workers, attempts
@@ -385,11 +410,53 @@ class TaskScheduler:
                     "stop_iteration": stop,
                     "workers": cfg.workers,
                     "memory_mb": cfg.memory_mb,
-                    "wall_s": time.monotonic() - began,
+                    "wall_s": outcome.wall_s,
+                    "s_per_iteration": outcome.s_per_iteration,
+                    "cost_usd": outcome.cost_usd,
                     "ended_because": why,
                 }
             )
         return stop, why
+
+    def _measure(
+        self, gen: int, start: int, stop: int, cfg: Config, wall_s: float, billed_before: int
+    ) -> GenerationOutcome:
+        """What generation ``gen`` did, for the resource manager: its steady-state time per
+        iteration (from when the follower recorded each iteration, the first one left out: it
+        carries the start-up) and what its invocations were billed."""
+        with self.log.lock:
+            stamps = [
+                float(h["wall_s"]) for h in self.log.history if start <= h["iteration"] < stop
+            ]
+            iter_s = [
+                float(h["iter_s"]) for h in self.log.history if start <= h["iteration"] < stop
+            ]
+        s_per_iteration: float | None = None
+        if len(stamps) >= 2 and stamps[-1] > stamps[0]:
+            s_per_iteration = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        elif iter_s:  # one iteration: its own time is all there is
+            s_per_iteration = max(iter_s)
+        pricing = self.backend.pricing
+        with self._lock:
+            cost_usd = sum(pricing.cost_usd(m, s) for m, s in self._billed[billed_before:])
+        return GenerationOutcome(
+            start_iteration=start,
+            stop_iteration=stop,
+            workers=cfg.workers,
+            memory_mb=cfg.memory_mb,
+            wall_s=wall_s,
+            cost_usd=cost_usd,
+            s_per_iteration=s_per_iteration if s_per_iteration and s_per_iteration > 0 else None,
+            out_of_memory=gen in self._out_of_memory,
+        )
+
+    def _meta_before(self, iteration: int) -> dict[str, Any]:
+        """What checkpoint ``iteration`` carries: the history and epochs before it, and the
+        optimizer's trials that ended by then (a resumed run goes on with them)."""
+        meta: dict[str, Any] = dict(self.log.meta_before(iteration))
+        if self.manager.goal is not None:
+            meta["trials"] = self.manager.trials_before(iteration)
+        return meta
 
     def _payload(self, gen: int, rank: int, start: int, attempt: int, cfg: Config) -> WorkerPayload:
         s = self.spec
@@ -450,6 +517,9 @@ class TaskScheduler:
                 reports[rank] = outcome
                 return
             exc = outcome.error
+            if isinstance(exc, OutOfMemoryError):
+                with self._lock:
+                    self._out_of_memory.add(gen)  # the memory model learns from it either way
             if not await trio.to_thread.run_sync(self._store_alive):
                 # Re-invoking cannot help: everything a worker resumes from is gone.
                 await self._cancel_all()

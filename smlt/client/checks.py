@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from smlt.errors import ConfigError, SmltWarning
+from smlt.optimizer.goals import Goal
 from smlt.protocol.payload import PRECISIONS
 
 __all__ = [
     "RUN_FILES",
+    "check_goal",
     "check_request",
     "check_schedule",
     "claim_output",
@@ -45,7 +47,7 @@ def check_request(
     *,
     epochs: int,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     memory_mb: int | None,
     function_timeout_s: float | None,
     checkpoint_every: int | None,
@@ -61,7 +63,7 @@ def check_request(
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if function_timeout_s is not None and function_timeout_s <= 0:
         raise ConfigError(f"--function-timeout must be positive, got {function_timeout_s}")
@@ -110,6 +112,28 @@ def check_request(
             )
 
 
+def check_goal(
+    goal: Goal | None,
+    *,
+    rescales: Rescales,
+    max_trials: int | None = None,
+    trial_iterations: int | None = None,
+) -> None:
+    """Refuse what a goal (``--deadline``, ``--budget``, ``--fastest``) contradicts: a
+    re-scaling schedule (the optimizer decides re-scales), and search knobs without a goal."""
+    if goal is not None and rescales:
+        raise ConfigError(
+            f"--rescale and --{goal.kind} both decide when to re-scale: give one of them"
+        )
+    for flag, value in (("--max-trials", max_trials), ("--trial-iterations", trial_iterations)):
+        if value is None:
+            continue
+        if goal is None:
+            raise ConfigError(f"{flag} tunes the search for a --deadline, --budget or --fastest")
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
 def check_schedule(rescales: Rescales, total_iterations: int) -> None:
     """Refuse a re-scale that would never happen (known once the data set's size is)."""
     for at, rescale_workers, _ in rescales:
@@ -137,7 +161,7 @@ def warn_about_waste(
     num_samples: int,
     requested_batch: int,
     used_batch: int,
-    workers: int,
+    workers: int | None,
     rescales: Rescales,
 ) -> list[str]:
     """Warn (and return the messages) about a run that works but not as asked."""
@@ -147,7 +171,8 @@ def warn_about_waste(
             f"--batch-size {requested_batch} is larger than the data set ({num_samples} "
             f"samples): each iteration uses all {used_batch}, and the run records {used_batch}"
         )
-    for label, n in [("--workers", workers)] + [(f"--rescale {a}:{w}", w) for a, w, _ in rescales]:
+    given = [("--workers", workers)] if workers is not None else []  # None: the optimizer's
+    for label, n in given + [(f"--rescale {a}:{w}", w) for a, w, _ in rescales]:
         if n > used_batch:
             messages.append(
                 f"{label}: {n} workers share a global batch of {used_batch} samples, so "

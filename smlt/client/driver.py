@@ -35,17 +35,30 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
-from smlt.actors.resource_manager import Rescale, ResourceManager
+from smlt.actors.resource_manager import (
+    GoalSettings,
+    Rescale,
+    ResourceManager,
+    fits_of,
+    goal_from_dict,
+)
 from smlt.actors.scheduler import DEFAULT_EVAL_TIMEOUT_S, JobSpec
 from smlt.backends.base import Backend
 from smlt.client.artifacts import package_task
 from smlt.client.callbacks import Callback, RecordFeed, check_callbacks
 from smlt.client.checks import (
     RUN_FILES,
+    check_goal,
     check_request,
     check_schedule,
     claim_output,
     warn_about_waste,
+)
+from smlt.client.goals import (
+    calibrate_s_per_sample,
+    goal_outcome,
+    goal_settings,
+    refuse_unreachable,
 )
 from smlt.client.record import (
     EPOCH_FIELDS,
@@ -65,6 +78,7 @@ from smlt.errors import (
     TaskError,
     TrainingError,
 )
+from smlt.optimizer.goals import goal_from_options
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.model import FlatModel
 from smlt.protocol.state import (
@@ -149,6 +163,16 @@ class TrainResult:
     #: How every step was taken: ``clip_grad_norm`` (the run's, else the task's; None: no
     #: clipping), ``micro_batch`` (None: split only where a slice would not fit), ``precision``.
     training: dict[str, Any] = field(default_factory=dict)
+    #: The goal (``--deadline``, ``--budget``, ``--fastest``) and whether the run met it (its
+    #: wall time and cost above against the goal); None for fixed workers and memory.
+    goal: dict[str, Any] | None = None
+    #: How the resource manager chose workers x memory for the goal: every trial configuration
+    #: with its measured time per iteration and cost, the decision the run ended with and why,
+    #: the fitted model. None for fixed workers and memory.
+    search: dict[str, Any] | None = None
+    #: The bill by part (workers, store, requests) and the share spent in trials: of the last
+    #: part of a resumed run (``cost_usd`` is the whole run's).
+    cost: dict[str, float] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -176,7 +200,7 @@ class RunPlan:
     object_store: str
     epochs: int
     batch_size: int
-    workers: int
+    workers: int | None  # None: chosen for the goal
     memory_mb: int | None
     seed: int
     total_iterations: int
@@ -196,6 +220,13 @@ class RunPlan:
     tensorboard: str | None = None
     sessions: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: The goal (``Goal.to_dict()``; None: fixed workers and memory), the search's knobs, and
+    #: the calibration (seconds per sample on one thread): a resumed run pursues the same goal
+    #: with the same model, and goes on with the trials its checkpoint carries.
+    goal: dict[str, Any] | None = None
+    max_trials: int | None = None
+    trial_iterations: int | None = None
+    s_per_sample: float | None = None
 
     def save(self) -> None:
         path = Path(self.output_dir) / "run.json"
@@ -222,7 +253,7 @@ def train(
     *,
     epochs: int = 1,
     batch_size: int = 256,
-    workers: int = 1,
+    workers: int | None = None,
     memory_mb: int | None = None,
     backend: str = "ray",
     seed: int = 0,
@@ -243,6 +274,11 @@ def train(
     progress: ProgressFn | None = None,
     callbacks: Sequence[Callback] = (),
     tensorboard: str | Path | None = None,
+    deadline: str | float | None = None,
+    budget: str | float | None = None,
+    fastest: bool = False,
+    max_trials: int | None = None,
+    trial_iterations: int | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
@@ -262,8 +298,25 @@ def train(
     ``callbacks`` (:class:`~smlt.Callback` instances) get the run's records as they happen
     (:mod:`smlt.client.callbacks`); ``tensorboard`` is a folder for TensorBoard event files,
     written to ``tensorboard/JOB`` (:mod:`smlt.client.tensorboard`).
+
+    Instead of fixed ``workers`` (default 1) and ``memory_mb``, give a goal: ``deadline``
+    (``"30m"``, or seconds), ``budget`` (``"0.50"``, or US dollars) or ``fastest``. The resource
+    manager then chooses workers x memory with trials that are part of the training (at most
+    ``max_trials`` of ``trial_iterations`` iterations each); ``workers`` or ``memory_mb``, if
+    also given, are fixed and only the other is searched. A goal no configuration can meet is
+    refused (:class:`~smlt.errors.InfeasibleGoalError`, naming the cheapest cost and the
+    fastest time in reach) before any worker starts.
     """
+    began_unix_s = time.time()
     spec = _task_spec(task)
+    goal = goal_from_options(
+        deadline=None if deadline is None else str(deadline),
+        budget=None if budget is None else str(budget),
+        fastest=fastest,
+    )
+    check_goal(goal, rescales=rescales, max_trials=max_trials, trial_iterations=trial_iterations)
+    if goal is None and workers is None:
+        workers = 1
     _redis_urls(redis_url)
     backend_options = {"address": ray_address} if backend == "ray" else {}
     check_request(
@@ -309,6 +362,9 @@ def train(
         )
         torch.manual_seed(seed)
         initial = Version.initial(FlatModel(user_task.model()))
+        s_per_sample = None
+        if goal is not None:
+            s_per_sample = calibrate_s_per_sample(user_task, sampler.batch_size, seed)
     except BaseException:
         objects.delete_prefix(artifact_prefix(job_id))  # the run never started
         raise
@@ -340,7 +396,24 @@ def train(
         precision=precision,
         tensorboard=str(tensorboard.resolve()) if tensorboard is not None else None,
         warnings=tuple(warned),
+        goal=None if goal is None else goal.to_dict(),
+        max_trials=max_trials,
+        trial_iterations=trial_iterations,
+        s_per_sample=s_per_sample,
     )
+    if goal is not None:
+        try:  # before Ray starts: a goal out of reach on any cluster
+            from smlt.backends import get_backend
+
+            target = get_backend(backend, **backend_options)
+            settings = goal_settings(plan, target.pricing, started_unix_s=began_unix_s)
+            assert settings is not None
+            refuse_unreachable(
+                settings, target.memory_range_mb(), workers=workers, memory_mb=memory_mb
+            )
+        except BaseException:
+            objects.delete_prefix(artifact_prefix(job_id))  # the run never started
+            raise
     return _execute(
         plan,
         user_task,
@@ -352,6 +425,7 @@ def train(
         overwrite=overwrite,
         callbacks=callbacks,
         tensorboard=tensorboard,
+        began_unix_s=began_unix_s,
     )
 
 
@@ -439,6 +513,7 @@ def _execute(
     overwrite: bool = False,
     callbacks: Sequence[Callback] = (),
     tensorboard: Path | None = None,
+    began_unix_s: float | None = None,
 ) -> TrainResult:
     """Run ``plan`` from ``initial`` parameters (a new run), or from its latest checkpoint if
     None (a resume).
@@ -452,6 +527,7 @@ def _execute(
     and a few recomputed iterations restore.
     """
     started = time.monotonic()
+    began_unix_s = time.time() if began_unix_s is None else began_unix_s
     objects = open_object_store(plan.object_store)
     checkpoints = CheckpointStore(objects, plan.job_id)
     output_dir = Path(plan.output_dir)
@@ -470,7 +546,7 @@ def _execute(
             probe = get_backend(plan.backend, **backend_options)
             latest = checkpoints.latest() if initial is None else None
             first = latest.iteration if latest is not None else 0
-            _check_capacity(plan, probe, first)
+            _check_capacity(plan, probe, first, _goal(plan, probe, None, began_unix_s, latest))
             record = _start(plan, initial is None, first, overwrite)
             if latest is not None:
                 record.last_checkpoint = latest.iteration
@@ -491,9 +567,11 @@ def _execute(
                         redis_scope.callback(
                             _delete_session_keys, store, plan.job_id, plan.sessions
                         )
-                    manager = _manager(plan, probe)
                     latest = checkpoints.latest() if from_checkpoint else None
                     start = latest.iteration if latest is not None else 0
+                    manager = _manager(
+                        plan, probe, _goal(plan, probe, record, began_unix_s, latest)
+                    )
                     config = manager.initial(start)
                     if latest is not None:
                         restore_checkpoint(store, keys, latest, config.workers)
@@ -585,6 +663,11 @@ def _execute(
             "micro_batch": plan.micro_batch,
             "precision": plan.precision,
         },
+        goal=None
+        if plan.goal is None
+        else goal_outcome(goal_from_dict(plan.goal), record.wall_s, record.cost_usd),
+        search=summary.get("search"),
+        cost=summary.get("cost", {}),
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
@@ -597,20 +680,45 @@ def _execute(
     return result
 
 
-def _manager(plan: RunPlan, backend: Backend) -> ResourceManager:
+def _manager(plan: RunPlan, backend: Backend, goal: GoalSettings | None = None) -> ResourceManager:
     return ResourceManager(
         backend.limits,
         workers=plan.workers,
         memory_mb=plan.memory_mb,
         fit_memory_mb=backend.default_memory_mb,
         rescales=tuple(Rescale(*r) for r in plan.rescales),
+        goal=goal,
+        fits=fits_of(backend) if goal is not None else None,
     )
 
 
-def _check_capacity(plan: RunPlan, backend: Backend, first: int) -> None:
+def _goal(
+    plan: RunPlan,
+    backend: Backend,
+    record: RunRecord | None,
+    began_unix_s: float,
+    latest: Checkpoint | None,
+) -> GoalSettings | None:
+    """The manager's goal settings for this execution: a deadline and a budget are for the
+    whole run, so a resumed run counts its earlier parts' wall time and cost, and goes on with
+    the trials its checkpoint carries."""
+    earlier = record.parts[:-1] if record is not None else []
+    return goal_settings(
+        plan,
+        backend.pricing,
+        started_unix_s=began_unix_s - sum(p.wall_s for p in earlier),
+        spent_before_usd=sum(p.cost_usd or 0.0 for p in earlier),
+        trials=latest.meta.get("trials", ()) if latest is not None else (),
+    )
+
+
+def _check_capacity(
+    plan: RunPlan, backend: Backend, first: int, goal: GoalSettings | None = None
+) -> None:
     """Refuse, before the run starts, a configuration the backend cannot hold: the first one
-    and every scheduled re-scale whose memory is known (without one, smlt picks what fits)."""
-    config = _manager(plan, backend).initial(first)
+    and every scheduled re-scale whose memory is known (without one, smlt picks what fits);
+    and a goal that no configuration the cluster holds can meet."""
+    config = _manager(plan, backend, goal).initial(first)
     backend.check_fits(config.workers, config.memory_mb)
     for at, workers, memory_mb in plan.rescales:
         memory_mb = memory_mb or plan.memory_mb

@@ -1,0 +1,136 @@
+"""A run with a goal (``--deadline``, ``--budget``, ``--fastest``): what the driver prepares.
+
+The resource manager pursues the goal during the run (:mod:`smlt.actors.resource_manager`);
+this module does what must happen on the driver before then:
+
+- **calibrate** the performance model's compute coefficient by timing one local batch on one
+  thread (:func:`calibrate_s_per_sample`). Without it the model's prior spans orders of
+  magnitude (an MLP and a transformer differ by thousands of flops per parameter), and "is this
+  budget possible?" could only be answered after paying for trials;
+- **refuse** a goal no configuration can meet, before Ray starts or anything is written
+  (:func:`refuse_unreachable`): the search space there is the backend's memory range with no
+  limit on concurrency, so a goal refused here is out of reach on any cluster; the cluster's
+  real capacity is checked again as the run starts, still before any worker;
+- build the :class:`~smlt.actors.resource_manager.GoalSettings` the manager takes, and say in
+  ``result.json`` whether the goal was met (:func:`goal_outcome`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from smlt.actors.resource_manager import (
+    GoalSettings,
+    ResourceManager,
+    goal_from_dict,
+    trial_from_dict,
+)
+from smlt.backends.base import BackendLimits
+from smlt.optimizer.cost import CostModel, Pricing
+from smlt.optimizer.goals import Goal
+from smlt.optimizer.perf import PerfPrior, Workload
+from smlt.optimizer.problem import SearchSettings
+from smlt.task import Task, check_task
+
+__all__ = [
+    "CALIBRATION_SAMPLES",
+    "calibrate_s_per_sample",
+    "goal_outcome",
+    "goal_settings",
+    "refuse_unreachable",
+]
+
+#: Samples timed for the calibration: enough that per-call overhead does not dominate a small
+#: model, few enough that a large one is timed in seconds.
+CALIBRATION_SAMPLES = 32
+_REPEATS = 3
+
+
+def calibrate_s_per_sample(task: Task, batch_size: int, seed: int = 0) -> float:
+    """Seconds per sample of a forward and backward pass on one thread (one vCPU's worth):
+    the median of a few passes over up to :data:`CALIBRATION_SAMPLES` samples, after one
+    warm-up pass (allocations, lazy initialisation)."""
+    data = check_task(task)
+    n = max(1, min(batch_size, CALIBRATION_SAMPLES, data.num_samples))
+    batch = tuple(t[:n] for t in data.tensors)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = task.model()
+        model.train()
+        times = []
+        for _ in range(_REPEATS + 1):
+            began = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            task.loss(model, batch).backward()
+            times.append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(previous)
+    ordered = sorted(times[1:])
+    return max(ordered[len(ordered) // 2] / n, 1e-9)
+
+
+def goal_settings(
+    plan: Any,
+    pricing: Pricing,
+    *,
+    started_unix_s: float,
+    spent_before_usd: float = 0.0,
+    trials: Sequence[Mapping[str, Any]] = (),
+) -> GoalSettings | None:
+    """What the resource manager needs for ``plan``'s goal (a :class:`RunPlan`), or None."""
+    if plan.goal is None:
+        return None
+    prior = PerfPrior()
+    if plan.s_per_sample is not None:
+        prior = prior.calibrated(plan.s_per_sample, plan.num_params)
+    chosen = {"max_trials": plan.max_trials, "trial_iterations": plan.trial_iterations}
+    search = replace(SearchSettings(), **{k: v for k, v in chosen.items() if v is not None})
+    return GoalSettings(
+        goal=goal_from_dict(plan.goal),
+        workload=Workload(
+            plan.batch_size,
+            plan.num_params,
+            plan.total_iterations,
+            checkpoint_every=plan.checkpoint_every or None,
+        ),
+        costs=CostModel(functions=pricing),
+        prior=prior,
+        search=search,
+        started_unix_s=started_unix_s,
+        spent_before_usd=spent_before_usd,
+        trials=tuple(trial_from_dict(t) for t in trials),
+    )
+
+
+def refuse_unreachable(
+    settings: GoalSettings,
+    memory_range_mb: tuple[int, int],
+    *,
+    workers: int | None,
+    memory_mb: int | None,
+) -> None:
+    """Raise :class:`~smlt.errors.InfeasibleGoalError` (naming the fastest time and the
+    cheapest cost in reach) if no configuration of the backend's memory range, with any number
+    of workers up to the batch size, is predicted to meet the goal."""
+    low, high = memory_range_mb
+    limits = BackendLimits(
+        min_memory_mb=low,
+        max_memory_mb=high,
+        max_duration_s=math.inf,
+        max_concurrency=max(1, settings.workload.batch_size),
+        max_payload_bytes=0,
+    )
+    ResourceManager(limits, workers=workers, memory_mb=memory_mb, goal=settings).initial(0)
+
+
+def goal_outcome(goal: Goal, wall_s: float, cost_usd: float) -> dict[str, Any]:
+    """The goal as ``result.json`` records it, and whether the run met it."""
+    return {**goal.to_dict(), "text": str(goal), "met": goal.met(wall_s, cost_usd)}
