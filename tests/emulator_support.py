@@ -47,7 +47,7 @@ __all__ = [
 #: One module that is both a Lambda handler (``handler``) and an OpenWhisk action (``main``).
 #: What it does is driven by the event: write its pid to ``pid_file``, ``sleep_s``, allocate
 #: ``alloc_mb`` (touching every page), ``raise``, ``fail`` (an OpenWhisk error result),
-#: ``touch`` a file, report which environment variables hold ``probe``.
+#: ``touch`` a file or ``append`` to one, report which environment variables hold ``probe``.
 HANDLER_SOURCE = """
 import os
 import time
@@ -60,6 +60,9 @@ def _act(event):
         with open(event["pid_file"], "w") as f:
             f.write(str(os.getpid()))
     print("handling", sorted(event))
+    if event.get("append"):
+        with open(event["append"], "a") as f:
+            f.write("x")
     time.sleep(event.get("sleep_s", 0))
     if event.get("alloc_mb"):
         block = b"x" * (event["alloc_mb"] << 20)

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -61,6 +62,14 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie not yet reaped by the emulator (which is this test process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _invoke(client: Any, name: str, event: dict[str, Any], **options: Any) -> tuple[dict, Any]:
@@ -251,6 +260,55 @@ def test_lambda_event_invocation_answers_202_and_runs_in_the_background(lambda_c
     assert response["StatusCode"] == 202
     assert not marker.exists()  # answered before the function ran
     wait_for(marker.exists, what="the event's function to run")
+
+
+def test_lambda_failed_event_is_retried_as_its_event_invoke_config_says(lambda_client, tmp_path):
+    name = unique_name("retry")
+    create_function(lambda_client, name)
+    attempts = tmp_path / "attempts"
+    event = json.dumps({"append": str(attempts), "raise": True})
+    lambda_client.invoke(FunctionName=name, InvocationType="Event", Payload=event)
+    # Lambda's default: the first attempt and two retries (the module's delay is 0.2 s).
+    wait_for(lambda: attempts.exists() and attempts.read_text() == "xxx", what="three attempts")
+    time.sleep(0.6)
+    assert attempts.read_text() == "xxx"
+    lambda_client.put_function_event_invoke_config(FunctionName=name, MaximumRetryAttempts=0)
+    once = tmp_path / "once"
+    event = json.dumps({"append": str(once), "raise": True})
+    lambda_client.invoke(FunctionName=name, InvocationType="Event", Payload=event)
+    wait_for(once.exists, what="the attempt")
+    time.sleep(0.6)
+    assert once.read_text() == "x"
+
+
+def test_lambda_container_killed_from_outside_is_a_runtime_exit_error(lambda_client, tmp_path):
+    name = unique_name("killed")
+    create_function(lambda_client, name)
+    with ThreadPoolExecutor(1) as pool:
+        event = {"pid_file": str(tmp_path / "pid"), "sleep_s": 30}
+        running = pool.submit(_invoke, lambda_client, name, event)
+        os.kill(read_pid(tmp_path / "pid"), signal.SIGKILL)
+        response, error = running.result(timeout=30)
+    assert response["FunctionError"] == "Unhandled"
+    assert error["errorType"] == "Runtime.ExitError"
+    assert error["errorMessage"].endswith("Runtime exited with error: signal: killed")
+    served, answer = _invoke(lambda_client, name, {})
+    assert "FunctionError" not in served  # a new container serves
+    # An idle warm container killed from outside is replaced, not served: a cold start.
+    os.kill(answer["pid"], signal.SIGKILL)
+    wait_for(lambda: _dead(answer["pid"]), what="the container's death")
+    served, again = _invoke(lambda_client, name, {})
+    assert "FunctionError" not in served and again["pid"] != answer["pid"]
+
+
+def test_idle_containers_are_stopped_after_the_idle_timeout():
+    with Emulator(idle_timeout_s=0.5) as emu:
+        client = lambda_client_for(emu)
+        name = unique_name("idle")
+        create_function(client, name)
+        pid = _invoke(client, name, {})[1]["pid"]
+        assert [c.pid for c in emu.containers()] == [pid]
+        wait_for(lambda: not emu.containers() and not _alive(pid), what="the idle container stop")
 
 
 def test_lambda_image_function_runs_the_handler_its_command_names(lambda_client):

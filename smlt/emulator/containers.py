@@ -18,24 +18,15 @@ The pool enforces what the platforms enforce:
   readings is caught afterwards: the runtime reports its ``ru_maxrss`` with every answer;
 - **time**: the invocation waits for the answer until the deadline, then kills the container.
 
-Every container is started by one long-lived thread (:class:`_Launcher`): a container asks Linux
-to kill it when the thread that started it ends, and request threads end all the time.
+A container's process, and how the pool talks to it, is :mod:`smlt.emulator.process`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
-import os
-import queue
-import select
-import signal
-import struct
-import subprocess
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from smlt.emulator import procfs
-from smlt.emulator.runtime import MARKER
+from smlt.emulator.process import REAP_TIMEOUT_S, ContainerProcess, ContainerSpec, Launcher
 from smlt.errors import ThrottledError
 
 __all__ = [
+    "Admit",
     "ContainerInfo",
     "ContainerPool",
     "ContainerSpec",
@@ -55,31 +47,11 @@ __all__ = [
     "PoolStatistics",
 ]
 
-_RUNTIME = str(Path(__file__).with_name("runtime.py"))
-_LENGTH = struct.Struct(">I")
-#: The most of a container's log kept per invocation (OpenWhisk's default log limit is 10 MB;
-#: Lambda's tail is 4 KB).
-_LOG_LIMIT_BYTES = 1 << 20
 #: Descendant processes are looked up this often (reading all of /proc takes milliseconds).
 _DESCENDANTS_EVERY_S = 1.0
-_SPAWN_TIMEOUT_S = 30.0
-_REAP_TIMEOUT_S = 5.0
 
 #: ``admit(busy_by_function, busy_total)`` raises ThrottledError to refuse an invocation.
 Admit = Callable[[Mapping[str, int], int], None]
-
-
-@dataclass(frozen=True)
-class ContainerSpec:
-    """What a container runs. Containers are shared only within one ``(function, revision)``."""
-
-    platform: str  # "lambda" or "openwhisk"
-    function: str
-    revision: str
-    handler: str
-    memory_mb: int
-    code_dir: Path
-    environment: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,146 +97,6 @@ class PoolStatistics:
     crashes: int
 
 
-class _Launcher:
-    """Runs ``subprocess.Popen`` on one thread that lives as long as the pool (see module doc)."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def start(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-        future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
-        self._jobs.put((future, start))
-        return future.result(_SPAWN_TIMEOUT_S)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, start = job
-            try:
-                future.set_result(start())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(_REAP_TIMEOUT_S)
-
-
-class _Container:
-    def __init__(
-        self,
-        spec: ContainerSpec,
-        proc: subprocess.Popen[bytes],
-        send_fd: int,
-        recv_fd: int,
-        log: Path,
-    ) -> None:
-        self.spec = spec
-        self.proc = proc
-        self.log = log
-        self.busy = True
-        self.invocations = 0
-        self.last_used = time.monotonic()
-        self.peak_rss_bytes = 0
-        self.oom_killed = False
-        self._send_fd = send_fd
-        self._recv_fd = recv_fd
-        self._buffer = bytearray()
-        self._poller = select.poll()
-        self._poller.register(recv_fd, select.POLLIN)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def limit_bytes(self) -> int:
-        return self.spec.memory_mb * 2**20
-
-    def send(self, header: Mapping[str, Any], body: bytes) -> None:
-        data = json.dumps(header).encode()
-        view = memoryview(_LENGTH.pack(len(data)) + data + _LENGTH.pack(len(body)) + body)
-        while view:
-            view = view[os.write(self._send_fd, view) :]
-
-    def receive(self, deadline: float) -> tuple[dict[str, Any], bytes] | None:
-        """The next answer; None if the process closed its end (it died). Raises TimeoutError
-        at ``deadline`` (monotonic seconds)."""
-        while True:
-            frame = self._take_frame()
-            if frame is not None:
-                return json.loads(frame[0]), frame[1]
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise TimeoutError
-            if self._poller.poll(math.ceil(min(remaining_s, 1.0) * 1000)):
-                chunk = os.read(self._recv_fd, 1 << 20)
-                if not chunk:
-                    return None
-                self._buffer += chunk
-
-    def _take_frame(self) -> tuple[bytes, bytes] | None:
-        buf, parts, at = self._buffer, [], 0
-        for _ in range(2):
-            if len(buf) < at + _LENGTH.size:
-                return None
-            size = _LENGTH.unpack_from(buf, at)[0]
-            at += _LENGTH.size
-            if len(buf) < at + size:
-                return None
-            parts.append(bytes(buf[at : at + size]))
-            at += size
-        del buf[:at]
-        return parts[0], parts[1]
-
-    def kill(self) -> None:
-        """SIGKILL the container's process group (its process and whatever it started)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def discard(self) -> None:
-        """Kill, reap, close the pipes, delete the log."""
-        self.kill()
-        try:
-            self.proc.wait(_REAP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-        for fd in (self._send_fd, self._recv_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.log.unlink(missing_ok=True)
-
-    def exit_reason(self) -> str:
-        """How the process ended, in the words of Lambda's runtime errors."""
-        try:
-            code = self.proc.wait(_REAP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return "runtime stopped answering"
-        if code < 0:
-            try:
-                return f"signal: {signal.strsignal(-code) or -code}".lower()
-            except ValueError:
-                return f"signal: {-code}"
-        return f"exit status {code}"
-
-    def truncate_log(self) -> None:
-        os.truncate(self.log, 0)
-
-    def read_log(self) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - _LOG_LIMIT_BYTES))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-
 class ContainerPool:
     """The containers of one platform; see the module docstring."""
 
@@ -285,12 +117,12 @@ class ContainerPool:
         self._idle_timeout_s = idle_timeout_s
         self._memory_poll_s = memory_poll_s
         self._cond = threading.Condition()
-        self._containers: list[_Container] = []
+        self._containers: list[ContainerProcess] = []
         self._busy = Counter[str]()
         self._current: dict[str, str] = {}  # function -> the revision its containers must run
         self._counts = Counter[str]()
         self._closed = threading.Event()
-        self._launcher = _Launcher(f"emulator-{platform}-launcher")
+        self._launcher = Launcher(f"emulator-{platform}-launcher")
         self._monitor = threading.Thread(
             target=self._watch, name=f"emulator-{platform}-monitor", daemon=True
         )
@@ -306,7 +138,7 @@ class ContainerPool:
         Raises ThrottledError if ``admit`` refuses; with ``wait_until`` (monotonic seconds),
         waits for a slot until then first (Lambda queues asynchronous invocations).
         """
-        stale: list[_Container] = []
+        stale: list[ContainerProcess] = []
         with self._cond:
             while True:
                 if self._closed.is_set():
@@ -323,24 +155,27 @@ class ContainerPool:
             if self._current.get(spec.function) != spec.revision:
                 self._current[spec.function] = spec.revision
                 stale = self._pop_idle(lambda c: c.spec.function == spec.function)
+            # An idle container that died meanwhile (killed from outside) is not served: the
+            # platform would start a fresh environment, and so do we.
+            stale += self._pop_idle(lambda c: c.proc.poll() is not None)
             warm = self._claim_idle(spec)
             self._busy[spec.function] += 1
         for container in stale:
             container.discard()
         return Lease(self, spec, warm)
 
-    def _pop_idle(self, match: Callable[[_Container], bool]) -> list[_Container]:
+    def _pop_idle(self, match: Callable[[ContainerProcess], bool]) -> list[ContainerProcess]:
         """Remove the idle containers ``match`` selects from the pool (to be discarded)."""
         taken = [c for c in self._containers if not c.busy and match(c)]
         for container in taken:
             self._containers.remove(container)
         return taken
 
-    def _pop_idle_since(self, oldest: float) -> list[_Container]:
+    def _pop_idle_since(self, oldest: float) -> list[ContainerProcess]:
         """Remove the containers idle since before ``oldest`` (monotonic seconds)."""
         return self._pop_idle(lambda c: c.last_used < oldest)
 
-    def _claim_idle(self, spec: ContainerSpec) -> _Container | None:
+    def _claim_idle(self, spec: ContainerSpec) -> ContainerProcess | None:
         """An idle container of ``spec``'s revision, now busy: the most recently used one, the
         likeliest to still have its caches hot."""
         idle = [
@@ -354,7 +189,7 @@ class ContainerPool:
         container.busy = True
         return container
 
-    def _release(self, spec: ContainerSpec, container: _Container | None, keep: bool) -> None:
+    def _release(self, spec: ContainerSpec, container: ContainerProcess | None, keep: bool) -> None:
         discard = None
         with self._cond:
             self._busy[spec.function] -= 1
@@ -381,45 +216,10 @@ class ContainerPool:
         for container in stale:
             container.discard()
 
-    def _start(self, spec: ContainerSpec) -> _Container:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        log = self._workdir / f"{spec.function}-{uuid.uuid4().hex[:12]}.log"
-        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        argv = [
-            self._python,
-            _RUNTIME,
-            MARKER,
-            self.platform,
-            spec.function,
-            spec.handler,
-            str(to_child_r),
-            str(from_child_w),
-            str(os.getpid()),
-        ]
-        env = {**self._base_env, **spec.environment}
-        try:
-            proc = self._launcher.start(
-                lambda: subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    pass_fds=(to_child_r, from_child_w),
-                    cwd=spec.code_dir,
-                    env=env,
-                    start_new_session=True,  # one process group: killpg takes its children too
-                )
-            )
-        except BaseException:
-            for fd in (to_child_w, from_child_r):
-                os.close(fd)
-            log.unlink(missing_ok=True)
-            raise
-        finally:
-            for fd in (to_child_r, from_child_w, log_fd):
-                os.close(fd)
-        container = _Container(spec, proc, to_child_w, from_child_r, log)
+    def _start(self, spec: ContainerSpec) -> ContainerProcess:
+        container = self._launcher.start_container(
+            self._python, spec, self._base_env, self._workdir
+        )
         with self._cond:
             self._containers.append(container)
             self._counts["cold_starts"] += 1
@@ -492,14 +292,16 @@ class ContainerPool:
         # discards it, the pool being closed); killing it ends the invocation at once.
         for container in busy:
             container.kill()
-        self._monitor.join(_REAP_TIMEOUT_S)
+        self._monitor.join(REAP_TIMEOUT_S)
         self._launcher.close()
 
 
 class Lease:
     """One invocation's hold on a container (or on a slot for a new one); release it once."""
 
-    def __init__(self, pool: ContainerPool, spec: ContainerSpec, container: _Container | None):
+    def __init__(
+        self, pool: ContainerPool, spec: ContainerSpec, container: ContainerProcess | None
+    ):
         self._pool = pool
         self.spec = spec
         self._container = container
