@@ -305,7 +305,7 @@ def test_get_backend_by_name() -> None:
     assert isinstance(get_backend("ray", max_memory_mb=4096), RayBackend)
     with pytest.raises(ConfigError, match="known backends: aws_lambda, openwhisk, ray"):
         get_backend("kubernetes")
-    with pytest.raises(ConfigError, match="not available yet"):
+    with pytest.raises(ConfigError, match="needs the task's s_per_sample_1_vcpu"):
         get_backend("sim")
     with pytest.raises(ConfigError, match="bad option"):
         get_backend("ray", memory_gb=4)

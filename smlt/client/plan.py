@@ -1,0 +1,480 @@
+"""``smlt plan``: choose workers x memory for a job before paying for it.
+
+Three steps, each in its own function:
+
+1. :func:`profile_task` loads and checks the task as ``smlt train`` does, then times its forward
+   and backward pass on one thread (``torch.set_num_threads(1)``: one vCPU), which calibrates
+   both the sim platform and the optimizer's prior (:meth:`~smlt.optimizer.perf.PerfPrior.
+   calibrated`);
+2. :class:`SimTrials` measures a trial the way ``smlt train`` would: the **real** scheduler and
+   resource manager run the probe's few iterations on the ``sim`` backend
+   (:mod:`smlt.backends.sim`) under trio's ``MockClock``, with the progress stream in a real
+   embedded Redis; the trial's time per iteration is read back from the scheduler's history,
+   its cost from the scheduler's bill, its wall time from the modelled clock;
+3. :func:`plan_task` runs the optimizer's :func:`~smlt.optimizer.bayes.search` with that
+   measure (or, for fixed ``--workers`` and ``--memory-mb``, one trial there and no search)
+   and returns a :class:`PlanResult`: the decision (whose ``to_dict()`` starts with the keys of
+   ``smlt plan --json``), every trial, the profile and how long planning took.
+
+An infeasible goal is not an exception here: the result says so (``decision.feasible`` is
+False, ``decision.error()`` names the fastest time and the cheapest cost in reach) and the CLI
+exits with :data:`EXIT_INFEASIBLE`.
+
+``--backend ray`` (calibrating on the local Ray cluster) is not built yet: asking for it raises
+:class:`~smlt.errors.ConfigError` saying so.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio.testing
+
+from smlt.actors.resource_manager import ResourceManager
+from smlt.actors.scheduler import JobSpec, TaskScheduler
+from smlt.backends.sim import STOP_MARGIN_S, SimBackend, SimPlatform
+from smlt.errors import ConfigError, TrainingError
+from smlt.optimizer.bayes import plan, search
+from smlt.optimizer.cost import CostModel
+from smlt.optimizer.goals import Fastest, Goal, Override
+from smlt.optimizer.perf import PerfPrior, Trial, Workload
+from smlt.optimizer.problem import Decision, Probe, Problem, SearchSettings
+from smlt.optimizer.space import SearchSpace
+from smlt.storage.redis_server import RedisServer
+from smlt.task import Task, check_loss, check_model, check_optimizer, check_task, load_task
+from smlt.worker.sampler import GlobalBatchSampler
+
+__all__ = [
+    "EXIT_INFEASIBLE",
+    "PLAN_BACKENDS",
+    "PlanResult",
+    "SimTrials",
+    "TaskProfile",
+    "plan_task",
+    "profile_task",
+]
+
+#: ``smlt plan`` exits with this when no configuration meets the goal (2 is any other error).
+EXIT_INFEASIBLE = 3
+PLAN_BACKENDS = ("sim", "ray")
+#: Samples timed per forward+backward pass when profiling, and how long to keep timing.
+PROFILE_ROWS = 64
+PROFILE_MIN_S = 0.3
+PROFILE_MAX_REPEATS = 50
+#: A trial of more rank-iterations than this is computed by the sim's model directly instead of
+#: being replayed through the scheduler (every rank's report of every iteration through Redis
+#: and the scheduler's follower: about a millisecond each on this project's shared machines).
+DEFAULT_MAX_SCHEDULED_REPORTS = 250
+#: Heartbeats are not modelled: the scheduler's watcher is told to look once a day.
+_SIM_HEARTBEAT_S = 86400.0
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    """What planning needs to know about a task, measured on this machine."""
+
+    task: str
+    num_params: int
+    num_samples: int
+    s_per_sample_1_vcpu: float
+    optimizer_state_shards: int
+    profile_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "num_params": self.num_params,
+            "num_samples": self.num_samples,
+            "s_per_sample_1_vcpu": self.s_per_sample_1_vcpu,
+            "optimizer_state_shards": self.optimizer_state_shards,
+            "profile_s": self.profile_s,
+        }
+
+
+def profile_task(task: Task | str, *, rows: int = PROFILE_ROWS) -> TaskProfile:
+    """Load and check ``task`` as ``smlt train`` does and time its forward and backward pass
+    on one thread. The median of repeated passes over ``rows`` samples, per sample: the first
+    pass is not counted (allocator and kernel warm-up)."""
+    started = time.perf_counter()
+    spec = task if isinstance(task, str) else f"{type(task).__module__}:{type(task).__name__}"
+    user = load_task(task) if isinstance(task, str) else task
+    data = check_task(user)
+    model = check_model(user)
+    optimizer = check_optimizer(user, model)
+    check_loss(user, model, data.rows(0, min(2, data.num_samples)))
+    batch = data.rows(0, min(rows, data.num_samples))
+    used = min(rows, data.num_samples)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: list[float] = []
+        spent = 0.0
+        for k in range(PROFILE_MAX_REPEATS + 1):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            user.loss(model, batch).backward()
+            elapsed = time.perf_counter() - t0
+            if k == 0:
+                optimizer.step()  # creates the optimizer's state, which is counted below
+                continue
+            times.append(elapsed)
+            spent += elapsed
+            if spent >= PROFILE_MIN_S and len(times) >= 3:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    params = [p for p in model.parameters() if p.requires_grad]
+    state_shards = max(
+        (
+            sum(
+                1
+                for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape
+            )
+            for p in params
+        ),
+        default=0,
+    )
+    return TaskProfile(
+        task=spec,
+        num_params=sum(p.numel() for p in params),
+        num_samples=data.num_samples,
+        s_per_sample_1_vcpu=statistics.median(times) / used,
+        optimizer_state_shards=state_shards,
+        profile_s=time.perf_counter() - started,
+    )
+
+
+class SimTrials:
+    """Measures trials on the sim platform with the real scheduler (see the module
+    docstring); a context manager that owns an embedded Redis and a scratch object store.
+
+    Each trial is a new job (its own id and session) with its own seed, so trials of one
+    configuration differ by the platform's noise as two real trials would.
+
+    Grain: a trial of more than ``max_scheduled_reports`` rank-iterations (workers x
+    iterations) is computed by :meth:`~smlt.backends.sim.SimPlatform.trial` instead, the same
+    model without the scheduler. Replaying costs about a millisecond per report on this
+    project's shared 2-core machines (the scheduler folds each report on a thread), so a
+    1,000-worker trial would take half a minute; the two grains agree to the millisecond on
+    a trial without failures (tests/test_sim.py). ``measured`` says which grain each trial
+    used."""
+
+    def __init__(
+        self,
+        platform: SimPlatform,
+        *,
+        iterations_per_epoch: int = 1_000_000,
+        max_scheduled_reports: int = DEFAULT_MAX_SCHEDULED_REPORTS,
+    ) -> None:
+        self.platform = platform
+        self.iterations_per_epoch = iterations_per_epoch
+        self.max_scheduled_reports = max_scheduled_reports
+        self.measured: list[dict[str, Any]] = []
+        self._stack = ExitStack()
+        self._redis_url = ""
+        self._objects = ""
+
+    def __enter__(self) -> SimTrials:
+        server = self._stack.enter_context(RedisServer())
+        self._redis_url = server.url
+        self._objects = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="smlt-plan-"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __call__(self, probe: Probe) -> Trial:
+        if not self._redis_url:
+            raise ConfigError("SimTrials measures inside its 'with' block only")
+        k = len(self.measured)
+        platform = replace(self.platform, seed=self.platform.seed + 1000 * k)
+        if probe.workers * probe.iterations > self.max_scheduled_reports:
+            return self._modelled(probe, platform)
+        backend = SimBackend(platform)
+        session = secrets.token_hex(4)
+        spec = JobSpec(
+            job_id=f"plan-{k}-{session}",
+            redis_urls=(self._redis_url,),
+            object_store_url=self._objects,
+            batch_size=probe.workload.batch_size,
+            total_iterations=probe.iterations,
+            iterations_per_epoch=self.iterations_per_epoch,
+            num_params=probe.workload.num_params,
+            seed=platform.seed,
+            session=session,
+            function_timeout_s=platform.max_duration_s,
+            heartbeat_interval_s=_SIM_HEARTBEAT_S,
+            heartbeat_timeout_s=2 * _SIM_HEARTBEAT_S,
+        )
+        manager = ResourceManager(backend.limits, workers=probe.workers, memory_mb=probe.memory_mb)
+        scheduler = TaskScheduler(backend, spec, manager)
+        real_started = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        cost_usd = 0.0
+        outcome = "ok"
+        # The scheduler's re-invocation back-off draws its jitter from ``random``: seeded for
+        # the trial (and restored after), so that the same seed gives the same trial.
+        saved = random.getstate()
+        random.seed(platform.seed)
+        try:
+            summary = scheduler.run(clock=trio.testing.MockClock(autojump_threshold=0))
+            history, cost_usd = summary["history"], summary["cost_usd"]
+        except TrainingError:
+            if not backend.statistics()["out_of_memory"]:
+                raise
+            cost_usd = scheduler.summary()["cost_usd"]
+        finally:
+            random.setstate(saved)
+            for client in scheduler.store.all_clients():
+                client.close()
+        # A worker that ran out of memory decides the trial, even if the manager then moved
+        # the run to a larger size: the probe's configuration does not fit.
+        if backend.statistics()["out_of_memory"]:
+            outcome = "oom"
+        ledger = backend.ledger
+        wall_s = max(e[4] for e in ledger) - min(e[3] for e in ledger) if ledger else 0.0
+        s_per_iteration = statistics.median(h["iter_s"] for h in history) if history else None
+        trial = Trial(
+            workers=probe.workers,
+            memory_mb=probe.memory_mb,
+            workload=probe.workload,
+            outcome="ok" if outcome == "ok" else "oom",
+            iterations=len(history) if outcome == "ok" else 0,
+            wall_s=wall_s,
+            cost_usd=cost_usd,
+            s_per_iteration=s_per_iteration if outcome == "ok" else None,
+        )
+        self.measured.append(
+            {
+                **trial.to_dict(),
+                "grain": "scheduler",
+                "sim": backend.statistics(),
+                "real_s": time.perf_counter() - real_started,
+            }
+        )
+        return trial
+
+    def _modelled(self, probe: Probe, platform: SimPlatform) -> Trial:
+        """The coarse grain: the trial from :meth:`SimPlatform.trial`, no scheduler."""
+        real_started = time.perf_counter()
+        modelled = platform.trial(
+            probe.workers, probe.memory_mb, probe.workload.batch_size, probe.iterations
+        )
+        ok = modelled.outcome == "ok"
+        trial = Trial(
+            workers=probe.workers,
+            memory_mb=probe.memory_mb,
+            workload=probe.workload,
+            outcome="ok" if ok else "oom",
+            iterations=len(modelled.iter_s),
+            wall_s=modelled.wall_s,
+            cost_usd=modelled.cost_usd(platform.pricing, probe.memory_mb),
+            s_per_iteration=statistics.median(modelled.iter_s) if ok else None,
+        )
+        self.measured.append(
+            {
+                **trial.to_dict(),
+                "grain": "model",
+                "sim": modelled.statistics,
+                "real_s": time.perf_counter() - real_started,
+            }
+        )
+        return trial
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan: the decision, the trials it took, what it was computed from."""
+
+    decision: Decision
+    trials: tuple[dict[str, Any], ...]
+    profile: TaskProfile
+    platform: SimPlatform
+    problem: Problem
+    planning_s: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.decision.feasible
+
+    def to_dict(self) -> dict[str, Any]:
+        """The decision's keys first (``feasible``, ``workers``, ``memory_mb``,
+        ``predicted_time_s``, ``predicted_cost_usd``, ``trials``, ``frontier``), then the
+        trials in detail, the profile, the platform and the planning time."""
+        return {
+            **self.decision.to_dict(),
+            "trial_details": list(self.trials),
+            "profile": self.profile.to_dict(),
+            "platform": self.platform.to_dict(),
+            "problem": self.problem.to_dict(),
+            "planning_s": self.planning_s,
+        }
+
+
+def plan_task(
+    task: Task | str | TaskProfile,
+    *,
+    epochs: int,
+    batch_size: int,
+    goal: Goal | None = None,
+    workers: int | None = None,
+    memory_mb: int | None = None,
+    backend: str = "sim",
+    seed: int = 0,
+    settings: SearchSettings | None = None,
+    max_scheduled_reports: int = DEFAULT_MAX_SCHEDULED_REPORTS,
+    **platform_figures: Any,
+) -> PlanResult:
+    """Plan ``epochs`` epochs of ``task`` at global batch ``batch_size`` for ``goal``.
+
+    With ``workers`` and ``memory_mb`` both given there is nothing to search: one trial runs
+    there and the prediction is for that configuration. With one of them given, the search
+    covers the other. Without a goal and without both, the goal is :class:`Fastest`.
+    ``platform_figures`` override :class:`~smlt.backends.sim.SimPlatform`'s (``noise_sigma``,
+    ``max_concurrency``, ``bandwidth_mbps``, ...). A task may be given as a
+    :class:`TaskProfile` already measured (benchmarks plan many jobs of one task). A trial of
+    at most ``max_scheduled_reports`` rank-iterations runs through the real scheduler, a
+    larger one at the model's coarse grain (see :class:`SimTrials`)."""
+    started = time.perf_counter()
+    if backend not in PLAN_BACKENDS:
+        raise ConfigError(f"--backend {backend!r}: smlt plan knows {', '.join(PLAN_BACKENDS)}")
+    if backend == "ray":
+        raise ConfigError(
+            "--backend ray: calibrating the plan on the local Ray backend is not available yet; "
+            "use --backend sim (the default), which times the task on this machine"
+        )
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    override = Override(workers, memory_mb)
+    if goal is None:
+        goal = Fastest()
+    profile = task if isinstance(task, TaskProfile) else profile_task(task)
+    platform = SimPlatform(
+        s_per_sample_1_vcpu=profile.s_per_sample_1_vcpu,
+        num_params=profile.num_params,
+        optimizer_state_shards=profile.optimizer_state_shards,
+        seed=seed,
+        **platform_figures,
+    )
+    iterations_per_epoch = GlobalBatchSampler(profile.num_samples, batch_size, seed)
+    per_epoch = iterations_per_epoch.iterations_per_epoch
+    workload = Workload(
+        batch_size=min(batch_size, profile.num_samples),
+        num_params=profile.num_params,
+        iterations=epochs * per_epoch,
+    )
+    problem = Problem(
+        goal=goal,
+        workload=workload,
+        space=SearchSpace(
+            max_workers=platform.max_concurrency,
+            min_memory_mb=platform.min_memory_mb,
+            max_memory_mb=platform.max_memory_mb,
+        ),
+        costs=CostModel(functions=platform.pricing),
+        prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
+        override=override,
+        startup_s=platform.cold_start_s,
+        max_run_s=max(1.0, platform.max_duration_s - STOP_MARGIN_S - platform.cold_start_s),
+    )
+    settings = settings or SearchSettings(seed=seed)
+    with SimTrials(
+        platform, iterations_per_epoch=per_epoch, max_scheduled_reports=max_scheduled_reports
+    ) as measure:
+        if override.fixed:
+            assert workers is not None and memory_mb is not None
+            iterations = min(settings.trial_iterations, workload.iterations)
+            trial = measure(Probe(workers, memory_mb, iterations, workload))
+            decision = plan(problem.advanced(trial), [trial], settings)
+            final = problem.advanced(trial)
+        else:
+            result = search(problem, measure, settings)
+            decision, final = result.decision, result.problem
+    return PlanResult(
+        decision=decision,
+        trials=tuple(measure.measured),
+        profile=profile,
+        platform=platform,
+        problem=final,
+        planning_s=time.perf_counter() - started,
+    )
+
+
+def frontier_rows(decision: Decision) -> Iterator[tuple[int, int, float, float, bool]]:
+    """(workers, memory_mb, time_s, cost_usd, chosen) per point of the time-cost frontier."""
+    for p in decision.frontier:
+        chosen = (p.workers, p.memory_mb) == (decision.workers, decision.memory_mb)
+        yield p.workers, p.memory_mb, p.time_s, p.cost_usd, chosen
+
+
+def plot_frontier(result: PlanResult, path: Path) -> Path:
+    """The time-cost frontier with the recommendation and the goal, as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decision = result.decision
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    times = [p.time_s / 60 for p in decision.frontier]
+    costs = [p.cost_usd for p in decision.frontier]
+    ax.plot(times, costs, "o-", color="tab:blue", label="time-cost frontier (predicted)")
+    for p in decision.frontier:
+        ax.annotate(
+            f"{p.workers}x{p.memory_mb}",
+            (p.time_s / 60, p.cost_usd),
+            fontsize=6,
+            alpha=0.7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.plot(
+        [decision.predicted.time_s / 60],
+        [decision.predicted.cost_usd],
+        "*",
+        color="tab:red" if decision.feasible else "tab:gray",
+        markersize=14,
+        label=f"{'recommended' if decision.feasible else 'closest (infeasible)'}: "
+        f"{decision.workers} x {decision.memory_mb} MB",
+    )
+    goal = decision.goal
+    if goal.time_limit_s is not None:
+        ax.axvline(goal.time_limit_s / 60, color="tab:red", ls="--", lw=1, label=str(goal))
+    if goal.cost_limit_usd is not None:
+        ax.axhline(goal.cost_limit_usd, color="tab:red", ls="--", lw=1, label=str(goal))
+    ax.set_xlabel("predicted wall time (min)")
+    ax.set_ylabel("predicted cost (USD)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(
+        f"smlt plan {result.profile.task}: {result.problem.workload.batch_size}-sample batches, "
+        f"{len(result.trials)} trials",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def default_plan_dir(profile: TaskProfile) -> Path:
+    """``plans/<task class>-<UTC stamp>/``: where ``smlt plan`` writes ``plan.json`` and
+    ``frontier.png`` unless told otherwise (not ``runs/``, which holds runs)."""
+    name = profile.task.rpartition(":")[2].lower() or "task"
+    return Path("plans") / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
