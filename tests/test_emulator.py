@@ -427,6 +427,9 @@ def test_openwhisk_blocking_invoke_past_the_window_answers_202():
     with Emulator(blocking_window_s=0.5) as emu, ow_client_for(emu) as ow:
         name = unique_name("slow")
         _put_action(ow, name)
+        # ?timeout=MS may shorten the window, not lengthen it (OpenWhisk's rule).
+        longer = _invoke_action(ow, name, {}, blocking="true", timeout="600")
+        assert longer.status_code == 400 and "up to 500" in longer.json()["error"]
         response = _invoke_action(ow, name, {"sleep_s": 1.5}, blocking="true", result="true")
         assert response.status_code == 202
         record = _poll_activation(ow, response.json()["activationId"])
@@ -476,6 +479,13 @@ def test_openwhisk_blackbox_action_runs_the_handler_mapped_to_its_image(ow):
     response = _invoke_action(ow, name, {"x": 2}, blocking="true", result="true")
     assert response.status_code == 200, response.text
     assert response.json()["event"] == {"x": 2} and response.json()["version"] == "v1"
+    # With code, the image runs it, as OpenWhisk's Python runtime images do.
+    code = HANDLER_SOURCE.replace('"v1"', '"v3"')
+    body["exec"] = {"kind": "blackbox", "image": IMAGE, "code": code, "main": "main"}
+    put = ow.put(f"/api/v1/namespaces/_/actions/{name}", params={"overwrite": "true"}, json=body)
+    assert put.status_code == 200
+    response = _invoke_action(ow, name, {}, blocking="true", result="true", timeout="30000")
+    assert response.status_code == 200 and response.json()["version"] == "v3"
 
 
 def test_openwhisk_refuses_other_credentials_and_namespaces(emulator, ow):

@@ -12,8 +12,9 @@ the emulator runs, in this order, the handler the image's ``ImageConfig.Command`
 how AWS base images take their handler; Lambda only), the handler ``image_handlers`` maps the
 image URI to (exact URI first, then the URI without its tag or digest), or the platform default
 (``lambda_handler`` / ``openwhisk_handler``, from ``SMLT_EMULATOR_LAMBDA_HANDLER`` /
-``SMLT_EMULATOR_OPENWHISK_HANDLER``, else smlt's worker entry points). An OpenWhisk ``python:3``
-action with inline code runs that code's ``main`` (or the ``exec.main`` it names).
+``SMLT_EMULATOR_OPENWHISK_HANDLER``, else smlt's worker entry points). An OpenWhisk action with
+inline code (``python:3``, or ``blackbox`` with ``exec.code``, which is how OpenWhisk's Python
+runtime images take their code) runs that code's ``main`` (or the ``exec.main`` it names).
 """
 
 from __future__ import annotations

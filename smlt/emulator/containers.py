@@ -38,6 +38,7 @@ from smlt.emulator.process import REAP_TIMEOUT_S, ContainerProcess, ContainerSpe
 from smlt.errors import ThrottledError
 
 __all__ = [
+    "PROVISION_TIMEOUT_S",
     "Admit",
     "ContainerInfo",
     "ContainerPool",
@@ -49,6 +50,9 @@ __all__ = [
 
 #: Descendant processes are looked up this often (reading all of /proc takes milliseconds).
 _DESCENDANTS_EVERY_S = 1.0
+#: The longest a new container's interpreter may take to start, before the init phase (which
+#: the function's limits govern) begins.
+PROVISION_TIMEOUT_S = 30.0
 
 #: ``admit(busy_by_function, busy_total)`` raises ThrottledError to refuse an invocation.
 Admit = Callable[[Mapping[str, int], int], None]
@@ -336,6 +340,10 @@ class Lease:
             except (OSError, concurrent.futures.TimeoutError) as exc:
                 self._keep = False
                 return Outcome("provision", phase="init", exit_reason=str(exc))
+            failed = self._wait_until_up(started)
+            if failed is not None:
+                return failed
+            started = time.monotonic()  # the init phase starts once the container is up
             init_bound = started + init_grace_s + (timeout_s if init_overflows else 0.0)
             ended = self._wait(init_bound, phase="init", started=started, timeout_s=timeout_s)
             if isinstance(ended, Outcome):
@@ -366,6 +374,23 @@ class Lease:
         duration_ms = (time.monotonic() - run_started) * 1000
         status = "ok" if answer.get("ok") else "error"
         return self._finish(status, "run", answer, payload, duration_ms, init_ms)
+
+    def _wait_until_up(self, started: float) -> Outcome | None:
+        """None once the new container's runtime says it is up; else how its start failed (a
+        platform that cannot start a container answers with its own error, not the function's)."""
+        assert self._container is not None
+        try:
+            up = self._container.receive(started + PROVISION_TIMEOUT_S)
+        except TimeoutError:
+            up = None
+        if up is not None:
+            return None
+        self._container.kill()
+        self._keep = False
+        if self._container.oom_killed:
+            return self._ended_abnormally("init", started, None)
+        reason = f"the container did not start within {PROVISION_TIMEOUT_S:g} s"
+        return Outcome("provision", phase="init", exit_reason=reason, pid=self._container.pid)
 
     def _wait(
         self,

@@ -19,14 +19,15 @@ another). Errors are ``{"error": ..., "code": <transaction id>}``.
 
 An invocation is refused with 429 ("Too many concurrent requests in flight") when
 ``max_concurrency`` activations are running. A non-blocking one answers 202 with its
-``activationId`` at once; a blocking one waits up to ``blocking_window_s`` (OpenWhisk's 60 s),
-then answers like OpenWhisk: 200 with the activation (or only its result, ``result=true``) on
-success, 502 for an application or developer error, 500 for an internal one, or 202 with the
-``activationId`` if the window passed first. The record can be read from
-``/activations/{id}`` once the activation has ended (404 before). Every answer to an invoke has
-the ``x-openwhisk-activation-id`` header.
+``activationId`` at once; a blocking one waits up to ``blocking_window_s`` (OpenWhisk's 60 s;
+``?timeout=MS`` asks for less), then answers like OpenWhisk: 200 with the activation (or only
+its result, ``result=true``) on success, 502 for an application or developer error, 500 for an
+internal one, or 202 with the ``activationId`` if the window passed first. The record can be
+read from ``/activations/{id}`` once the activation has ended (404 before). Every answer to an
+invoke has the ``x-openwhisk-activation-id`` header.
 
-Actions are ``blackbox`` (``exec.image``; see :mod:`smlt.emulator.config` for the handler an image
+Actions are ``blackbox`` (``exec.image``, and optionally ``exec.code`` as OpenWhisk's Python
+runtime images take it; without code, see :mod:`smlt.emulator.config` for the handler an image
 runs) or ``python:3`` with inline code (``exec.code``, run as OpenWhisk's Python runtime runs it:
 ``main(params)`` or the function ``exec.main`` names). A container gets ``__OW_API_HOST``,
 ``__OW_NAMESPACE``, ``__OW_ACTION_NAME`` and ``__OW_ACTION_VERSION``; each activation sets
@@ -269,37 +270,43 @@ class OpenWhiskApi:
         return checked
 
     def _install(self, exec_: Mapping[str, Any], folder: Path) -> str:
-        """Put the action's code in ``folder``; return the handler its containers run."""
+        """Put the action's code in ``folder``; return the handler its containers run.
+
+        Inline code (``python:3``, or a ``blackbox`` image given ``exec.code``, which is how
+        OpenWhisk's Python runtime images take their code) runs as ``main__.py``'s ``main`` (or
+        the function ``exec.main`` names); a ``blackbox`` image without code runs the handler
+        the emulator maps the image to (see :mod:`smlt.emulator.config`)."""
         kind = exec_.get("kind")
+        code = exec_.get("code")
         if kind == "blackbox":
             image = exec_.get("image")
             if not isinstance(image, str) or not image:
                 raise OpenWhiskError(400, "The request content was malformed:\nimage undefined")
-            folder.mkdir(parents=True, mode=0o700)
-            untagged = image.split("@")[0]
-            if ":" in untagged.rpartition("/")[2]:
-                untagged = untagged.rpartition(":")[0]
-            mapped = self._config.image_handlers
-            return mapped.get(image) or mapped.get(untagged) or self._config.openwhisk_handler
-        if isinstance(kind, str) and _PYTHON_KINDS.match(kind):
-            code = exec_.get("code")
-            if exec_.get("binary") or not isinstance(code, str):
-                raise OpenWhiskError(
-                    400,
-                    "The request content was malformed:\nthe emulator takes python actions "
-                    "as inline code (exec.code, binary false)",
-                )
-            main = str(exec_.get("main") or "main")
-            if not re.fullmatch(r"[A-Za-z_]\w*", main):
-                raise OpenWhiskError(400, f"The request content was malformed:\nbad main {main!r}")
-            folder.mkdir(parents=True, mode=0o700)
-            (folder / "main__.py").write_text(code)
-            return f"main__:{main}"
-        raise OpenWhiskError(
-            400,
-            f"The specified runtime '{kind}' is not supported by this platform. Valid values "
-            "are: 'blackbox', 'python:3'.",
-        )
+            if code is None:
+                folder.mkdir(parents=True, mode=0o700)
+                untagged = image.split("@")[0]
+                if ":" in untagged.rpartition("/")[2]:
+                    untagged = untagged.rpartition(":")[0]
+                mapped = self._config.image_handlers
+                return mapped.get(image) or mapped.get(untagged) or self._config.openwhisk_handler
+        elif not (isinstance(kind, str) and _PYTHON_KINDS.match(kind)):
+            raise OpenWhiskError(
+                400,
+                f"The specified runtime '{kind}' is not supported by this platform. Valid "
+                "values are: 'blackbox', 'python:3'.",
+            )
+        if exec_.get("binary") or not isinstance(code, str):
+            raise OpenWhiskError(
+                400,
+                "The request content was malformed:\nthe emulator takes an action's code "
+                "inline (exec.code as text, binary false)",
+            )
+        main = str(exec_.get("main") or "main")
+        if not re.fullmatch(r"[A-Za-z_]\w*", main):
+            raise OpenWhiskError(400, f"The request content was malformed:\nbad main {main!r}")
+        folder.mkdir(parents=True, mode=0o700)
+        (folder / "main__.py").write_text(code)
+        return f"main__:{main}"
 
     # -- invoking ----------------------------------------------------------------------------
 
@@ -373,7 +380,7 @@ class OpenWhiskApi:
         accepted = Response.json(202, {"activationId": activation_id}, headers)
         if request.query_value("blocking") != "true":
             return accepted
-        if not done.wait(self._config.blocking_window_s):
+        if not done.wait(self._blocking_wait_s(request)):
             return accepted
         with self._lock:
             record = self._activations.get(activation_id)
@@ -381,6 +388,18 @@ class OpenWhiskApi:
             raise OpenWhiskError(500, "There was an error processing your request.")
         body = record["response"]["result"] if request.query_value("result") == "true" else record
         return Response.json(http_status(record), body, headers)
+
+    def _blocking_wait_s(self, request: Request) -> float:
+        """How long a blocking invoke waits: ``?timeout=MS`` (up to the window) or the window."""
+        window_s = self._config.blocking_window_s
+        text = request.query_value("timeout")
+        if text is None:
+            return window_s
+        if not text.isdigit() or not 0 < int(text) <= window_s * 1000:
+            raise OpenWhiskError(
+                400, f"Timeout must be number of milliseconds up to {round(window_s * 1000)}."
+            )
+        return int(text) / 1000
 
     def _activate(
         self,

@@ -5,12 +5,13 @@ Run by the emulator, never imported by it::
     python runtime.py smlt-emulator-container PLATFORM FUNCTION HANDLER IN_FD OUT_FD PARENT_PID
 
 It plays the part of Lambda's runtime interface client or OpenWhisk's action proxy. At start it
-imports the handler (the *init* phase: the cold start a real platform pays, torch included) and
-reports how that went; then it answers one request at a time for as long as the emulator keeps it
-warm. Requests and answers travel on two pipes (``IN_FD``, ``OUT_FD``) as frames: a 4-byte length
-and a JSON header, then a 4-byte length and the body (the event or the result, JSON text), so a
-6 MB payload is never escaped inside another JSON string. The handler's own stdout and stderr go
-to the container's log file, which is what the platforms show as logs.
+says it is up, imports the handler (the *init* phase: the cold start a real platform pays, torch
+included) and reports how that went; then it answers one request at a time for as long as the
+emulator keeps it warm. Requests and answers travel on two pipes (``IN_FD``, ``OUT_FD``) as
+frames: a 4-byte length and a JSON header, then a 4-byte length and the body (the event or the
+result, JSON text), so a 6 MB payload is never escaped inside another JSON string. The
+handler's own stdout and stderr go to the container's log file, which is what the platforms show
+as logs.
 
 It imports only the standard library (the handler imports what it needs) and is run by path, not
 with ``-m smlt...``, so that a container's start costs an interpreter and nothing of smlt's. Like
@@ -225,6 +226,10 @@ def main(argv: list[str]) -> int:
     # Run by path, Python put this file's folder first on sys.path; the container's working
     # directory (the function's code, Lambda's /var/task) takes its place.
     sys.path[0] = os.getcwd()
+    # The container is up: from here on, the import is the init phase the platforms time (a
+    # platform's own container start is not the function's; here, an interpreter's start on a
+    # busy machine would otherwise eat an OpenWhisk action's whole time limit).
+    _send(out_fd, {"ready": True})
     started = time.monotonic()
     try:
         handler = _load(spec)
