@@ -347,7 +347,12 @@ class ResourceManager:
             # Mid-run, the iterations already trained are paid for: go on as close to the goal
             # as the model says is possible (the fastest for a deadline, the cheapest for a
             # budget), and let result.json say the goal was missed.
-            decision = replace(decision, action="run")
+            decision = replace(
+                decision,
+                action="run",
+                reason=f"the {decision.goal} is out of reach ({decision.reason}); the closest "
+                "configuration",
+            )
         self._current = self._follow(decision, stop_iteration)
         return self._current
 
@@ -377,10 +382,6 @@ class ResourceManager:
     def _problem_at(self, iteration: int) -> Problem:
         goal, workload = self.goal, self._workload
         assert goal is not None and workload is not None
-        startup_s = goal.startup_s
-        if self._startups:
-            ordered = sorted(self._startups)
-            startup_s = ordered[len(ordered) // 2]
         limits = self.limits
         return Problem(
             goal=goal.goal,
@@ -395,11 +396,22 @@ class ResourceManager:
             costs=goal.costs,
             prior=goal.prior,
             override=self._override,
-            startup_s=startup_s,
+            startup_s=self._startup_s(),
             max_run_s=_max_run_s(limits),
             elapsed_s=max(0.0, self._clock() - goal.started_unix_s),
             spent_usd=self._spent_usd,
         )
+
+    def _startup_s(self) -> float:
+        """What a generation from now on will pay before it iterates: the median measured
+        hand-over. The execution's first generation is no measure of that (it started the
+        platform's worker processes cold and imported torch: 38 s against 3 s for the next one
+        on a loaded local Ray), so until a hand-over is measured it only lowers the default."""
+        assert self.goal is not None
+        handovers = sorted(self._startups[1:])
+        if handovers:
+            return handovers[len(handovers) // 2]
+        return min([self.goal.startup_s, *self._startups])
 
     def _max_workers_at(self) -> Callable[[int], int] | None:
         """How many workers of a size the platform holds at once, from ``fits`` (a backend's
