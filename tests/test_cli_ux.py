@@ -427,6 +427,8 @@ def _result(epochs: int) -> SimpleNamespace:
         pricing="aws-lambda-x86",
         billed_worker_s=20.0,
         output_dir=Path("runs/digits-x"),
+        search=None,  # fixed workers and memory: no goal, no trials
+        goal=None,
     )
 
 

@@ -275,3 +275,70 @@ def test_an_override_of_workers_wins_live(in_process_runs: Path) -> None:
     assert {c["workers"] for c in result.configs} == {2}
     assert {t["workers"] for t in result.search["trials"]} == {2}
     assert result.goal["met"] is True
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--deadline", "soon"], "--deadline 'soon': expected a positive duration"),
+        (["--budget", "-1"], "--budget '-1': the amount must be positive"),
+        (["--deadline", "5m", "--fastest"], "give at most one of --deadline, --budget, --fastest"),
+        (["--fastest", "--rescale", "5:2"], "--rescale and --fastest both decide"),
+        (["--max-trials", "3"], "--max-trials tunes the search for a --deadline"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_bad_goal_is_refused_by_the_cli_before_anything_starts(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    from tests.cli_support import run_smlt
+
+    proc, _ = run_smlt(["train", DIGITS, "--output", "out", *flags], tmp_path, 60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_lists_the_trials_the_choice_and_the_goal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+
+    from smlt.cli import _print_summary
+
+    trial = {"workers": 1, "memory_mb": 724, "outcome": "ok", "iterations": 8}
+    result = SimpleNamespace(
+        job_id="digits-x",
+        final_metrics={},
+        history=[],
+        configs=[{"workers": 1, "memory_mb": 431}],
+        optimizer={},
+        iterations=60,
+        epochs=10,
+        batch_size=256,
+        wall_s=78.2,
+        cost_usd=0.000358,
+        pricing="aws_lambda_x86",
+        billed_worker_s=31.2,
+        output_dir=Path("runs/digits-x"),
+        search={
+            "trials": [
+                {**trial, "s_per_iteration": 0.033, "cost_usd": 0.000342},
+                {**trial, "memory_mb": 128, "outcome": "oom", "iterations": 0},
+            ],
+            "chosen": {"reason": "no configuration is expected to improve on it by 2%"},
+        },
+        goal={"text": "deadline 2m", "met": True},
+    )
+    _print_summary(result)
+    out = capsys.readouterr().out
+    assert "1 x 724 MB: 0.033 s/iteration over 8 iterations, $0.000342" in out
+    assert "1 x 128 MB: out of memory" in out
+    assert "no configuration is expected to improve" in out
+    assert "deadline 2m: met" in out
