@@ -1146,14 +1146,18 @@ def plan_command(
         if plot is None:
             (folder / "plan.json").write_text(json.dumps(data, indent=2))
     except SmltError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(data, indent=2))
     else:
         _print_plan(result, png)
     if not result.feasible:
-        console.print(f"[bold red]infeasible:[/] {escape(str(result.decision.error()))}")
+        console.print(
+            f"[bold red]infeasible:[/] {escape(str(result.decision.error()))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_INFEASIBLE)
 
 
@@ -1168,7 +1172,7 @@ def _print_plan(result: Any, png: Path) -> None:
         f"iterations of batch {result.problem.workload.batch_size}"
     )
     out.print(
-        f"{verdict}: [bold]{decision.workers} workers x {decision.memory_mb} MB[/]: "
+        f"{verdict}: [bold]{_plural(decision.workers, 'worker')} x {decision.memory_mb} MB[/]: "
         f"predicted {decision.predicted.time_s:.0f} s wall time, "
         f"${decision.predicted.cost_usd:.4f} ({escape(decision.reason)})"
     )

@@ -459,8 +459,11 @@ def plot_frontier(result: PlanResult, path: Path) -> Path:
         ax.axhline(goal.cost_limit_usd, color="tab:red", ls="--", lw=1, label=str(goal))
     ax.set_xlabel("predicted wall time (min)")
     ax.set_ylabel("predicted cost (USD)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    # Log axes where the frontier spans an order of magnitude; linear ones show a narrow span.
+    if times and max(times) > 5 * min(times):
+        ax.set_xscale("log")
+    if costs and max(costs) > 5 * min(costs):
+        ax.set_yscale("log")
     ax.set_title(
         f"smlt plan {result.profile.task}: {result.problem.workload.batch_size}-sample batches, "
         f"{len(result.trials)} trials",
