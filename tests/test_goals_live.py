@@ -342,3 +342,49 @@ def test_the_summary_lists_the_trials_the_choice_and_the_goal(
     assert "1 x 128 MB: out of memory" in out
     assert "no configuration is expected to improve" in out
     assert "deadline 2m: met" in out
+
+
+def test_a_resumed_run_keeps_its_goal_and_the_trials_its_checkpoint_carries(
+    tmp_path: Path,
+) -> None:
+    from smlt.client.driver import RunPlan
+    from smlt.client.goals import goal_settings
+    from smlt.optimizer.cost import LAMBDA_X86
+
+    plan = RunPlan(
+        job_id="digits-x",
+        task=DIGITS,
+        backend="ray",
+        output_dir=str(tmp_path),
+        object_store=str(tmp_path / "objects"),
+        epochs=3,
+        batch_size=256,
+        workers=None,
+        memory_mb=None,
+        seed=0,
+        total_iterations=18,
+        iterations_per_epoch=6,
+        num_params=9_610,
+        shard_timeout_s=120.0,
+        function_timeout_s=None,
+        checkpoint_every=6,
+        heartbeat_timeout_s=15.0,
+        goal=Deadline(120).to_dict(),
+        max_trials=2,
+        trial_iterations=3,
+        s_per_sample=2e-5,
+    )
+    plan.save()
+    loaded = RunPlan.load(tmp_path)
+    assert loaded == plan
+    manager = _manager(_settings(Deadline(120)))
+    trial = manager.record(_outcome(manager.initial(0), 3))
+    meta = json.loads(json.dumps({"trials": manager.trials_before(6)}))  # as a checkpoint has it
+    settings = goal_settings(
+        loaded, LAMBDA_X86, started_unix_s=time.time() - 30, trials=meta["trials"]
+    )
+    assert settings is not None
+    assert settings.goal == Deadline(120) and settings.trials == (trial,)
+    assert (settings.search.max_trials, settings.search.trial_iterations) == (2, 3)
+    assert settings.prior.compute_s == pytest.approx(2e-5 / 9_610)
+    assert settings.workload == Workload(256, 9_610, 18, checkpoint_every=6)
