@@ -284,10 +284,8 @@ def test_an_override_of_workers_wins_live(in_process_runs: Path) -> None:
     ("flags", "message"),
     [
         (["--deadline", "soon"], "--deadline 'soon': expected a positive duration"),
-        (["--budget", "-1"], "--budget '-1': the amount must be positive"),
         (["--deadline", "5m", "--fastest"], "give at most one of --deadline, --budget, --fastest"),
         (["--fastest", "--rescale", "5:2"], "--rescale and --fastest both decide"),
-        (["--max-trials", "3"], "--max-trials tunes the search for a --deadline"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
@@ -301,6 +299,19 @@ def test_a_bad_goal_is_refused_by_the_cli_before_anything_starts(
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_search_knobs_need_a_goal_and_a_budget_must_be_positive() -> None:
+    from smlt.client.checks import check_goal
+    from smlt.optimizer.goals import goal_from_options
+
+    with pytest.raises(ConfigError, match="--max-trials tunes the search for a --deadline"):
+        check_goal(None, rescales=(), max_trials=3)
+    with pytest.raises(ConfigError, match="--trial-iterations must be >= 1"):
+        check_goal(Fastest(), rescales=(), trial_iterations=0)
+    with pytest.raises(ConfigError, match="--budget '-1': the amount must be positive"):
+        goal_from_options(budget="-1")
+    assert goal_from_options(deadline="1h30m") == Deadline(5400)
 
 
 def test_the_summary_lists_the_trials_the_choice_and_the_goal(
