@@ -361,6 +361,34 @@ def test_each_micro_batch_is_a_virtual_worker(
     assert tracked.tolist() == [5]
 
 
+def test_micro_batches_are_planned_from_the_generations_memory(
+    tmp_path: Path, redis_server: RedisServer, threaded_file: Path, job_id: str
+) -> None:
+    """A rank re-invoked with more memory than its generation's (after running out of it
+    twice, smlt/actors/failures.py) sizes its micro-batches by the generation's memory, which
+    its payload's options carry: the M of the attempts before it, so the iteration it re-runs
+    sums as they did. Wide's slice of 50 fits the harness's 512 MB whole, not WIDE_MEMORY_MB."""
+
+    def micro(name: str, options: dict[str, Any]) -> set[str]:
+        outcome = ThreadedJob(
+            tmp_path / name,
+            redis_server,
+            f"{job_id}-{name}",
+            threaded_file,
+            "Wide",
+            workers=1,
+            iterations=1,
+            batch_size=BATCH_SIZE,
+            seed=SEED,
+            options=options,
+        ).run()
+        return {r["micro"] for r in outcome.reports if "event" not in r}
+
+    assert micro("whole", {}) == {str(BATCH_SIZE)}
+    (planned,) = micro("planned", {"generation_memory_mb": WIDE_MEMORY_MB})
+    assert 1 < int(planned) < BATCH_SIZE // 2
+
+
 # --- the pieces ------------------------------------------------------------------------------
 
 

@@ -16,12 +16,14 @@ pass outside it; parameters, optimizer state and the exchange stay float32
 
 Every smlt.train run in the suite costs seconds; bf16 through Ray is exercised by
 ``benchmarks/precision.py``, and the option's path from ``smlt.train`` to the workers by
-tests/test_microbatch.py's runs (the same options dict).
+tests/test_microbatch.py's runs (the same options dict) and by run.json's round trip here, which
+also keeps the micro-batch size, the clip norm and the TensorBoard folder for a resume.
 """
 
 from __future__ import annotations
 
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +238,44 @@ def test_smlt_train_refuses_a_bf16_failure_before_workers_start(
     with pytest.raises(TaskError, match=r"Determinant\.loss\(\) failed under --precision bf16"):
         smlt.train(f"{task_file}:Determinant", epochs=1, precision="bf16", output=output)
     assert not output.exists()
+
+
+def test_run_json_keeps_how_every_step_is_taken(tmp_path: Path) -> None:
+    """A resume trains as the run started: run.json keeps the precision, the micro-batch size,
+    the clip norm and the TensorBoard folder, and the workers of the resume get the same
+    options as the train's."""
+    from smlt.client.driver import RunPlan, training_options
+
+    plan = RunPlan(
+        job_id="j",
+        task="t.py:T",
+        backend="ray",
+        output_dir=str(tmp_path),
+        object_store=str(tmp_path / "objects"),
+        epochs=1,
+        batch_size=8,
+        workers=2,
+        memory_mb=512,
+        seed=0,
+        total_iterations=4,
+        iterations_per_epoch=4,
+        num_params=10,
+        shard_timeout_s=120.0,
+        function_timeout_s=None,
+        checkpoint_every=4,
+        heartbeat_timeout_s=15.0,
+        clip_grad_norm=0.5,
+        micro_batch=4,
+        precision="bf16",
+        tensorboard=str(tmp_path / "tb"),
+    )
+    plan.save()
+    loaded = RunPlan.load(tmp_path)
+    assert loaded == plan
+    assert training_options(loaded) == {
+        "precision": "bf16",
+        "clip_grad_norm": 0.5,
+        "micro_batch": 4,
+    }
+    # Without --clip-grad-norm the workers apply the task's own clip_grad_norm.
+    assert "clip_grad_norm" not in training_options(replace(plan, clip_grad_norm=None))

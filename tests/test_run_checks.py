@@ -61,7 +61,8 @@ def _left_behind(root: Path) -> list[str]:
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--clip-grad-norm", "0"], "--clip-grad-norm must be a positive number"),
-        (["--micro-batch", "0"], "--micro-batch must be >= 1 (samples per micro-batch), got 0"),
+        (["--micro-batch", "0"], "--micro-batch must be an integer >= 1 (samples per micro"),
+        (["--clip-grad-norm", "-1"], "--clip-grad-norm must be a positive number"),
         (["--precision", "fp16"], "--precision must be one of fp32, bf16, got 'fp16'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
@@ -77,6 +78,29 @@ def test_a_bad_flag_fails_fast_and_leaves_nothing(
     assert "Traceback" not in proc.stderr
     assert _left_behind(tmp_path) == []
     assert elapsed_s < FAST_FAILURE_S, f"took {elapsed_s:.1f} s: did Ray or Redis start?"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"micro_batch": 2.5}, r"--micro-batch must be an integer >= 1 .*got 2\.5"),
+        ({"micro_batch": True}, r"--micro-batch must be an integer >= 1 .*got True"),
+        ({"clip_grad_norm": "1.0"}, r"--clip-grad-norm must be a positive number .*got '1\.0'"),
+        ({"clip_grad_norm": float("nan")}, r"--clip-grad-norm must be a positive number"),
+        ({"precision": "fp16"}, r"--precision must be one of fp32, bf16, got 'fp16'"),
+    ],
+    ids=str,
+)
+def test_smlt_train_refuses_bad_training_options_as_the_workers_would(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    """From Python the values are not typed by the CLI: the client checks them with the rule the
+    workers apply to their payload (a micro-batch of 2.5 passed here once, and every worker then
+    failed on it), before anything starts."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message):
+        smlt.train(DIGITS, output=out, **options)  # type: ignore[arg-type]
+    assert not out.exists()
 
 
 def test_a_rescale_past_the_end_is_refused_once_the_data_set_is_known(

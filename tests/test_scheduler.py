@@ -328,6 +328,8 @@ def scripted(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
 
     copy = client.incr(_copy_key(p.job_id, p.generation, p.rank, p.attempt))
     client.set(_memory_key(p.job_id, p.generation, p.rank, p.attempt), p.memory_mb, ex=600)
+    planned = _memory_key(p.job_id, p.generation, p.rank, p.attempt) + ":planned"
+    client.set(planned, p.options["generation_memory_mb"], ex=600)
     client.expire(_copy_key(p.job_id, p.generation, p.rank, p.attempt), 600)
     heartbeat = Heartbeat(
         client,
@@ -479,6 +481,10 @@ def test_a_rank_out_of_memory_twice_is_re_invoked_with_twice_the_memory(
     seen = [int(store.get(_memory_key(job_id, 0, 1, a)) or 0) for a in range(3)]
     assert seen == [MEMORY_MB, MEMORY_MB, 2 * MEMORY_MB]
     assert int(store.get(_memory_key(job_id, 0, 0, 0)) or 0) == MEMORY_MB  # its peer: unchanged
+    # Micro-batches are planned from the generation's memory on every attempt: the same M, so
+    # the re-executed iteration sums as the attempts before it did.
+    planned = [int(store.get(_memory_key(job_id, 0, 1, a) + ":planned") or 0) for a in range(3)]
+    assert planned == [MEMORY_MB] * 3
 
     # Out of memory once more at twice the memory: the run ends, naming the cause.
     again = {"oom": [[1, 0, 2], [1, 1, 2], [1, 2, 2]]}

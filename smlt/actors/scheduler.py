@@ -482,6 +482,10 @@ class TaskScheduler:
                 "checkpoint_every": s.checkpoint_every,
                 "heartbeat_interval_s": s.heartbeat_interval_s,
                 "heartbeat_timeout_s": s.heartbeat_timeout_s,
+                # What workers size their micro-batches by: the generation's memory, also for
+                # a rank re-invoked with more (the same M on every attempt keeps a re-executed
+                # iteration's bytes).
+                "generation_memory_mb": cfg.memory_mb,
             },
         )
 
@@ -511,7 +515,7 @@ class TaskScheduler:
         memory_mb = cfg.memory_mb  # more after a repeated out-of-memory (FailurePolicy)
         while True:
             attempts[rank] = attempt
-            payload = self._payload(gen, rank, resume, attempt, replace(cfg, memory_mb=memory_mb))
+            payload = replace(self._payload(gen, rank, resume, attempt, cfg), memory_mb=memory_mb)
             outcome = await self._deliver(payload, copies=2 if self._duplicate(payload) else 1)
             if isinstance(outcome, WorkerReport):
                 reports[rank] = outcome

@@ -343,8 +343,8 @@ class RayBackend(Backend):
             raise BackendError("invoke before deploy: no workers are reserved")
         # A rank re-invoked with more memory after a repeated out-of-memory (the scheduler's
         # FailurePolicy) runs in its own bundle all the same: a Ray task has no memory limit of
-        # its own to raise (its node's is what counts), so the larger size changes the bill and
-        # the worker's micro-batch plan, not the process.
+        # its own to raise (its node's is what counts), so the larger size changes the bill,
+        # not the process (the worker plans its micro-batches by the generation's memory).
         if payload.rank >= self._workers or payload.memory_mb < self._memory_mb:
             raise BackendError(
                 f"payload for rank {payload.rank} x {payload.memory_mb} MB does not match the "

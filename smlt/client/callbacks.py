@@ -5,13 +5,13 @@
 
 - ``on_iteration(record)``: once per iteration this call of the driver runs, in order. The
   record is the iteration's entry as ``result.json``'s ``history`` will hold it (``iteration``,
-  ``epoch``, ``loss``, ``lr``, ``grad_norm`` when the task clips, ``samples_per_s``, the phase
+  ``epoch``, ``loss``, ``lr``, ``grad_norm`` (before clipping), ``samples_per_s``, the phase
   times ``data_s``, ``compute_s``, ``sync_s``, ..., ``part``, ``wall_s`` since the run started),
   plus ``cost_usd``: the whole run's cost so far, as of when the driver saw the iteration.
 - ``on_epoch(record)``: once per epoch that ends in this call, in order, once its ``evaluate()``
   metrics are in: the epoch's entry as ``result.json``'s ``epoch_metrics`` will hold it
-  (``epoch``, ``iteration`` (its last), ``train_loss``, ``samples_per_s``, ``part``, and your
-  metrics by the names ``evaluate()`` gave them).
+  (``epoch``, ``iteration`` (its last), ``train_loss``, ``lr`` (its last step's),
+  ``samples_per_s``, ``part``, and your metrics by the names ``evaluate()`` gave them).
 - ``on_end(result)``: once, when the call ends: the :class:`~smlt.client.driver.TrainResult` if
   the run finished, None if it failed or was stopped (``train()`` then raises as usual). Every
   callback gets it, whatever another one did, so each can close what it opened.

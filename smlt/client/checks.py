@@ -8,14 +8,13 @@ it is warned about (:class:`~smlt.errors.SmltWarning`), and the warning is kept 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from smlt.errors import ConfigError, SmltWarning
 from smlt.optimizer.goals import Goal
-from smlt.protocol.payload import PRECISIONS
+from smlt.protocol.payload import check_clip_grad_norm, check_micro_batch, check_precision
 
 __all__ = [
     "RUN_FILES",
@@ -77,18 +76,10 @@ def check_request(
             f"--keep-checkpoints must be >= 1, got {keep_checkpoints}: the newest checkpoint is "
             "where a failed run resumes from"
         )
-    if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
-        raise ConfigError(
-            f"--clip-grad-norm must be a positive number (the largest global gradient norm a "
-            f"step may take), got {clip_grad_norm}"
-        )
-    if micro_batch is not None and micro_batch < 1:
-        raise ConfigError(
-            f"--micro-batch must be >= 1 (samples per micro-batch), got {micro_batch}; leave it "
-            "out to split only where a worker's slice would not fit its memory"
-        )
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    # The workers check these again from their payload, by the same functions.
+    check_clip_grad_norm(clip_grad_norm)
+    check_micro_batch(micro_batch)
+    check_precision(precision)
     seen: set[int] = set()
     for at, rescale_workers, rescale_memory_mb in rescales:
         spec = f"--rescale {at}:{rescale_workers}" + (

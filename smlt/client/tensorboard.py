@@ -7,8 +7,8 @@ writer is a :class:`~smlt.client.callbacks.Callback` like any other, fed the sam
 Scalars, per iteration (step = the iteration, from 0, so every part of a resumed run writes on
 one step axis):
 
-- ``train/loss``, ``train/lr``, ``train/grad_norm`` (when the task clips),
-  ``train/samples_per_s``;
+- ``train/loss``, ``train/lr``, ``train/grad_norm`` (the global norm before clipping, whether
+  or not the task clips), ``train/samples_per_s``;
 - ``cost/usd``: the whole run's cost so far, as of when the driver saw the iteration;
 - ``time/<phase>_s``: every duration of the history entry (``data_s``, ``compute_s``,
   ``sync_s``, ``update_s``, ``iter_s``, ...; all its ``*_s`` fields but ``wall_s``, the time

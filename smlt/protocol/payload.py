@@ -11,13 +11,23 @@ log it, and :meth:`WorkerPayload.redacted` is what goes into logs and result fil
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from smlt.errors import ConfigError
 from smlt.storage.redis_server import redact_url
 
-__all__ = ["PRECISIONS", "StopReason", "WorkerPayload", "WorkerReport"]
+__all__ = [
+    "PRECISIONS",
+    "StopReason",
+    "WorkerPayload",
+    "WorkerReport",
+    "check_clip_grad_norm",
+    "check_micro_batch",
+    "check_precision",
+]
 
 
 class StopReason:
@@ -32,6 +42,49 @@ class StopReason:
 #: and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)``; parameters, optimizer state
 #: and the exchange are float32 either way.
 PRECISIONS = ("fp32", "bf16")
+
+
+# The run's training options, checked once for the client (before anything starts: no torch
+# here) and again by every worker that reads them from its payload, with the same rule and the
+# same message naming the flag.
+
+
+def check_precision(value: Any) -> str:
+    """``value`` (a run's ``precision`` option; None: the default) checked: ``"fp32"`` or
+    ``"bf16"``. Raises ConfigError naming ``--precision``."""
+    if value is None:
+        return PRECISIONS[0]
+    if isinstance(value, str) and value in PRECISIONS:
+        return value
+    raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+
+
+def check_micro_batch(value: Any) -> int | None:
+    """A run's ``micro_batch`` option checked: None (automatic) or an integer >= 1. Raises
+    ConfigError naming ``--micro-batch``."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
+        return int(value)
+    raise ConfigError(
+        f"--micro-batch must be an integer >= 1 (samples per micro-batch), got {value!r}; leave "
+        "it out to split only where a worker's slice would not fit its memory"
+    )
+
+
+def check_clip_grad_norm(value: Any) -> float | None:
+    """A run's ``clip_grad_norm`` option checked: None (the task's) or a positive finite
+    number. Raises ConfigError naming ``--clip-grad-norm``."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if math.isfinite(number) and number > 0:
+            return number
+    raise ConfigError(
+        "--clip-grad-norm must be a positive number (the largest global gradient norm a step "
+        f"may take), got {value!r}"
+    )
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 Without ``--micro-batch`` a worker goes through its slice in micro-batches
 (:mod:`smlt.worker.microbatch`) only when the slice would not fit its memory
-(``payload.memory_mb``). The decision must come out the same for every attempt of a rank, or a
-replacement could sum in another order than the invocation it replaces and break bit-identity after
-a kill; it is therefore a function of values every attempt sees identically
-(:func:`plan_micro_batch`): the payload (memory, workers, batch size) and a :class:`MemoryProfile`
-the client measured once on a tiny batch (:func:`measure_memory`) and stored in the artifact
-manifest, never a live measurement on the worker. Re-scaling to another memory size may change ``M``
-between generations; that changes float rounding only.
+(the generation's memory size). The decision must come out the same for every attempt of a rank,
+or a replacement could sum in another order than the invocation it replaces and break
+bit-identity after a kill; it is therefore a function of values every attempt sees identically
+(:func:`plan_micro_batch`): the payload (the generation's memory, workers, batch size) and a
+:class:`MemoryProfile` the client measured once on a tiny batch (:func:`measure_memory`) and
+stored in the artifact manifest, never a live measurement on the worker. A rank re-invoked with
+twice the memory after running out of it twice (:mod:`smlt.actors.failures`) keeps the
+generation's ``M``: the extra memory is headroom for the same computation. Re-scaling to another
+memory size may change ``M`` between generations: that changes float rounding, and for a model
+with dropout or BatchNorm what its micro-batches draw and normalize by, as a change of the
+worker count does.
 
 The prediction (:func:`worker_bytes`) is deliberately simple and errs on the large side: the
 runtime, the data shards the reader keeps, the slice's input rows, a few copies of the flat
@@ -19,7 +23,6 @@ sample times a headroom for the backward pass's transients.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -28,6 +31,7 @@ import torch
 
 from smlt.errors import ConfigError
 from smlt.protocol.model import FlatModel
+from smlt.protocol.payload import check_micro_batch
 from smlt.task import Batch, Task, TaskData
 from smlt.worker.optim import is_shardable
 from smlt.worker.precision import check_precision, compute_precision
@@ -238,19 +242,6 @@ def plan_micro_batch(
         data_bytes=data_bytes,
     )
     return max(1, min(fits, whole))
-
-
-def check_micro_batch(value: Any) -> int | None:
-    """A run's ``micro_batch`` option checked: None (automatic) or an integer >= 1. Raises
-    ConfigError naming ``--micro-batch``."""
-    if value is None:
-        return None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1:
-        return int(value)
-    raise ConfigError(
-        f"--micro-batch must be an integer >= 1 (samples per micro-batch), got {value!r}; leave "
-        "it out to split only where a worker's slice would not fit its memory"
-    )
 
 
 def resident_data_bytes(shard_sizes: Sequence[int], kept: int) -> int:

@@ -26,20 +26,9 @@ from typing import Any
 
 import torch
 
-from smlt.errors import ConfigError
-from smlt.protocol.payload import PRECISIONS
+from smlt.protocol.payload import PRECISIONS, check_precision
 
 __all__ = ["PRECISIONS", "check_precision", "compute_precision"]
-
-
-def check_precision(value: Any) -> str:
-    """``value`` (a run's ``precision`` option; None: the default) checked: ``"fp32"`` or
-    ``"bf16"``. Raises ConfigError naming ``--precision``."""
-    if value is None:
-        return PRECISIONS[0]
-    if isinstance(value, str) and value in PRECISIONS:
-        return value
-    raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
 
 
 def compute_precision(precision: str) -> contextlib.AbstractContextManager[Any]:

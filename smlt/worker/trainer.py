@@ -48,7 +48,12 @@ from smlt.errors import CodecError, StaleVersionError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.model import FlatModel
-from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
+from smlt.protocol.payload import (
+    StopReason,
+    WorkerPayload,
+    WorkerReport,
+    check_clip_grad_norm,
+)
 from smlt.protocol.state import (
     ShardState,
     decode_optimizer_state,
@@ -176,17 +181,19 @@ class Trainer:
             task, driver, iterations_per_epoch=self.sampler.iterations_per_epoch
         )
         # Clipping by global norm: the task's, unless the run overrides it.
-        override = payload.options.get("clip_grad_norm")
-        self.clip_norm = clip_grad_norm(task) if override is None else float(override)
+        override = check_clip_grad_norm(payload.options.get("clip_grad_norm"))
+        self.clip_norm = clip_grad_norm(task) if override is None else override
         self._grad_norm: float | None = None
         # How the slice is computed: the forward pass's precision, and the micro-batch size,
-        # fixed for the invocation from what every attempt of this rank sees identically.
+        # fixed for the invocation from what every attempt of this rank sees identically: the
+        # generation's memory, not this attempt's (a rank re-invoked with more memory after
+        # running out of it twice keeps its M, so it sums as the attempts before it did).
         self.precision = check_precision(payload.options.get("precision"))
         profile = reader.manifest.memory_profile
         self.micro_batch = plan_micro_batch(
             requested=check_micro_batch(payload.options.get("micro_batch")),
             slice_samples=-(-self.sampler.batch_size // n),
-            memory_mb=payload.memory_mb,
+            memory_mb=int(payload.options.get("generation_memory_mb", payload.memory_mb)),
             workers=n,
             profile=None if profile is None else MemoryProfile.from_dict(profile, "manifest"),
             data_bytes=resident_data_bytes(
