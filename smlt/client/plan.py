@@ -31,7 +31,6 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,12 +54,15 @@ from smlt.task import Task, check_loss, check_model, check_optimizer, check_task
 from smlt.worker.sampler import GlobalBatchSampler
 
 __all__ = [
+    "DEFAULT_MAX_SCHEDULED_REPORTS",
     "EXIT_INFEASIBLE",
     "PLAN_BACKENDS",
     "PlanResult",
     "SimTrials",
     "TaskProfile",
+    "default_plan_dir",
     "plan_task",
+    "plot_frontier",
     "profile_task",
 ]
 
@@ -413,13 +415,6 @@ def plan_task(
         problem=final,
         planning_s=time.perf_counter() - started,
     )
-
-
-def frontier_rows(decision: Decision) -> Iterator[tuple[int, int, float, float, bool]]:
-    """(workers, memory_mb, time_s, cost_usd, chosen) per point of the time-cost frontier."""
-    for p in decision.frontier:
-        chosen = (p.workers, p.memory_mb) == (decision.workers, decision.memory_mb)
-        yield p.workers, p.memory_mb, p.time_s, p.cost_usd, chosen
 
 
 def plot_frontier(result: PlanResult, path: Path) -> Path:
