@@ -13,7 +13,8 @@ trains, with the gradient of one pass over the slice up to float rounding:
 - randomness (dropout) is seeded once per (iteration, rank), before the first micro-batch, and
   the micro-batches draw from it in order. ``M`` is the same on every attempt of a rank
   (:mod:`smlt.worker.memory`), so a re-executed iteration (a replacement for a killed worker)
-  draws the same masks and computes the same bytes. (With ``M < b_r`` the masks are not those of one pass: dropout draws per tensor shape.)
+  draws the same masks and computes the same bytes. (With ``M < b_r`` the masks are not those
+  of one pass: dropout draws per tensor shape.)
 - **buffers** follow :mod:`smlt.worker.contribution`'s design, with each micro-batch as a
   virtual worker: every micro-batch's forward pass starts from version t's buffers (they are
   restored before each), a float buffer's new value is the sample-weighted mean of the values of
