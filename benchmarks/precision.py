@@ -179,7 +179,11 @@ def measure(
         "epochs": setting.epochs,
         "iterations": result.iterations,
         "training": recorded["training"],
-        "micro_batch_used": sorted({h.get("micro") for h in result.history} - {None}),
+        # What the workers put through the model at once (the whole slice unless it did not
+        # fit), as the history reports it.
+        "micro_batch_used": sorted(
+            {h["micro_batch"] for h in result.history if "micro_batch" in h}
+        ),
         **summarize(result.history, warmup),
         "final_metrics": recorded["final_metrics"],
         "wall_s": wall_s,
