@@ -237,6 +237,8 @@ def test_a_slice_that_does_not_fit_is_split_by_itself(in_process_runs: Path) -> 
         output=in_process_runs / "wide-auto",
     )
     assert result.training["micro_batch"] is None  # automatic
+    # What the workers chose is in the history: the plan above, at every iteration.
+    assert {h["micro_batch"] for h in result.history} == {plan[WIDE_MEMORY_MB]}
     reference = reference_run(_load(path, "Wide"), epochs=1, batch_size=BATCH_SIZE, seed=SEED)
     _assert_close_state(_state(result), reference.state)
     assert not _bit_identical(_state(result), reference.state), "the slice was not split"

@@ -226,6 +226,10 @@ class ProgressLog:
         for name in _SAME_ON_EVERY_RANK:
             if name in first:
                 record[name] = float(first[name])
+        if all("micro" in r for r in reports):
+            # The samples a worker put through the model at once: --micro-batch, or what the
+            # workers chose where their slice would not fit (the same on every rank).
+            record["micro_batch"] = max(int(r["micro"]) for r in reports)
         if all("norm_s" in r for r in reports):
             record["norm_s"] = max(float(r["norm_s"]) for r in reports)
         record["bytes_through_store"] = sum(
