@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from smlt.errors import ConfigError
+from smlt.errors import ConfigError, SmltWarning
 from smlt.storage.artifacts import (
     DEFAULT_SHARD_BYTES,
     ArtifactManifest,
@@ -23,6 +25,7 @@ from smlt.storage.artifacts import (
 )
 from smlt.storage.objects import ObjectStore
 from smlt.task import (
+    Task,
     TaskData,
     check_loss,
     check_loss_reduction,
@@ -71,7 +74,7 @@ def package_task(
         check_loss(task, model, tiny)
         check_loss_reduction(task, model, data)
         check_update(task, tiny, precision=precision)
-        memory_profile = measure_memory(task, data, precision=precision).to_dict()
+        memory_profile = _memory_profile(task, data, precision)
     source_path = Path(spec.rpartition(":")[0]).expanduser().resolve()
     source = source_path.read_bytes()
 
@@ -110,6 +113,23 @@ def package_task(
     )
     store.put_bytes(manifest_key(job_id), manifest.to_json())
     return manifest
+
+
+def _memory_profile(task: Task, data: TaskData, precision: str) -> dict[str, Any] | None:
+    """The task's memory profile for the manifest; None, with a warning, where it cannot be
+    measured (the task ran its update above, so this is smlt's probe failing, not the task):
+    the run then goes on without automatic micro-batches, rather than not at all."""
+    try:
+        return measure_memory(task, data, precision=precision).to_dict()
+    except Exception as exc:
+        warnings.warn(
+            f"{type(task).__name__}: smlt could not measure the task's memory use "
+            f"({type(exc).__name__}: {exc}); workers will not split their slice of the batch "
+            "by themselves (--micro-batch still does)",
+            SmltWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def _shard_ranges(data: TaskData, shard_bytes: int) -> list[tuple[int, int]]:
