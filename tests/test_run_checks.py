@@ -175,3 +175,19 @@ def test_idle_workers_are_warned_about_per_configuration() -> None:
     assert [m.split(": ")[0] for m in messages] == ["--workers", "--rescale 5:6"]
     assert "4 of them get no sample" in messages[0] and "2 of them" in messages[1]
     assert warn_about_waste(100, 64, 64, 8, ()) == []
+
+
+def test_run_options_are_stored_as_plain_numbers() -> None:
+    """What run.json keeps (and JSON can hold): a numpy integer or float given from Python comes
+    back as int / float, not as the numpy scalar json.dumps refuses."""
+    import numpy as np
+
+    from smlt.protocol.payload import check_clip_grad_norm, check_micro_batch
+
+    micro, clip = check_micro_batch(np.int64(16)), check_clip_grad_norm(np.float32(0.5))
+    assert type(micro) is int and micro == 16
+    assert type(clip) is float and clip == 0.5
+    assert json.loads(json.dumps({"micro_batch": micro, "clip_grad_norm": clip})) == {
+        "micro_batch": 16,
+        "clip_grad_norm": 0.5,
+    }

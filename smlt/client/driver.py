@@ -79,8 +79,10 @@ from smlt.errors import (
     TrainingError,
 )
 from smlt.optimizer.goals import goal_from_options
+from smlt.optimizer.problem import Decision
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.model import FlatModel
+from smlt.protocol.payload import check_clip_grad_norm, check_micro_batch
 from smlt.protocol.state import (
     Version,
     collect_from_store,
@@ -391,8 +393,9 @@ def train(
         heartbeat_timeout_s=heartbeat_timeout_s,
         rescales=tuple(rescales),
         keep_checkpoints=keep_checkpoints,
-        clip_grad_norm=clip_grad_norm,
-        micro_batch=micro_batch,
+        # As checked: a numpy integer or a float 1e-1 must not reach run.json as such.
+        clip_grad_norm=check_clip_grad_norm(clip_grad_norm),
+        micro_batch=check_micro_batch(micro_batch),
         precision=precision,
         tensorboard=str(tensorboard.resolve()) if tensorboard is not None else None,
         warnings=tuple(warned),
@@ -545,7 +548,9 @@ def _execute(
             probe = get_backend(plan.backend, **backend_options)
             latest = checkpoints.latest() if initial is None else None
             first = latest.iteration if latest is not None else 0
-            _check_capacity(plan, probe, first, _goal(plan, probe, None, began_unix_s, latest))
+            decided = _check_capacity(
+                plan, probe, first, _goal(plan, probe, None, began_unix_s, latest)
+            )
             record = _start(plan, initial is None, first, overwrite)
             if latest is not None:
                 record.last_checkpoint = latest.iteration
@@ -568,9 +573,10 @@ def _execute(
                         )
                     latest = checkpoints.latest() if from_checkpoint else None
                     start = latest.iteration if latest is not None else 0
-                    manager = _manager(
-                        plan, probe, _goal(plan, probe, record, began_unix_s, latest)
-                    )
+                    goal = _goal(plan, probe, record, began_unix_s, latest)
+                    if goal is not None:
+                        goal = replace(goal, decided=decided)  # for the same start only
+                    manager = _manager(plan, probe, goal)
                     config = manager.initial(start)
                     if latest is not None:
                         restore_checkpoint(store, keys, latest, config.workers)
@@ -713,16 +719,20 @@ def _goal(
 
 def _check_capacity(
     plan: RunPlan, backend: Backend, first: int, goal: GoalSettings | None = None
-) -> None:
+) -> tuple[int, Decision] | None:
     """Refuse, before the run starts, a configuration the backend cannot hold: the first one
     and every scheduled re-scale whose memory is known (without one, smlt picks what fits);
-    and a goal that no configuration the cluster holds can meet."""
-    config = _manager(plan, backend, goal).initial(first)
+    and a goal that no configuration the cluster holds can meet. Returns the goal's first
+    decision (the run starts with it rather than plan the same thing again), if any."""
+    manager = _manager(plan, backend, goal)
+    config = manager.initial(first)
     backend.check_fits(config.workers, config.memory_mb)
     for at, workers, memory_mb in plan.rescales:
         memory_mb = memory_mb or plan.memory_mb
         if at > first and memory_mb is not None:
             backend.check_fits(workers, memory_mb)
+    checked = manager.settings()["goal"]
+    return checked.decided if isinstance(checked, GoalSettings) else None
 
 
 def _start(plan: RunPlan, resumed: bool, first: int, overwrite: bool) -> RunRecord:
