@@ -34,7 +34,7 @@ import torch
 
 import smlt
 from smlt.client.artifacts import package_task
-from smlt.errors import ConfigError
+from smlt.errors import ConfigError, SmltWarning
 from smlt.protocol.model import FlatModel
 from smlt.storage.artifacts import ArtifactManifest, manifest_key
 from smlt.storage.objects import LocalObjectStore
@@ -120,6 +120,17 @@ TASKS = textwrap.dedent(
             return WideNet()
 
 
+    class TwoAtATime(Regression):
+        """Trains, but its loss refuses more than two samples with a gradient: smlt's memory
+        probe (two and four samples) cannot run it."""
+
+        def loss(self, model, batch):
+            x, y = batch
+            if torch.is_grad_enabled() and len(x) > 2:
+                raise ValueError("two at a time")
+            return nn.functional.mse_loss(model(x), y)
+
+
     class WideSum(Wide):
         loss_reduction = "sum"
 
@@ -172,6 +183,7 @@ def test_micro_batches_match_the_reference(in_process_runs: Path, workers: int) 
     reference = _reference(in_process_runs, "OneCycleClipped")
     assert result.training["micro_batch"] == MICRO
     assert [h["iteration"] for h in result.history] == list(range(ITERATIONS))
+    assert {h["micro_batch"] for h in result.history} == {MICRO}
     _assert_close_state(_state(result), reference.state)
     assert [h["lr"] for h in result.history] == reference.lrs
     norms = [h["grad_norm"] for h in result.history]
@@ -552,6 +564,20 @@ def test_the_profile_counts_what_autograd_saves(tmp_path: Path) -> None:
     assert MemoryProfile.from_dict(manifest.memory_profile) == fp32
     with pytest.raises(ConfigError, match="manifest is not a memory profile"):
         MemoryProfile.from_dict({"activation_bytes_per_sample": 1}, "manifest")
+
+
+def test_a_memory_probe_that_fails_warns_and_splits_nothing(tmp_path: Path) -> None:
+    """The task itself passed the client-side checks; only smlt's probe failed: the run goes
+    on, warned, with no profile (workers then never split by themselves)."""
+    path = _task_file(tmp_path)
+    objects = LocalObjectStore(tmp_path / "objects")
+    with pytest.warns(SmltWarning, match=r"TwoAtATime: smlt could not measure.*two at a"):
+        manifest = package_task(f"{path}:TwoAtATime", objects, "two")
+    assert manifest.memory_profile is None
+    assert (
+        plan_micro_batch(requested=None, slice_samples=50, memory_mb=128, workers=1, profile=None)
+        == 50
+    )
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True, "8"])
