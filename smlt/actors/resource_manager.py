@@ -172,6 +172,7 @@ class ResourceManager:
         self._clock = clock
         self._override = Override(workers, memory_mb)
         self._fits = fits
+        self._room: Callable[[int], int] | None = None  # built once: see _max_workers_at
         # Goal mode: (iteration the trial ended at, trial), oldest first.
         self._trials: list[tuple[int, Trial]] = []
         if goal is not None:
@@ -415,10 +416,15 @@ class ResourceManager:
 
     def _max_workers_at(self) -> Callable[[int], int] | None:
         """How many workers of a size the platform holds at once, from ``fits`` (a backend's
-        ``check_fits``): a binary search per size, each size asked once per decision."""
+        ``check_fits``): a binary search per size, each size asked once per manager. On Ray
+        every ``check_fits`` asks the cluster for its nodes; a decision weighs some 50 sizes,
+        and a run takes several decisions. A cluster that shrinks later is caught by
+        ``deploy``, which checks again."""
         fits = self._fits
         if fits is None:
             return None
+        if self._room is not None:
+            return self._room
         top = self.limits.max_concurrency
 
         @functools.cache
@@ -432,6 +438,7 @@ class ResourceManager:
                     high = mid - 1
             return low
 
+        self._room = room
         return room
 
     def _trial(self, outcome: GenerationOutcome) -> Trial:
