@@ -90,7 +90,14 @@ def train(
     memory_mb: Annotated[
         int | None, typer.Option(help="memory per worker (MB); CPU follows it, 1769 MB = 1 vCPU")
     ] = None,
-    backend: Annotated[str, typer.Option(help="ray (local or --ray-address)")] = "ray",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="ray (local or --ray-address); aws_lambda (boto3's configuration, "
+            "SMLT_LAMBDA_IMAGE, SMLT_LAMBDA_ROLE; docs/deploy-aws.md); openwhisk (~/.wskprops "
+            "or __OW_API_HOST/__OW_API_KEY, SMLT_OPENWHISK_IMAGE; docs/deploy-openwhisk.md)"
+        ),
+    ] = "ray",
     seed: Annotated[int, typer.Option(help="seeds the model, the sampler and dropout")] = 0,
     output: Annotated[Path | None, typer.Option(help="output folder (default runs/JOB)")] = None,
     redis_url: Annotated[
@@ -438,18 +445,59 @@ def clean(
     dry_run: Annotated[
         bool, typer.Option(help="list what would be removed; remove nothing")
     ] = False,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="also delete the functions (aws_lambda) or actions (openwhisk) smlt created, "
+            "of every job, not updated for --older-than (a running job updates its own every "
+            "generation); only those labelled as smlt's, whatever their name"
+        ),
+    ] = None,
 ) -> None:
     """Remove old job folders (jobs/JOB/ in the object store) and workers' local cache folders.
 
     A folder goes when the newest file in it is older than --older-than; anything newer means
-    the job may be running, and it is left alone, as is a cache folder a worker holds.
+    the job may be running, and it is left alone, as is a cache folder a worker holds. With
+    --backend, the platform's leftovers go too (what a run that crashed did not delete).
     """
     try:
         threshold_s = parse_duration(older_than, option="--older-than")
+        if backend is not None:
+            _clean_backend(backend, threshold_s, older_than, dry_run=dry_run)
         _clean(object_store, threshold_s, older_than, dry_run=dry_run)
     except SmltError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _clean_backend(name: str, threshold_s: float, shown: str, *, dry_run: bool) -> None:
+    """Delete (or list) the functions smlt created on a serverless platform."""
+    import trio
+
+    from smlt.backends import backend_class, get_backend
+    from smlt.backends.serverless import ServerlessBackend
+
+    if not issubclass(backend_class(name), ServerlessBackend):
+        raise ConfigError(
+            f"--backend {name}: smlt leaves nothing behind there to clean (only aws_lambda and "
+            "openwhisk functions)"
+        )
+    platform = get_backend(name)
+    assert isinstance(platform, ServerlessBackend)
+
+    async def remove() -> list[Any]:
+        try:
+            return await platform.remove_managed(older_than_s=threshold_s, dry_run=dry_run)
+        finally:
+            await platform.aclose()
+
+    removed = trio.run(remove)
+    now = time.time()
+    verb = "would delete" if dry_run else "deleted"
+    for found in removed:
+        age = _age(now - found.modified_unix_s) if found.modified_unix_s else "at an unknown time"
+        print(f"{verb} {name} {platform.noun} {found.name} (job {found.job_id}, updated {age})")
+    print(f"{verb} {len(removed)} {platform.noun}(s) on {name} not updated in the last {shown}")
 
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*")

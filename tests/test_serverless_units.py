@@ -349,6 +349,11 @@ def test_lambda_config_from_options_and_environment(tmp_path: Path) -> None:
         LambdaConfig(role_arn="admin")
     with pytest.raises(ConfigError, match="timeout_s"):
         LambdaConfig(timeout_s=901)
+    vpc = {"SMLT_LAMBDA_SUBNETS": "subnet-1, subnet-2", "SMLT_LAMBDA_SECURITY_GROUPS": "sg-1"}
+    in_vpc = LambdaConfig.resolve({}, vpc)
+    assert (in_vpc.subnet_ids, in_vpc.security_group_ids) == (("subnet-1", "subnet-2"), ("sg-1",))
+    with pytest.raises(ConfigError, match="both subnet_ids and security_group_ids"):
+        LambdaConfig.resolve({}, {"SMLT_LAMBDA_SUBNETS": "subnet-1"})
 
 
 def test_a_zip_over_lambdas_unzipped_limit_is_refused(
@@ -384,6 +389,13 @@ def test_openwhisk_config_follows_the_wsk_conventions(tmp_path: Path) -> None:
         nothing.require_connection()
     with pytest.raises(ConfigError, match="SMLT_OPENWHISK_IMAGE"):
         OpenWhiskConfig.resolve({}, {"WSK_CONFIG_FILE": str(props)}).require_deployable()
+    # An operator's raised limits, from the environment (the command line has no options).
+    raised = OpenWhiskConfig.resolve(
+        {}, {"SMLT_OPENWHISK_MAX_MEMORY_MB": "4096", "SMLT_OPENWHISK_MAX_DURATION_S": "900"}
+    )
+    assert (raised.max_memory_mb, raised.max_duration_s, raised.timeout_s) == (4096, 900, 900)
+    with pytest.raises(ConfigError, match="not a whole number"):
+        OpenWhiskConfig.resolve({}, {"SMLT_OPENWHISK_MAX_CONCURRENCY": "lots"})
 
 
 def test_backends_by_name_need_no_network_and_say_what_is_missing(
@@ -528,3 +540,14 @@ def test_openwhisk_entry_point_reports_errors_in_lambdas_shape(
 
     ahead = OpenWhiskContext(deadline_unix_ms=time.time() * 1000 + 30_000)
     assert 29_000 < ahead.get_remaining_time_in_millis() <= 30_000
+
+
+def test_smlt_clean_backend_refuses_a_backend_with_nothing_to_clean(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from smlt.cli import app
+
+    env = {"SMLT_OBJECT_STORE": str(tmp_path / "objects")}
+    result = CliRunner().invoke(app, ["clean", "--backend", "sim"], env=env)
+    assert result.exit_code == 2
+    assert "leaves nothing behind there to clean" in result.output

@@ -15,7 +15,7 @@ from typing import Any
 from smlt.backends.base import Backend
 from smlt.errors import ConfigError
 
-__all__ = ["BACKENDS", "PLANNED_BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "PLANNED_BACKENDS", "backend_class", "get_backend"]
 
 #: Backend name -> "module:Class".
 BACKENDS: dict[str, str] = {
@@ -28,9 +28,9 @@ BACKENDS: dict[str, str] = {
 PLANNED_BACKENDS: tuple[str, ...] = ()
 
 
-def get_backend(name: str, **options: Any) -> Backend:
-    """A new backend ``name`` built with ``options``; ``ConfigError`` for an unknown name or a
-    bad option."""
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (importing only its module); ``ConfigError`` for an
+    unknown name."""
     target = BACKENDS.get(name)
     known = ", ".join(sorted(BACKENDS))
     if target is None:
@@ -41,7 +41,14 @@ def get_backend(name: str, **options: Any) -> Backend:
             f"(planned: {', '.join(PLANNED_BACKENDS)})"
         )
     module_name, _, class_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """A new backend ``name`` built with ``options``; ``ConfigError`` for an unknown name or a
+    bad option."""
+    cls = backend_class(name)
     try:
         backend: Backend = cls(**options)
     except TypeError as exc:  # an option the backend does not take

@@ -10,11 +10,15 @@ never reads, logs or forwards credentials. What smlt needs on top is what to dep
   worker with PyTorch does not;
 - the function's **execution role** (``role_arn`` / ``SMLT_LAMBDA_ROLE``): what the workers may
   reach (the S3 bucket of the object store);
+- the **network**, when Redis is only reachable inside a VPC (ElastiCache): ``subnet_ids`` and
+  ``security_group_ids`` (``SMLT_LAMBDA_SUBNETS``, ``SMLT_LAMBDA_SECURITY_GROUPS``, comma
+  separated) attach the functions to it;
 - optional: ``architecture`` (``x86_64`` or ``arm64``, which also picks the price), the name
   ``function_prefix``, extra ``environment`` for the functions (``AWS_ENDPOINT_URL_S3`` is
   passed on when set here, so workers reach the same object store), ``timeout_s`` (the
   function limit when a run gives no ``--function-timeout``), ``max_concurrency`` (the
-  account's concurrent executions), ``ephemeral_storage_mb`` (``/tmp``).
+  account's concurrent executions, ``SMLT_LAMBDA_MAX_CONCURRENCY``), ``ephemeral_storage_mb``
+  (``/tmp``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class LambdaConfig:
     max_concurrency: int = DEFAULT_CONCURRENCY
     environment: Mapping[str, str] = field(default_factory=dict)
     ephemeral_storage_mb: int | None = None
+    subnet_ids: tuple[str, ...] = ()
+    security_group_ids: tuple[str, ...] = ()
     update_timeout_s: float = DEFAULT_UPDATE_TIMEOUT_S
     throttle: ThrottleRetry = field(default_factory=ThrottleRetry)
 
@@ -103,6 +109,11 @@ class LambdaConfig:
             raise ConfigError(
                 f"ephemeral_storage_mb must be in [512, 10240], got {self.ephemeral_storage_mb}"
             )
+        if bool(self.subnet_ids) != bool(self.security_group_ids):
+            raise ConfigError(
+                "a function in a VPC needs both subnet_ids and security_group_ids "
+                "(SMLT_LAMBDA_SUBNETS, SMLT_LAMBDA_SECURITY_GROUPS)"
+            )
         if self.update_timeout_s <= 0:
             raise ConfigError(f"update_timeout_s must be positive, got {self.update_timeout_s}")
 
@@ -110,8 +121,9 @@ class LambdaConfig:
     def resolve(
         cls, options: Mapping[str, Any], env: Mapping[str, str] | None = None
     ) -> LambdaConfig:
-        """Backend options over ``SMLT_LAMBDA_IMAGE``, ``SMLT_LAMBDA_ZIP`` and
-        ``SMLT_LAMBDA_ROLE``; ``AWS_ENDPOINT_URL_S3`` forwarded to the functions' environment.
+        """Backend options over ``SMLT_LAMBDA_IMAGE``, ``SMLT_LAMBDA_ZIP``, ``SMLT_LAMBDA_ROLE``,
+        ``SMLT_LAMBDA_SUBNETS`` and ``SMLT_LAMBDA_SECURITY_GROUPS``; ``AWS_ENDPOINT_URL_S3``
+        forwarded to the functions' environment.
         An unknown option is a ConfigError naming it."""
         env = os.environ if env is None else env
         names = set(cls.__dataclass_fields__)
@@ -125,6 +137,22 @@ class LambdaConfig:
             values["image_uri"] = env.get("SMLT_LAMBDA_IMAGE") or None
             values["zip_file"] = env.get("SMLT_LAMBDA_ZIP") or None
         values.setdefault("role_arn", env.get("SMLT_LAMBDA_ROLE") or None)
+        for name, variable in (
+            ("subnet_ids", "SMLT_LAMBDA_SUBNETS"),
+            ("security_group_ids", "SMLT_LAMBDA_SECURITY_GROUPS"),
+        ):
+            given = values.get(name, env.get(variable, ""))
+            if isinstance(given, str):
+                given = [part.strip() for part in given.split(",") if part.strip()]
+            values[name] = tuple(given)
+        if "max_concurrency" not in values and env.get("SMLT_LAMBDA_MAX_CONCURRENCY"):
+            text = env["SMLT_LAMBDA_MAX_CONCURRENCY"]
+            try:
+                values["max_concurrency"] = int(text)
+            except ValueError:
+                raise ConfigError(
+                    f"SMLT_LAMBDA_MAX_CONCURRENCY={text!r} is not a whole number"
+                ) from None
         forwarded = {k: env[k] for k in FORWARDED_ENV if env.get(k)}
         values["environment"] = {**forwarded, **dict(values.get("environment") or {})}
         return cls(**values)

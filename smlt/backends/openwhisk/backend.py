@@ -87,7 +87,7 @@ class OpenWhiskBackend(ServerlessBackend):
         self.config = OpenWhiskConfig.resolve(options)
         super().__init__(
             prefix=self.config.action_prefix,
-            timeout_s=self.config.timeout_s,
+            timeout_s=self.config.timeout_s or self.config.max_duration_s,
             max_concurrency=self.config.max_concurrency,
             calls=CallNursery("smlt-openwhisk-calls", self._open_run, _close_run),
         )

@@ -14,7 +14,10 @@ at the action's initialisation (the Python runtime's own convention).
 
 OpenWhisk's default limits (apache/openwhisk docs/reference.md) are small for training: 512 MB
 and 300 s per action, 100 concurrent activations per namespace; operators raise them, and the
-``max_memory_mb``, ``max_duration_s`` and ``max_concurrency`` options say what yours allow.
+``max_memory_mb``, ``max_duration_s`` and ``max_concurrency`` options (or
+``SMLT_OPENWHISK_MAX_MEMORY_MB``, ``SMLT_OPENWHISK_MAX_DURATION_S``,
+``SMLT_OPENWHISK_MAX_CONCURRENCY``) say what yours allow. ``timeout_s``, an action's limit when
+a run gives no ``--function-timeout``, defaults to ``max_duration_s``.
 TLS certificates are verified unless ``verify_tls`` is False (for a local test deployment with a
 self-signed certificate; plain ``http://`` needs no TLS at all) or a CA bundle's path.
 """
@@ -83,7 +86,7 @@ class OpenWhiskConfig:
     code: str = DEFAULT_CODE
     verify_tls: bool | str = True
     action_prefix: str = "smlt-"
-    timeout_s: int = DEFAULT_MAX_DURATION_S
+    timeout_s: int | None = None
     max_memory_mb: int = DEFAULT_MAX_MEMORY_MB
     max_duration_s: int = DEFAULT_MAX_DURATION_S
     max_concurrency: int = DEFAULT_CONCURRENCY
@@ -106,6 +109,11 @@ class OpenWhiskConfig:
             raise ConfigError(f"bad OpenWhisk namespace {self.namespace!r}")
         if not MIN_MEMORY_MB <= self.max_memory_mb:
             raise ConfigError(f"max_memory_mb must be >= {MIN_MEMORY_MB}")
+        if self.max_duration_s < 1:
+            raise ConfigError(f"max_duration_s must be >= 1, got {self.max_duration_s}")
+        if self.timeout_s is None:
+            object.__setattr__(self, "timeout_s", self.max_duration_s)
+        assert self.timeout_s is not None
         if not 1 <= self.timeout_s <= self.max_duration_s:
             raise ConfigError(
                 f"timeout_s must be in [1, max_duration_s={self.max_duration_s}], "
@@ -144,6 +152,15 @@ class OpenWhiskConfig:
                     values.pop(name, None)
         if values.get("image") is None:
             values["image"] = env.get("SMLT_OPENWHISK_IMAGE") or None
+        for name in ("max_memory_mb", "max_duration_s", "max_concurrency"):
+            variable = f"SMLT_OPENWHISK_{name.upper()}"
+            if name not in values and env.get(variable):
+                try:
+                    values[name] = int(env[variable])
+                except ValueError:
+                    raise ConfigError(
+                        f"{variable}={env[variable]!r} is not a whole number"
+                    ) from None
         return cls(**values)
 
     @property
