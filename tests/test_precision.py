@@ -14,10 +14,10 @@ pass outside it; parameters, optimizer state and the exchange stay float32
   naming the flag;
 - the pieces: the context casts a matrix product to bfloat16 and leaves the gradient float32.
 
-Every smlt.train run in the suite costs seconds; bf16 through Ray is exercised by
-``benchmarks/precision.py``, and the option's path from ``smlt.train`` to the workers by
-tests/test_microbatch.py's runs (the same options dict) and by run.json's round trip here, which
-also keeps the micro-batch size, the clip norm and the TensorBoard folder for a resume.
+Every smlt.train run in the suite costs seconds, so one shows the option reaches the workers
+through Ray (the first loss a worker reports is the bf16 forward pass's, not the float32 one);
+``benchmarks/precision.py`` runs bf16 through Ray at length, and run.json's round trip here keeps
+the precision, the micro-batch size, the clip norm and the TensorBoard folder for a resume.
 """
 
 from __future__ import annotations
@@ -279,3 +279,44 @@ def test_run_json_keeps_how_every_step_is_taken(tmp_path: Path) -> None:
     }
     # Without --clip-grad-norm the workers apply the task's own clip_grad_norm.
     assert "clip_grad_norm" not in training_options(replace(plan, clip_grad_norm=None))
+
+
+def test_smlt_train_runs_the_workers_forward_pass_in_bf16(
+    in_process_runs: Path, task_file: Path
+) -> None:
+    """Through smlt.train (Ray, the scheduler, the run's options): the first iteration's loss a
+    worker reports is the bf16 forward pass's, to float32 rounding, and not the float32 one."""
+    from tests.test_exactness import _load
+
+    task = _load(task_file, "AdamOneCycle")
+    x, y = (torch.as_tensor(t) for t in task.data())
+    first = torch.from_numpy(
+        next(iter(smlt.global_batches(len(x), BATCH_SIZE, seed=SEED, epoch=0)))
+    )
+    batch = (x[first], y[first])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a 1,769 MB worker computes
+    try:
+        losses = {}
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(SEED)
+            model = task.model()
+            torch.manual_seed(smlt.iteration_seed(SEED, 0))
+            with compute_precision(precision):
+                losses[precision] = float(task.loss(model, batch).detach())
+    finally:
+        torch.set_num_threads(previous)
+    assert abs(losses["bf16"] - losses["fp32"]) > 1e-4 * abs(losses["fp32"]), losses
+
+    result = smlt.train(
+        f"{task_file}:AdamOneCycle",
+        epochs=1,
+        batch_size=BATCH_SIZE,
+        seed=SEED,
+        memory_mb=1769,
+        precision="bf16",
+        output=in_process_runs / "bf16-through-ray",
+    )
+    assert result.training["precision"] == "bf16"
+    reported = result.history[0]["loss"]
+    assert reported == pytest.approx(losses["bf16"], rel=1e-6), (reported, losses)
