@@ -551,3 +551,21 @@ def test_smlt_clean_backend_refuses_a_backend_with_nothing_to_clean(tmp_path: Pa
     result = CliRunner().invoke(app, ["clean", "--backend", "sim"], env=env)
     assert result.exit_code == 2
     assert "leaves nothing behind there to clean" in result.output
+
+
+def test_a_retried_rank_keeps_its_generations_thread_count() -> None:
+    """A rank re-invoked with twice the memory (after running out) sizes torch's threads from the
+    generation's memory, as its earlier attempts did: another thread count would change its CPU
+    reductions, so its bytes."""
+    import torch
+
+    from smlt.worker.entrypoints import _size_threads
+
+    before = torch.get_num_threads()
+    try:
+        _size_threads({"memory_mb": 2 * 3538, "options": {"generation_memory_mb": 1769}})
+        assert torch.get_num_threads() == 1
+        _size_threads({"memory_mb": 3538, "options": {}})  # no generation figure: the event's
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -69,7 +69,13 @@ def openwhisk_main(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size_threads(event: dict[str, Any]) -> None:
-    memory_mb = event.get("memory_mb")
+    """torch's threads from the generation's memory (1 per 1,769 MB), not this invocation's: a
+    rank re-invoked with twice the memory after running out must reduce with the same thread
+    count as its earlier attempts, or its CPU reductions (and so its bytes) would differ."""
+    options = event.get("options")
+    memory_mb = (options or {}).get("generation_memory_mb") if isinstance(options, dict) else None
+    if memory_mb is None:
+        memory_mb = event.get("memory_mb")
     if not isinstance(memory_mb, int | float) or memory_mb <= 0:
         return
     import torch
