@@ -434,6 +434,18 @@ def test_throttling_is_retried_then_throttled_error(platform: str) -> None:
     trio.run(main)
 
 
+def test_openwhisk_polls_an_activation_that_outlasts_the_blocking_window(
+    emulator: Emulated,
+) -> None:
+    """Past the blocking window OpenWhisk answers 202 with the activation id; the backend then
+    polls the activation's record for the report (and its billed duration)."""
+    backend = make("openwhisk", blocking_window_s=0.5)
+    slow = payload(new_job(), 0, 256, act="sleep", sleep_s=2)
+    assert run_one(backend, 256, slow).next_iteration == 5
+    assert isinstance(backend, OpenWhiskBackend)
+    assert backend.statistics()["polled"] == 1
+
+
 def test_refused_credentials_are_backend_auth_error(
     platform: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,8 @@ class ServerlessBackend(Backend):
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         await trio.to_thread.run_sync(self.check_fits, workers, memory_mb)
+        if self._job is not None and self._job != job_id:
+            await self.clean()  # another job's functions: this backend no longer serves it
         self._job, self._workers, self._memory_mb = job_id, workers, memory_mb
         async with self._run_lock():
             await self._make_ready(self.function_name(job_id), memory_mb, self._timeout_s)

@@ -1,11 +1,9 @@
 """The AWS Lambda backend: each worker is one invocation of a function smlt creates per job.
 
-**Functions** (:mod:`smlt.backends.serverless` says which and when). ``deploy`` creates or
-updates ``smlt-<job>`` and waits, through boto3's ``function_active_v2`` /
-``function_updated_v2`` waiters (bounded by ``update_timeout_s``), until Lambda says it is
-ready: an invocation sent while an update is in progress may still run the old configuration,
-and Lambda refuses a second update while one is in progress. The worker reads its time left
-from the Lambda context and hands over before the limit. Everything smlt creates is tagged
+**Functions** (:mod:`smlt.backends.serverless` says which and when;
+:mod:`smlt.backends.aws_lambda.functions` makes them): ``deploy`` creates or updates
+``smlt-<job>`` and returns once Lambda reports it ready. The worker reads its time left from the
+Lambda context and hands over before the limit. Everything smlt creates is tagged
 :data:`~smlt.backends.managed.MANAGED_KEY` and :data:`~smlt.backends.managed.JOB_KEY`;
 ``clean()`` deletes this job's functions, ``remove_managed()`` every tagged one (``smlt clean
 --backend aws_lambda``), and a function of the same name without the tag is never touched.
@@ -20,20 +18,15 @@ bounded) and every other failure is translated by :mod:`smlt.backends.aws_lambda
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
-import math
 import threading
-import time
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from smlt.backends.aws_lambda.config import LambdaConfig
 from smlt.backends.aws_lambda.errors import interpret_invoke_response, translate_client_error
+from smlt.backends.aws_lambda.functions import FunctionControl
 from smlt.backends.aws_lambda.limits import (
     MAX_MEMORY_MB,
     MAX_TIMEOUT_S,
@@ -42,10 +35,10 @@ from smlt.backends.aws_lambda.limits import (
 )
 from smlt.backends.base import BackendLimits, Pricing
 from smlt.backends.calls import BackgroundInvocation, CallNursery
-from smlt.backends.managed import JOB_KEY, MANAGED_KEY, MANAGED_VALUE, ManagedResource
+from smlt.backends.managed import ManagedResource
 from smlt.backends.retry import retry_throttled
 from smlt.backends.serverless import ServerlessBackend
-from smlt.errors import BackendError, ConfigError, SmltError
+from smlt.errors import ConfigError, SmltError
 from smlt.optimizer.cost import LAMBDA_ARM64, LAMBDA_X86
 from smlt.protocol.payload import WorkerPayload, WorkerReport
 
@@ -105,7 +98,7 @@ class LambdaBackend(ServerlessBackend):
         self._invoke_client: Any = None
         self._limiter_token: trio.lowlevel.TrioToken | None = None
         self._limiter: trio.CapacityLimiter | None = None
-        self._zip_bytes: bytes | None = None
+        self._control = FunctionControl(self.config, lambda: self._clients()[0])
 
     # -- limits and prices -----------------------------------------------------------------------
 
@@ -182,150 +175,8 @@ class LambdaBackend(ServerlessBackend):
 
     async def _ensure_function(self, name: str, job: str, memory_mb: int, timeout_s: int) -> None:
         await trio.to_thread.run_sync(
-            functools.partial(self._ensure_sync, name, job, memory_mb, timeout_s),
+            functools.partial(self._control.ensure, name, job, memory_mb, timeout_s),
             abandon_on_cancel=True,
-        )
-
-    def _ensure_sync(self, name: str, job: str, memory_mb: int, timeout_s: int) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError, WaiterError
-
-        client, _ = self._clients()
-        where = f"aws_lambda: deploy {name}"
-        try:
-            current = self._get_function(client, name)
-            if current is None:
-                try:
-                    client.create_function(**self._create_args(name, job, memory_mb, timeout_s))
-                except ClientError as exc:
-                    if _code(exc) != "ResourceConflictException":  # not created meanwhile
-                        raise
-                    current = self._get_function(client, name)
-                else:
-                    self._wait(client, "function_active_v2", name)
-                    return
-            if current is None:
-                raise BackendError(f"{where}: the function vanished while being created")
-            self._update(client, name, current, memory_mb, timeout_s)
-        except WaiterError as exc:
-            last = getattr(exc, "last_response", None) or {}
-            config = last.get("Configuration") or {}
-            reason = config.get("StateReason") or config.get("LastUpdateStatusReason") or exc
-            raise BackendError(f"{where}: the function did not become ready: {reason}") from None
-        except (BotoCoreError, ClientError) as exc:
-            raise translate_client_error(exc, where) from None
-
-    def _get_function(self, client: Any, name: str) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            found: dict[str, Any] = client.get_function(FunctionName=name)
-        except ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                return None
-            raise
-        if "Tags" not in found:  # GetFunction leaves them out without lambda:ListTags
-            arn = found["Configuration"]["FunctionArn"]
-            found["Tags"] = client.list_tags(Resource=arn).get("Tags", {})
-        return found
-
-    def _update(
-        self, client: Any, name: str, current: dict[str, Any], memory_mb: int, timeout_s: int
-    ) -> None:
-        """Bring an existing function to the wanted code and configuration, waiting for each
-        update: Lambda refuses a second update while one is in progress."""
-        config = current["Configuration"]
-        if (current.get("Tags") or {}).get(MANAGED_KEY) != MANAGED_VALUE:
-            raise ConfigError(
-                f"a Lambda function named {name} exists and smlt did not create it (no "
-                f"{MANAGED_KEY} tag); smlt leaves it alone: choose another function_prefix"
-            )
-        if config.get("State") == "Pending":
-            self._wait(client, "function_active_v2", name)
-        if config.get("LastUpdateStatus") == "InProgress":
-            self._wait(client, "function_updated_v2", name)
-        code = self._code_update(current)
-        if code:
-            client.update_function_code(FunctionName=name, **code)
-            self._wait(client, "function_updated_v2", name)
-        wanted_env = dict(self.config.environment)
-        env = (config.get("Environment") or {}).get("Variables") or {}
-        vpc = config.get("VpcConfig") or {}
-        have_vpc = (sorted(vpc.get("SubnetIds") or ()), sorted(vpc.get("SecurityGroupIds") or ()))
-        want_vpc = (sorted(self.config.subnet_ids), sorted(self.config.security_group_ids))
-        if (config.get("MemorySize"), config.get("Timeout"), env, have_vpc) != (
-            memory_mb,
-            timeout_s,
-            wanted_env,
-            want_vpc,
-        ):
-            update: dict[str, Any] = {
-                "FunctionName": name,
-                "MemorySize": memory_mb,
-                "Timeout": timeout_s,
-                "Environment": {"Variables": wanted_env},
-            }
-            if have_vpc != want_vpc:
-                update["VpcConfig"] = self._vpc()
-            client.update_function_configuration(**update)
-            self._wait(client, "function_updated_v2", name)
-
-    def _code_update(self, current: dict[str, Any]) -> dict[str, Any]:
-        """UpdateFunctionCode's arguments if the deployed code is not what is configured."""
-        if self.config.zip_file:
-            data = self._zip()
-            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
-            if current["Configuration"].get("CodeSha256") != digest:
-                return {"ZipFile": data}
-            return {}
-        if (current.get("Code") or {}).get("ImageUri") != self.config.image_uri:
-            return {"ImageUri": self.config.image_uri}
-        return {}
-
-    def _create_args(self, name: str, job: str, memory_mb: int, timeout_s: int) -> dict[str, Any]:
-        config = self.config
-        config.require_deployable()
-        args: dict[str, Any] = {
-            "FunctionName": name,
-            "Role": config.role_arn,
-            "MemorySize": memory_mb,
-            "Timeout": timeout_s,
-            "Architectures": [config.architecture],
-            "Environment": {"Variables": dict(config.environment)},
-            "Description": f"smlt worker of job {job}"[:256],
-            "Tags": {MANAGED_KEY: MANAGED_VALUE, JOB_KEY: job[:256]},
-        }
-        if config.zip_file:
-            args.update(
-                PackageType="Zip",
-                Runtime=config.runtime,
-                Handler=config.handler,
-                Code={"ZipFile": self._zip()},
-            )
-        else:
-            args.update(PackageType="Image", Code={"ImageUri": config.image_uri})
-        if config.ephemeral_storage_mb is not None:
-            args["EphemeralStorage"] = {"Size": config.ephemeral_storage_mb}
-        if config.subnet_ids:
-            args["VpcConfig"] = self._vpc()
-        return args
-
-    def _vpc(self) -> dict[str, list[str]]:
-        return {
-            "SubnetIds": list(self.config.subnet_ids),
-            "SecurityGroupIds": list(self.config.security_group_ids),
-        }
-
-    def _zip(self) -> bytes:
-        if self._zip_bytes is None:
-            assert self.config.zip_file is not None
-            self._zip_bytes = Path(self.config.zip_file).read_bytes()
-        return self._zip_bytes
-
-    def _wait(self, client: Any, waiter: str, name: str) -> None:
-        delay_s = 1
-        attempts = max(1, math.ceil(self.config.update_timeout_s / delay_s))
-        client.get_waiter(waiter).wait(
-            FunctionName=name, WaiterConfig={"Delay": delay_s, "MaxAttempts": attempts}
         )
 
     # -- invoke ----------------------------------------------------------------------------------
@@ -376,7 +227,7 @@ class LambdaBackend(ServerlessBackend):
     # -- clean -----------------------------------------------------------------------------------
 
     async def _delete_functions(self, names: list[str]) -> None:
-        await trio.to_thread.run_sync(self._delete_sync, names)
+        await trio.to_thread.run_sync(self._control.delete, names)
 
     async def remove_managed(
         self, *, older_than_s: float | None = None, dry_run: bool = False
@@ -384,46 +235,8 @@ class LambdaBackend(ServerlessBackend):
         """Every function tagged as smlt's in this account and region (see
         :meth:`ServerlessBackend.remove_managed`)."""
         return await trio.to_thread.run_sync(
-            functools.partial(self._remove_managed_sync, older_than_s, dry_run)
+            functools.partial(self._control.remove_managed, older_than_s, dry_run)
         )
-
-    def _delete_sync(self, names: list[str]) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client, _ = self._clients()
-        for name in names:
-            try:
-                client.delete_function(FunctionName=name)
-            except ClientError as exc:
-                if _code(exc) != "ResourceNotFoundException":
-                    raise translate_client_error(exc, f"aws_lambda: delete {name}") from None
-            except BotoCoreError as exc:
-                raise translate_client_error(exc, f"aws_lambda: delete {name}") from None
-
-    def _remove_managed_sync(
-        self, older_than_s: float | None, dry_run: bool
-    ) -> list[ManagedResource]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client, _ = self._clients()
-        now = time.time()
-        found: list[ManagedResource] = []
-        try:
-            for page in client.get_paginator("list_functions").paginate():
-                for function in page.get("Functions", ()):
-                    tags = client.list_tags(Resource=function["FunctionArn"]).get("Tags", {})
-                    if tags.get(MANAGED_KEY) != MANAGED_VALUE:
-                        continue
-                    modified = _unix_s(function.get("LastModified"))
-                    if older_than_s is not None and now - modified < older_than_s:
-                        continue
-                    name = function["FunctionName"]
-                    if not dry_run:
-                        self._delete_sync([name])
-                    found.append(ManagedResource(name, tags.get(JOB_KEY, ""), modified))
-        except (BotoCoreError, ClientError) as exc:
-            raise translate_client_error(exc, "aws_lambda: listing smlt's functions") from None
-        return found
 
     async def aclose(self) -> None:
         try:
@@ -434,22 +247,3 @@ class LambdaBackend(ServerlessBackend):
                     if client is not None:
                         client.close()
                 self._control_client = self._invoke_client = self._session = None
-
-
-def _code(exc: BaseException) -> str:
-    """A botocore ClientError's error code ("" for anything else)."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str((response.get("Error") or {}).get("Code") or "")
-    return ""
-
-
-def _unix_s(text: Any) -> float:
-    """Lambda's ``LastModified`` ("2024-05-01T12:00:00.000+0000") in Unix seconds; 0 if
-    unreadable, so an unreadable function counts as old."""
-    if not isinstance(text, str):
-        return 0.0
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return 0.0

@@ -230,8 +230,9 @@ class OpenWhiskBackend(ServerlessBackend):
             entries = _json(page, where)
             if not isinstance(entries, list):
                 raise BackendError(f"{where}: expected a list of actions, got {entries!r}"[:300])
-            listed += [e for e in entries if isinstance(e, dict)]
-            if len(entries) < _PAGE:
+            fresh = [e for e in entries if isinstance(e, dict)]
+            listed += fresh
+            if len(entries) < _PAGE or not fresh:  # the last page (or a server gone astray)
                 break
         found: list[ManagedResource] = []
         for entry in listed:
@@ -295,6 +296,7 @@ class OpenWhiskBackend(ServerlessBackend):
 
     async def _poll(self, activation: str, deadline: float, where: str) -> dict[str, Any]:
         """The activation's record, once it exists (404 until the action ended)."""
+        self._counts["polled"] = self._counts.get("polled", 0) + 1
         pause_s = _POLL_FIRST_S
         path = self._path("activations", activation)
         while True:
