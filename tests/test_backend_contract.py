@@ -5,7 +5,7 @@ the platforms' memory, time and concurrency limits).
 - deploying twice is deploying once, and a new generation's memory reaches the platform;
 - an invocation runs the real worker: two ranks of a tiny job compute exactly the bytes two
   threads compute (tests/worker_harness.py); on aws_lambda a whole ``smlt.train`` runs instead,
-  and ends with the parameters of the same run on Ray;
+  and its model holds those same bytes;
 - what goes wrong comes back typed: the handler's exception (an smlt error as itself), the time
   limit (``FunctionTimeoutError``), memory (``OutOfMemoryError``), throttling
   (``ThrottledError``, after the bounded retries; a retry that finds room succeeds), refused
@@ -209,7 +209,8 @@ def lambda_client(emu: Emulated) -> Any:
         aws_access_key_id=emu.env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=emu.env["AWS_SECRET_ACCESS_KEY"],
         region_name=emu.env["AWS_DEFAULT_REGION"],
-        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+        # The test's own look at the platform retries what a loaded machine may drop.
+        config=Config(retries={"total_max_attempts": 3, "mode": "standard"}),
     )
 
 
@@ -295,7 +296,7 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-ITERATIONS = 4
+ITERATIONS = 6  # one epoch: 203 samples in batches of 40
 
 
 def regression_job(root: Path, redis: RedisServer, task_file: Path, name: str) -> ThreadedJob:
@@ -330,7 +331,7 @@ def test_an_invocation_runs_the_real_worker(
 ) -> None:
     """Two ranks through the backend compute the bytes two threads compute."""
     if platform == "aws_lambda":  # a cold start imports PyTorch: each one is dear
-        pytest.skip("on aws_lambda the real worker runs a whole smlt.train, end to end, below")
+        pytest.skip("on aws_lambda a whole smlt.train runs the real worker (below)")
     memory = 884 if platform == "ray" else 1024
     remote = regression_job(tmp_path, redis_server, task_file, new_job())
     backend = make(platform, worker=True)
@@ -373,14 +374,23 @@ def run_one(backend: Backend, memory_mb: int, p: WorkerPayload, *, timeout_s: fl
 
 
 def test_the_handlers_exception_comes_back_typed(platform: str) -> None:
-    memory = 884 if platform == "ray" else 256
-    job = new_job()
-    with pytest.raises(WorkerError, match="ValueError: rank 1 cannot go on") as raised:
-        run_one(make(platform), memory, payload(job, 1, memory, act="raise"))
-    assert "contract_handlers.py" in raised.value.remote_traceback
-    smlt_error = payload(new_job(), 0, memory, act="raise_smlt", error="ShardTimeoutError")
-    with pytest.raises(ShardTimeoutError, match="ShardTimeoutError from rank 0"):
-        run_one(make(platform), memory, smlt_error)
+    memory, job = 884 if platform == "ray" else 256, new_job()
+    backend = make(platform)
+
+    async def main() -> None:
+        try:
+            await backend.deploy(job, 2, memory)
+            raising = await backend.invoke(payload(job, 1, memory, act="raise"))
+            with pytest.raises(WorkerError, match="ValueError: rank 1 cannot go on") as raised:
+                await raising.result(timeout_s=60)
+            assert "contract_handlers.py" in raised.value.remote_traceback
+            smlt_error = payload(job, 1, memory, act="raise_smlt", error="ShardTimeoutError")
+            with pytest.raises(ShardTimeoutError, match="ShardTimeoutError from rank 1"):
+                await (await backend.invoke(smlt_error)).result(timeout_s=60)
+        finally:
+            await backend.aclose()
+
+    trio.run(main)
 
 
 def test_the_time_limit_is_function_timeout_error(platform: str) -> None:
@@ -579,32 +589,39 @@ def test_smlt_clean_backend_deletes_what_crashed_runs_left(
 # -- a whole run ---------------------------------------------------------------------------------
 
 
-def test_a_run_on_emulated_lambda_ends_with_the_ray_runs_parameters(
+def test_a_whole_run_on_emulated_lambda_computes_what_threads_and_ray_compute(
     emulator: Emulated,
     in_process_runs: Path,
     task_file: Path,
+    threads_ran: Outcome,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``smlt.train`` end to end on aws_lambda (the emulator; real Redis, the object store a
-    local folder the containers read too) and on Ray, same task and seed: same parameters."""
+    local folder the containers read too): the model it saves holds exactly the parameters of
+    the same job on two threads, which the Ray backend's workers reproduce byte for byte
+    (test_an_invocation_runs_the_real_worker[ray]). A second whole run, on Ray, would repeat
+    that for 15 s more of the suite; the digits example run by hand on both backends (seed 4, 3
+    workers, 2 epochs) also ended with equal parameters (docs/deploy-aws.md, "Try it first")."""
     import torch
 
     import smlt
+    from smlt.protocol.model import FlatModel
+    from smlt.task import load_task
 
     monkeypatch.setenv("SMLT_LAMBDA_IMAGE", WORKER_IMAGE)
     monkeypatch.setenv("SMLT_LAMBDA_ROLE", ROLE)
-    models = {}
-    for backend in ("aws_lambda", "ray"):
-        result = smlt.train(
-            f"{task_file}:RegressionAdam",
-            backend=backend,
-            workers=2,
-            epochs=1,
-            batch_size=40,
-            seed=4,
-            output=in_process_runs / f"run-{backend}-{uuid.uuid4().hex[:6]}",
-        )
-        assert result.backend == backend and result.iterations == 6  # 203 samples, batch 40
-        models[backend] = torch.load(result.output_dir / "model.pt")
-    for name, value in models["ray"].items():
-        assert torch.equal(models["aws_lambda"][name], value), name
+    spec = f"{task_file}:RegressionAdam"
+    result = smlt.train(
+        spec,
+        backend="aws_lambda",
+        workers=2,
+        epochs=1,
+        batch_size=40,
+        seed=0,
+        output=in_process_runs / f"run-aws-lambda-{uuid.uuid4().hex[:6]}",
+    )
+    assert (result.backend, result.iterations) == ("aws_lambda", ITERATIONS)
+    assert result.failures == []
+    model = load_task(spec).model()
+    model.load_state_dict(torch.load(result.output_dir / "model.pt"))
+    assert np.array_equal(FlatModel(model).values_numpy(), threads_ran.final.values)
