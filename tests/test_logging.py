@@ -358,9 +358,15 @@ def test_a_callback_that_raises_at_the_end_of_a_finished_run_is_named() -> None:
     assert after.ends == [result]
 
 
+def _log_record(record: object) -> None:
+    """A plain function, the mistake a user makes (not ``print``: Ray may replace the builtin)."""
+
+
 def test_what_is_not_a_callback_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="instances of smlt.Callback subclasses; got <built-in"):
-        smlt.train("missing.py:T", callbacks=[print], output=tmp_path / "out")  # type: ignore[list-item]
+    with pytest.raises(
+        ConfigError, match="instances of smlt.Callback subclasses; got <function _log_record"
+    ):
+        smlt.train("missing.py:T", callbacks=[_log_record], output=tmp_path / "out")  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="a list of smlt.Callback instances, got one"):
         smlt.resume(tmp_path, callbacks=Recorder())  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
