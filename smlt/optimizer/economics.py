@@ -8,8 +8,10 @@ and the probability of meeting the goal is the probability that the model's s/it
 under it. The optimizer uses these for whole grids at once (numpy arrays); ``smlt plan`` can use
 them for one fixed configuration.
 
-A new generation every ``max_run_s`` is counted continuously (a fraction of a start-up), which
-keeps both functions monotone and invertible; the error is at most one start-up.
+The driver's own time (:attr:`~smlt.optimizer.problem.Problem.driver_s`) is wall time that only
+the store is billed for. A new generation every ``max_run_s`` is counted continuously (a
+fraction of a start-up), which keeps both functions monotone and invertible; the error is at
+most one start-up.
 """
 
 from __future__ import annotations
@@ -58,13 +60,15 @@ class RunEconomics:
     def wall_s(self, s_per_iteration: Any) -> FloatArray:
         t = np.asarray(s_per_iteration, dtype=float)
         wall = self.iterations * t + self.problem.startup_s * self.generations(t)
+        wall = wall + self.problem.driver_s
         return np.broadcast_to(wall, self.workers.shape).astype(float)
 
     def breakdown(self, s_per_iteration: Any) -> tuple[FloatArray, FloatArray, FloatArray]:
         """(workers, store, requests) USD; their sum is :meth:`cost_usd`."""
         costs = self.problem.costs
         wall = self.wall_s(s_per_iteration)
-        workers_usd = self.workers * costs.functions.usd_per_worker_s(self.memory_mb) * wall
+        billed = wall - self.problem.driver_s  # no worker runs while the driver works alone
+        workers_usd = self.workers * costs.functions.usd_per_worker_s(self.memory_mb) * billed
         store_usd = costs.store_usd_per_s * wall
         requests_usd = self.usd_per_generation * self.generations(s_per_iteration)
         requests_usd = requests_usd + self.usd_once
@@ -88,6 +92,7 @@ class RunEconomics:
     def s_within_wall(self, wall_s: float) -> FloatArray:
         """The largest s/iteration whose wall time is at most ``wall_s`` (0: none)."""
         startup, run, n = self.problem.startup_s, self.problem.max_run_s, self.iterations
+        wall_s -= self.problem.driver_s
         one = (wall_s - startup) / n
         many = wall_s / (n * (1 + startup / run))
         t = one if n * one <= run else many
@@ -96,7 +101,8 @@ class RunEconomics:
     def s_within_cost(self, cost_usd: float) -> FloatArray:
         """The largest s/iteration whose cost is at most ``cost_usd`` (0: none)."""
         startup, run, n = self.problem.startup_s, self.problem.max_run_s, self.iterations
-        a, f, c0 = self.usd_per_s, self.usd_per_generation, self.usd_once
+        a, f = self.usd_per_s, self.usd_per_generation
+        c0 = self.usd_once + self.problem.costs.store_usd_per_s * self.problem.driver_s
         with np.errstate(divide="ignore", invalid="ignore"):
             one = (cost_usd - c0 - f - a * startup) / (a * n)
             many = (cost_usd - c0) / (n * (a * (1 + startup / run) + f / run))

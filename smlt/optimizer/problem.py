@@ -35,8 +35,12 @@ class Problem:
     ``startup_s`` is what every generation pays before its first iteration (the platform's
     cold start with torch: 5-15 s on Lambda). ``max_run_s`` is how long one invocation may
     train before the scheduler hands over to a new generation (Lambda: 900 s less the
-    scheduler's margin; inf for Ray). ``elapsed_s`` and ``spent_usd`` are what the run has
-    used so far, trials included: a deadline and a budget are for the whole run."""
+    scheduler's margin; inf for Ray). ``driver_s`` is what the run spends once outside any
+    worker, in wall time but not in the workers' bill: the driver starting Ray, the store and
+    the scheduler, the last evaluation, writing the result (measured by ``smlt plan --backend
+    ray``'s trials; 0 where it is unknown, which the sim's platforms leave it). ``elapsed_s``
+    and ``spent_usd`` are what the run has used so far, trials included: a deadline and a
+    budget are for the whole run."""
 
     goal: Goal
     workload: Workload
@@ -46,13 +50,15 @@ class Problem:
     override: Override = field(default_factory=Override)
     startup_s: float = 10.0
     max_run_s: float = math.inf
+    driver_s: float = 0.0
     elapsed_s: float = 0.0
     spent_usd: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.startup_s < 0 or self.max_run_s <= 0:
+        if self.startup_s < 0 or self.max_run_s <= 0 or self.driver_s < 0:
             raise ConfigError(
-                f"startup_s must be >= 0 and max_run_s > 0, got {self.startup_s}, {self.max_run_s}"
+                f"startup_s and driver_s must be >= 0 and max_run_s > 0, got {self.startup_s}, "
+                f"{self.driver_s}, {self.max_run_s}"
             )
         self.space.check(self.override)
 
@@ -74,6 +80,7 @@ class Problem:
             "costs": self.costs.to_dict(),
             "startup_s": self.startup_s,
             "max_run_s": self.max_run_s,
+            "driver_s": self.driver_s,
             "elapsed_s": self.elapsed_s,
             "spent_usd": self.spent_usd,
         }
