@@ -70,9 +70,11 @@ CONCURRENCY = 2
 
 @dataclass(frozen=True)
 class Emulated:
-    """Where the emulator is and the credentials it accepts (from its environment file)."""
+    """Where the emulator is and the credentials it accepts (from its environment file), and
+    its process id (its containers are its child processes)."""
 
     env: dict[str, str]
+    pid: int
 
     @property
     def url(self) -> str:
@@ -122,7 +124,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulated]:
                 patch.setenv(name, value)
             patch.setenv("WSK_CONFIG_FILE", str(folder / "no-wskprops"))
             patch.delenv("AWS_PROFILE", raising=False)
-            yield Emulated(env)
+            yield Emulated(env, process.pid)
     finally:
         assert process.stdin is not None
         process.stdin.close()
@@ -589,39 +591,134 @@ def test_smlt_clean_backend_deletes_what_crashed_runs_left(
 # -- a whole run ---------------------------------------------------------------------------------
 
 
-def test_a_whole_run_on_emulated_lambda_computes_what_threads_and_ray_compute(
-    emulator: Emulated,
-    in_process_runs: Path,
-    task_file: Path,
-    threads_ran: Outcome,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``smlt.train`` end to end on aws_lambda (the emulator; real Redis, the object store a
-    local folder the containers read too): the model it saves holds exactly the parameters of
-    the same job on two threads, which the Ray backend's workers reproduce byte for byte
-    (test_an_invocation_runs_the_real_worker[ray]). A second whole run, on Ray, would repeat
-    that for 15 s more of the suite; the digits example run by hand on both backends (seed 4, 3
-    workers, 2 epochs) also ended with equal parameters (docs/deploy-aws.md, "Try it first")."""
-    import torch
-
+def train_on_lambda(spec: str, out: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
+    """``smlt.train`` of ``spec`` on the emulated Lambda: 2 workers, one epoch of batches of 40."""
     import smlt
-    from smlt.protocol.model import FlatModel
-    from smlt.task import load_task
 
     monkeypatch.setenv("SMLT_LAMBDA_IMAGE", WORKER_IMAGE)
     monkeypatch.setenv("SMLT_LAMBDA_ROLE", ROLE)
-    spec = f"{task_file}:RegressionAdam"
-    result = smlt.train(
+    return smlt.train(
         spec,
         backend="aws_lambda",
         workers=2,
         epochs=1,
         batch_size=40,
         seed=0,
-        output=in_process_runs / f"run-aws-lambda-{uuid.uuid4().hex[:6]}",
+        output=out,
+        **options,
     )
-    assert (result.backend, result.iterations) == ("aws_lambda", ITERATIONS)
-    assert result.failures == []
+
+
+def final_parameters(spec: str, result: Any) -> np.ndarray:
+    import torch
+
+    from smlt.protocol.model import FlatModel
+    from smlt.task import load_task
+
     model = load_task(spec).model()
     model.load_state_dict(torch.load(result.output_dir / "model.pt"))
-    assert np.array_equal(FlatModel(model).values_numpy(), threads_ran.final.values)
+    return FlatModel(model).values_numpy()
+
+
+@pytest.fixture(scope="module")
+def lambda_run(
+    emulator: Emulated, in_process_runs: Path, task_file: Path
+) -> tuple[Any, np.ndarray]:
+    """The regression job, whole, on the emulated Lambda: (its result, its final parameters)."""
+    spec = f"{task_file}:RegressionAdam"
+    with pytest.MonkeyPatch.context() as patch:
+        result = train_on_lambda(
+            spec, in_process_runs / f"run-aws-lambda-{uuid.uuid4().hex[:6]}", patch
+        )
+    return result, final_parameters(spec, result)
+
+
+def test_a_whole_run_on_emulated_lambda_computes_what_threads_and_ray_compute(
+    lambda_run: tuple[Any, np.ndarray], threads_ran: Outcome
+) -> None:
+    """``smlt.train`` end to end on aws_lambda (the emulator; real Redis, the object store a
+    local folder the containers read too): the model it saves holds exactly the parameters of
+    the same job on two threads, which the Ray backend's workers reproduce byte for byte
+    (test_an_invocation_runs_the_real_worker[ray]). A second whole run, on Ray, would repeat
+    that for 15 s more of the suite; the digits example on both backends (seed 4, 3 workers, 2
+    epochs) is benchmarks/emulated_parity.py, its figures benchmarks/results/."""
+    result, parameters = lambda_run
+    assert (result.backend, result.iterations) == ("aws_lambda", ITERATIONS)
+    assert result.failures == []
+    assert np.array_equal(parameters, threads_ran.final.values)
+
+
+def stopped_containers(emulator_pid: int) -> list[int]:
+    """The emulator's containers (its child processes) that are stopped (state ``T``)."""
+    from smlt.emulator.runtime import MARKER
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == emulator_pid and state == "T" and MARKER.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_container_killed_mid_run_is_recovered_with_the_same_parameters(
+    emulator: Emulated,
+    in_process_runs: Path,
+    task_file: Path,
+    lambda_run: tuple[Any, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL of an emulated Lambda container mid-run, from outside, as the platform's host
+    would: the run ends with the parameters of the same run without it, bit for bit, as on Ray
+    (tests/test_fault_phases.py).
+
+    To kill at a known point, rank 1 stops itself (SIGSTOP: ``hang``) on its first attempt,
+    right after publishing its parameter shard for iteration 4 (at the end of 3); the test
+    finds the stopped container among the emulator's children and SIGKILLs it. The emulator
+    answers the call as Lambda answers a runtime that died (``Runtime.ExitError``), the
+    scheduler re-invokes rank 1 in a new container, which adopts what the dead one had
+    published. The heartbeat bound is long, so the recovery is the kill's, not the heartbeat's
+    (the cause is checked)."""
+    import os
+    import signal
+    import threading
+
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_when_stopped() -> None:
+        deadline = time.monotonic() + 300
+        while not done.is_set() and time.monotonic() < deadline:
+            for pid in stopped_containers(emulator.pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_stopped, daemon=True)
+    killer.start()
+    monkeypatch.setenv("SMLT_FAULTS", "hang:rank=1:iteration=3:phase=after-publish")
+    spec = f"{task_file}:RegressionAdam"
+    try:
+        result = train_on_lambda(
+            spec,
+            in_process_runs / f"run-aws-lambda-kill-{uuid.uuid4().hex[:6]}",
+            monkeypatch,
+            heartbeat_timeout_s=120,
+        )
+    finally:
+        done.set()
+        killer.join(5)
+    assert len(killed) == 1, "no container stopped, so none was killed"
+    assert [(f["rank"], f["attempt"]) for f in result.failures] == [(1, 0)]
+    cause = result.failures[0]["cause"]
+    assert "Runtime.ExitError" in cause and "killed" in cause, cause
+    assert result.iterations == ITERATIONS
+    _, clean_parameters = lambda_run
+    assert np.array_equal(final_parameters(spec, result), clean_parameters)
