@@ -207,6 +207,10 @@ def train(
         int | None,
         typer.Option(help="with a goal: iterations each trial trains (default 5)"),
     ] = None,
+    max_iterations: Annotated[
+        int | None,
+        typer.Option(help="stop after this many iterations, even mid-epoch (a smoke test)"),
+    ] = None,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots.
 
@@ -235,6 +239,7 @@ def train(
             clip_grad_norm=clip_grad_norm,
             micro_batch=micro_batch,
             precision=precision,
+            max_iterations=max_iterations,
         )
         if tensorboard is not None:  # a missing package is told before PyTorch is imported
             from smlt.client.tensorboard import require_tensorboard
@@ -271,6 +276,7 @@ def train(
             fastest=fastest,
             max_trials=max_trials,
             trial_iterations=trial_iterations,
+            max_iterations=max_iterations,
         )
 
     _run(output, start)
@@ -1002,9 +1008,13 @@ def _print_summary(result: Any) -> None:
         table.add_row("goal", f"{goal['text']}: {'met' if goal['met'] else 'MISSED'}")
     if result.optimizer:
         table.add_row("optimizer", f"{result.optimizer['class']}, {result.optimizer['mode']}")
+    whole = result.epochs * result.iterations_per_epoch
     table.add_row(
         "iterations",
-        f"{result.iterations} ({_plural(result.epochs, 'epoch')} of batch {result.batch_size})",
+        f"{result.iterations} ({_plural(result.epochs, 'epoch')} of batch {result.batch_size})"
+        if result.iterations >= whole
+        else f"{result.iterations} of {whole} ({_plural(result.epochs, 'epoch')} of batch "
+        f"{result.batch_size}; stopped by --max-iterations)",
     )
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     table.add_row(
@@ -1141,15 +1151,25 @@ def plan_command(
         int | None, typer.Option(help="fix the memory per worker in MB (not searched)")
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="sim (a model of AWS Lambda calibrated on this machine)")
+        str,
+        typer.Option(
+            help="sim (a model of AWS Lambda calibrated on this machine) or ray (trials are "
+            "short real runs on Ray: a local Ray, or --ray-address)"
+        ),
     ] = "sim",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="ray: an existing Ray cluster (ray://... or auto); default: a local Ray"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seeds the sim's noise and the optimizer")] = 0,
     noise: Annotated[
-        float, typer.Option(help="sim: log-normal spread of each worker's compute time")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="sim: log-normal spread of each worker's compute time (default 0)"),
+    ] = None,
     max_concurrency: Annotated[
-        int, typer.Option(help="sim: functions that may run at once (Lambda's default: 1000)")
-    ] = 1000,
+        int | None,
+        typer.Option(help="sim: functions that may run at once (Lambda's default: 1000)"),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(help="where to write the frontier's PNG (default plans/TASK-STAMP/)"),
@@ -1161,10 +1181,10 @@ def plan_command(
     """Choose workers x memory for training TASK before paying for it.
 
     Times the task once on this machine, runs the optimizer's trials on the sim backend (the
-    real scheduler on a modelled platform), and prints the recommendation, its predicted wall
-    time and cost, the trials and the time-cost frontier (also drawn as a PNG). Exits with 3 if
-    no configuration meets the goal (naming the fastest time and the cheapest cost in reach),
-    with 2 for any other error."""
+    real scheduler on a modelled platform) or, with --backend ray, as short real runs on Ray,
+    and prints the recommendation, its predicted wall time and cost, the trials and the
+    time-cost frontier (also drawn as a PNG). Exits with 3 if no configuration meets the goal
+    (naming the fastest time and the cheapest cost in reach), with 2 for any other error."""
     try:
         # A mistyped flag is refused here, before PyTorch is imported.
         goal = goal_from_options(deadline=deadline, budget=budget, fastest=fastest)
@@ -1175,6 +1195,12 @@ def plan_command(
             plot_frontier,
         )
 
+        # Only what was given: --backend ray refuses the sim's figures.
+        figures: dict[str, Any] = {
+            name: value
+            for name, value in (("noise_sigma", noise), ("max_concurrency", max_concurrency))
+            if value is not None
+        }
         result = plan_task(
             task,
             epochs=epochs,
@@ -1184,8 +1210,8 @@ def plan_command(
             memory_mb=memory_mb,
             backend=backend,
             seed=seed,
-            noise_sigma=noise,
-            max_concurrency=max_concurrency,
+            ray_address=ray_address,
+            **figures,
         )
         folder = default_plan_dir(result.profile)
         png = plot if plot is not None else folder / "frontier.png"
@@ -1216,15 +1242,15 @@ def _print_plan(result: Any, png: Path) -> None:
     verdict = "recommended" if decision.feasible else "closest to the goal (infeasible)"
     out.print(
         f"smlt plan {result.profile.task}: {decision.goal}, "
-        f"{result.problem.workload.iterations + sum(t['iterations'] for t in result.trials)} "
-        f"iterations of batch {result.problem.workload.batch_size}"
+        f"{result.job_iterations} iterations of batch {result.problem.workload.batch_size}"
     )
     out.print(
         f"{verdict}: [bold]{_plural(decision.workers, 'worker')} x {decision.memory_mb} MB[/]: "
         f"predicted {decision.predicted.time_s:.0f} s wall time, "
         f"${decision.predicted.cost_usd:.4f} ({escape(decision.reason)})"
     )
-    trials = Table(title=f"{_plural(len(result.trials), 'trial')} on the sim", box=box.SIMPLE)
+    where = "on the sim" if result.backend == "sim" else "on Ray (short real runs)"
+    trials = Table(title=f"{_plural(len(result.trials), 'trial')} {where}", box=box.SIMPLE)
     for name in ("workers", "memory MB", "outcome", "s/iteration", "wall s", "cost USD", "grain"):
         trials.add_column(name, justify="right")
     for t in result.trials:

@@ -51,19 +51,29 @@ def reference_state_dict(
 
 
 def reference_run(
-    task: smlt.Task, *, epochs: int, batch_size: int, seed: int, threads: int = 1
+    task: smlt.Task,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    threads: int = 1,
+    max_iterations: int | None = None,
 ) -> ReferenceRun:
     """:func:`reference_state_dict`, with the learning rate and gradient norm of every
-    iteration."""
+    iteration; the loop stops after ``max_iterations`` iterations if given."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(task, epochs=epochs, batch_size=batch_size, seed=seed)
+        return _train(
+            task, epochs=epochs, batch_size=batch_size, seed=seed, max_iterations=max_iterations
+        )
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> ReferenceRun:
+def _train(
+    task: smlt.Task, *, epochs: int, batch_size: int, seed: int, max_iterations: int | None
+) -> ReferenceRun:
     raw = task.data()
     assert isinstance(raw, tuple | list), "the reference replays tasks whose data() is tensors"
     data = tuple(torch.as_tensor(x) for x in raw)
@@ -77,6 +87,8 @@ def _train(task: smlt.Task, *, epochs: int, batch_size: int, seed: int) -> Refer
     t = 0  # the global iteration, counted across epochs
     for epoch in range(epochs):
         for idx in smlt.global_batches(num_samples, batch_size, seed=seed, epoch=epoch):
+            if t == max_iterations:
+                break
             index = torch.from_numpy(idx)
             optimizer.zero_grad()
             torch.manual_seed(smlt.iteration_seed(seed, t))

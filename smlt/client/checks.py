@@ -56,10 +56,13 @@ def check_request(
     clip_grad_norm: float | None = None,
     micro_batch: int | None = None,
     precision: str = "fp32",
+    max_iterations: int | None = None,
 ) -> None:
     """Refuse a request that no cluster could run, naming the flag."""
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    if max_iterations is not None and max_iterations < 1:
+        raise ConfigError(f"--max-iterations must be >= 1, got {max_iterations}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if workers is not None and workers < 1:

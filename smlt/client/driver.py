@@ -175,6 +175,9 @@ class TrainResult:
     #: The bill by part (workers, store, requests) and the share spent in trials: of the last
     #: part of a resumed run (``cost_usd`` is the whole run's).
     cost: dict[str, float] = field(default_factory=dict)
+    #: Iterations in an epoch: ``iterations`` is ``epochs`` of them unless ``max_iterations``
+    #: ended the run sooner.
+    iterations_per_epoch: int = 0
 
     @property
     def model_path(self) -> Path:
@@ -281,6 +284,7 @@ def train(
     fastest: bool = False,
     max_trials: int | None = None,
     trial_iterations: int | None = None,
+    max_iterations: int | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
@@ -308,6 +312,10 @@ def train(
     also given, are fixed and only the other is searched. A goal no configuration can meet is
     refused (:class:`~smlt.errors.InfeasibleGoalError`, naming the cheapest cost and the
     fastest time in reach) before any worker starts.
+
+    ``max_iterations`` ends the run after that many iterations even if ``epochs`` would go on:
+    a smoke test, or a trial of ``smlt plan --backend ray`` (the iterations are the run's first,
+    in the order the full run would train them).
     """
     began_unix_s = time.time()
     spec = _task_spec(task)
@@ -335,6 +343,7 @@ def train(
         clip_grad_norm=clip_grad_norm,
         micro_batch=micro_batch,
         precision=precision,
+        max_iterations=max_iterations,
     )
     faults = _faults()
     callbacks = check_callbacks(callbacks)
@@ -352,6 +361,8 @@ def train(
     try:
         sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
         total_iterations = epochs * sampler.iterations_per_epoch
+        if max_iterations is not None:  # a smoke test, or a trial of smlt plan --backend ray
+            total_iterations = min(total_iterations, max_iterations)
         check_schedule(rescales, total_iterations)
         check_schedule_lasts(
             user_task,
@@ -673,6 +684,7 @@ def _execute(
         else goal_outcome(goal_from_dict(plan.goal), record.wall_s, record.cost_usd),
         search=summary.get("search"),
         cost=summary.get("cost", {}),
+        iterations_per_epoch=plan.iterations_per_epoch,
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)

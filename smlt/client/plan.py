@@ -20,8 +20,14 @@ An infeasible goal is not an exception here: the result says so (``decision.feas
 False, ``decision.error()`` names the fastest time and the cheapest cost in reach) and the CLI
 exits with :data:`EXIT_INFEASIBLE`.
 
-``--backend ray`` (calibrating on the local Ray cluster) is not built yet: asking for it raises
-:class:`~smlt.errors.ConfigError` saying so.
+``--backend ray`` measures trials on the Ray backend itself instead (:class:`RayTrials`): each
+is a short real ``smlt train`` of the task, with its own Ray session, embedded Redis,
+scheduler and cold workers, so that what a run pays once (the driver's start and end: the
+problem's ``driver_s``) and per generation (the workers' start: ``startup_s``) are measured
+rather than modelled. The prediction is then the wall time and the cost ``smlt train`` reports
+in ``result.json`` for the whole run at that configuration (benchmarks/plan_accuracy.py
+checks it against real runs). Trials there are throwaway runs, not the job's first
+iterations: the plan does not count them into the job.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ __all__ = [
     "EXIT_INFEASIBLE",
     "PLAN_BACKENDS",
     "PlanResult",
+    "RayTrials",
     "SimTrials",
     "TaskProfile",
     "default_plan_dir",
@@ -297,6 +304,132 @@ class SimTrials:
         return trial
 
 
+class RayTrials:
+    """Measures a trial by running it: a short real ``smlt train`` of the task on the Ray
+    backend (a local Ray, or the cluster at ``ray_address``), stopped after the probe's
+    iterations (``max_iterations``). A context manager that owns a scratch folder for the
+    trials' outputs and object store.
+
+    Each trial pays everything a run pays: the driver starts Ray, the embedded Redis and the
+    scheduler actor, the workers start cold, and at the end the driver evaluates, saves the
+    model and stops Ray. From its ``result.json``:
+
+    - ``s_per_iteration``: the generation's iterations end to end, from the first's end to the
+      last's (``wall_s`` stamps of the history), over the iterations in between: gaps between
+      iterations (waits, checkpoints) count, the first iteration's warm-up does not;
+    - ``startup_s`` (per generation, billed): the generation's wall time less its iterations;
+    - ``driver_s`` (once, billed to no worker): the run's ``wall_s`` less its generations'.
+
+    :meth:`overheads` gives the medians of the last two over the trials so far, which is what
+    the plan's :class:`~smlt.optimizer.problem.Problem` is given."""
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int = 0,
+        ray_address: str | None = None,
+    ) -> None:
+        self.task = task
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.ray_address = ray_address
+        self.measured: list[dict[str, Any]] = []
+        self._stack = ExitStack()
+        self._folder: Path | None = None
+
+    def __enter__(self) -> RayTrials:
+        self._folder = Path(
+            self._stack.enter_context(tempfile.TemporaryDirectory(prefix="smlt-plan-ray-"))
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def __call__(self, probe: Probe) -> Trial:
+        from smlt.client.driver import train  # the whole client: only when measuring on Ray
+
+        if self._folder is None:
+            raise ConfigError("RayTrials measures inside its 'with' block only")
+        k = len(self.measured)
+        # Two iterations at least: one warms up, the time per iteration needs another.
+        iterations = max(2, probe.iterations)
+        real_started = time.perf_counter()
+        try:
+            result = train(
+                self.task,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                workers=probe.workers,
+                memory_mb=probe.memory_mb,
+                backend="ray",
+                seed=self.seed,
+                output=self._folder / f"trial-{k}",
+                object_store=str(self._folder / "objects"),
+                ray_address=self.ray_address,
+                max_iterations=iterations,
+            )
+        except TrainingError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            trial = Trial(
+                workers=probe.workers,
+                memory_mb=probe.memory_mb,
+                workload=probe.workload,
+                outcome="oom",
+                iterations=0,
+                wall_s=time.perf_counter() - real_started,
+                cost_usd=0.0,
+            )
+            self.measured.append({**trial.to_dict(), "grain": "ray", "error": str(exc)})
+            return trial
+        generations = result.generations
+        history = result.history
+        iterations_run = len(history)
+        stamps = [h["wall_s"] for h in history]
+        s_per_iteration = (stamps[-1] - stamps[0]) / max(1, iterations_run - 1)
+        generations_s = sum(g["wall_s"] for g in generations)
+        startup_s = max(0.0, generations_s - iterations_run * s_per_iteration) / len(generations)
+        trial = Trial(
+            workers=probe.workers,
+            memory_mb=probe.memory_mb,
+            workload=probe.workload,
+            outcome="ok",
+            iterations=iterations_run,
+            wall_s=result.wall_s,
+            cost_usd=result.cost_usd,
+            s_per_iteration=s_per_iteration,
+        )
+        self.measured.append(
+            {
+                **trial.to_dict(),
+                "grain": "ray",
+                "startup_s": startup_s,
+                "driver_s": max(0.0, result.wall_s - generations_s),
+                "billed_worker_s": result.billed_worker_s,
+                "real_s": time.perf_counter() - real_started,
+            }
+        )
+        return trial
+
+    def overheads(self) -> tuple[float, float]:
+        """(startup_s, driver_s): the medians over the trials that ran."""
+        ran = [m for m in self.measured if m["outcome"] == "ok"]
+        if not ran:
+            raise TrainingError(
+                "no trial on Ray finished, so nothing calibrates the plan: "
+                + "; ".join(m.get("error", "") for m in self.measured)
+            )
+        return (
+            statistics.median(m["startup_s"] for m in ran),
+            statistics.median(m["driver_s"] for m in ran),
+        )
+
+
 @dataclass(frozen=True)
 class PlanResult:
     """A plan: the decision, the trials it took, what it was computed from."""
@@ -304,13 +437,22 @@ class PlanResult:
     decision: Decision
     trials: tuple[dict[str, Any], ...]
     profile: TaskProfile
-    platform: SimPlatform
+    #: The modelled platform the trials ran on; None when they ran on Ray.
+    platform: SimPlatform | None
     problem: Problem
     planning_s: float
+    backend: str = "sim"
 
     @property
     def feasible(self) -> bool:
         return self.decision.feasible
+
+    @property
+    def job_iterations(self) -> int:
+        """The job's iterations: on the sim its trials are the job's first ones (profiling is
+        training, as in ``smlt train --deadline``); on Ray they were separate runs."""
+        done = sum(t["iterations"] for t in self.trials) if self.backend == "sim" else 0
+        return self.problem.workload.iterations + done
 
     def to_dict(self) -> dict[str, Any]:
         """The decision's keys first (``feasible``, ``workers``, ``memory_mb``,
@@ -319,8 +461,9 @@ class PlanResult:
         return {
             **self.decision.to_dict(),
             "trial_details": list(self.trials),
+            "backend": self.backend,
             "profile": self.profile.to_dict(),
-            "platform": self.platform.to_dict(),
+            "platform": None if self.platform is None else self.platform.to_dict(),
             "problem": self.problem.to_dict(),
             "planning_s": self.planning_s,
         }
@@ -338,6 +481,7 @@ def plan_task(
     seed: int = 0,
     settings: SearchSettings | None = None,
     max_scheduled_reports: int = DEFAULT_MAX_SCHEDULED_REPORTS,
+    ray_address: str | None = None,
     **platform_figures: Any,
 ) -> PlanResult:
     """Plan ``epochs`` epochs of ``task`` at global batch ``batch_size`` for ``goal``.
@@ -349,15 +493,14 @@ def plan_task(
     ``max_concurrency``, ``bandwidth_mbps``, ...). A task may be given as a
     :class:`TaskProfile` already measured (benchmarks plan many jobs of one task). A trial of
     at most ``max_scheduled_reports`` rank-iterations runs through the real scheduler, a
-    larger one at the model's coarse grain (see :class:`SimTrials`)."""
+    larger one at the model's coarse grain (see :class:`SimTrials`).
+
+    With ``backend="ray"`` the trials are short real runs on Ray (:class:`RayTrials`; a local
+    Ray, or the cluster at ``ray_address``) and ``platform_figures`` are refused: there is no
+    model to set."""
     started = time.perf_counter()
     if backend not in PLAN_BACKENDS:
         raise ConfigError(f"--backend {backend!r}: smlt plan knows {', '.join(PLAN_BACKENDS)}")
-    if backend == "ray":
-        raise ConfigError(
-            "--backend ray: calibrating the plan on the local Ray backend is not available yet; "
-            "use --backend sim (the default), which times the task on this machine"
-        )
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -365,6 +508,25 @@ def plan_task(
     override = Override(workers, memory_mb)
     if goal is None:
         goal = Fastest()
+    if backend == "ray":
+        if isinstance(task, TaskProfile) or not isinstance(task, str):
+            raise ConfigError("--backend ray runs the task: give it as path/to/file.py:ClassName")
+        if platform_figures:
+            raise ConfigError(
+                f"--backend ray measures the platform; {', '.join(sorted(platform_figures))} "
+                "only set the sim's model"
+            )
+        return _plan_on_ray(
+            task,
+            epochs=epochs,
+            batch_size=batch_size,
+            goal=goal,
+            override=override,
+            seed=seed,
+            settings=settings or SearchSettings(seed=seed),
+            ray_address=ray_address,
+            started=started,
+        )
     profile = task if isinstance(task, TaskProfile) else profile_task(task)
     platform = SimPlatform(
         s_per_sample_1_vcpu=profile.s_per_sample_1_vcpu,
@@ -414,6 +576,83 @@ def plan_task(
         platform=platform,
         problem=final,
         planning_s=time.perf_counter() - started,
+    )
+
+
+def _plan_on_ray(
+    task: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    goal: Goal,
+    override: Override,
+    seed: int,
+    settings: SearchSettings,
+    ray_address: str | None,
+    started: float,
+) -> PlanResult:
+    """:func:`plan_task` with trials measured on Ray (see :class:`RayTrials`).
+
+    The trials are not the job's iterations, so the problem is never advanced by them: each
+    decision is for a whole ``smlt train`` of ``epochs`` epochs at that configuration, its
+    one-off and per-generation start-up the medians of what the trials measured so far (the
+    backend's default guess until the first trial)."""
+    from smlt.backends.ray_backend import RayBackend, ensure_ray
+
+    profile = profile_task(task)
+    ray = RayBackend(address=ray_address)
+    low_mb, high_mb = ray.memory_range_mb()
+    if override.workers is not None:
+        max_workers = override.workers
+    else:  # the cluster's size: read from a Ray started (or joined) for that alone
+        started_here = ensure_ray(ray_address)
+        try:
+            max_workers = ray.capacity().max_workers(override.memory_mb or low_mb)
+        finally:
+            if started_here:
+                import ray as ray_module
+
+                ray_module.shutdown()
+    per_epoch = GlobalBatchSampler(profile.num_samples, batch_size, seed).iterations_per_epoch
+    problem = Problem(
+        goal=goal,
+        workload=Workload(
+            batch_size=min(batch_size, profile.num_samples),
+            num_params=profile.num_params,
+            iterations=epochs * per_epoch,
+        ),
+        space=SearchSpace(max_workers=max_workers, min_memory_mb=low_mb, max_memory_mb=high_mb),
+        costs=CostModel(functions=ray.pricing),
+        prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
+        override=override,
+    )
+    iterations = min(settings.trial_iterations, problem.workload.iterations)
+    trials: list[Trial] = []
+    with RayTrials(
+        task, epochs=epochs, batch_size=batch_size, seed=seed, ray_address=ray_address
+    ) as measure:
+        if override.fixed:
+            assert override.workers is not None and override.memory_mb is not None
+            trials.append(
+                measure(Probe(override.workers, override.memory_mb, iterations, problem.workload))
+            )
+        while True:
+            if trials:
+                startup_s, driver_s = measure.overheads()
+                problem = replace(problem, startup_s=startup_s, driver_s=driver_s)
+            decision = plan(problem, trials, settings)
+            if override.fixed or decision.action != "probe":
+                break
+            probe = Probe(decision.workers, decision.memory_mb, iterations, problem.workload)
+            trials.append(measure(probe))
+    return PlanResult(
+        decision=decision,
+        trials=tuple(measure.measured),
+        profile=profile,
+        platform=None,
+        problem=problem,
+        planning_s=time.perf_counter() - started,
+        backend="ray",
     )
 
 

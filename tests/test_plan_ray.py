@@ -1,0 +1,142 @@
+"""``smlt plan --backend ray`` and what it is built on: ``max_iterations`` and a run's driver time.
+
+How close a plan comes to the run it predicts is measured by benchmarks/plan_accuracy.py
+(real ``smlt train`` runs); here: that a run stopped by ``max_iterations`` trained exactly the
+first iterations of the full run (against the plain PyTorch loop, not against smlt), that a
+plan on Ray is composed of what its trial measured, and that the economics count the driver's
+own time as wall time no worker is billed for.
+"""
+
+from __future__ import annotations
+
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import smlt
+from smlt.cli import app
+from smlt.client.plan import TaskProfile, plan_task
+from smlt.errors import ConfigError
+from smlt.optimizer.economics import RunEconomics
+from smlt.optimizer.goals import Budget, Deadline
+from smlt.optimizer.perf import Workload
+from smlt.optimizer.problem import Problem
+from smlt.optimizer.space import SearchSpace
+from tests.reference import reference_run
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = f"{ROOT / 'examples' / 'digits.py'}:Digits"
+
+
+def _digits() -> smlt.Task:
+    namespace = runpy.run_path(str(ROOT / "examples" / "digits.py"))
+    task: smlt.Task = namespace["Digits"]()
+    return task
+
+
+def test_max_iterations_trains_the_first_iterations_of_the_full_run(tmp_path: Path) -> None:
+    # digits at batch 256: 6 iterations an epoch, so 8 stops in the middle of the second.
+    result = smlt.train(
+        DIGITS,
+        epochs=3,
+        batch_size=256,
+        workers=1,
+        memory_mb=1769,
+        seed=5,
+        max_iterations=8,
+        output=tmp_path / "run",
+        object_store=str(tmp_path / "objects"),
+    )
+    assert result.iterations == 8
+    assert [h["iteration"] for h in result.history] == list(range(8))
+    assert result.iterations_per_epoch == 6
+    reference = reference_run(_digits(), epochs=3, batch_size=256, seed=5, max_iterations=8)
+    assert len(reference.lrs) == 8
+    trained = torch.load(result.model_path)
+    assert trained.keys() == reference.state.keys()
+    for name, value in reference.state.items():
+        assert torch.equal(trained[name], value), name  # one worker: bit-identical
+
+
+def test_a_bad_max_iterations_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    outcome = CliRunner().invoke(
+        app, ["train", DIGITS, "--max-iterations", "0", "--output", str(tmp_path / "run")]
+    )
+    assert outcome.exit_code == 2
+    assert "--max-iterations must be >= 1, got 0" in outcome.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_on_ray_is_what_its_trial_measured(tmp_path: Path) -> None:
+    epochs, batch_size = 4, 256  # 24 iterations; the trial trains 5 of them, in its own run
+    result = plan_task(
+        DIGITS, epochs=epochs, batch_size=batch_size, workers=2, memory_mb=884, backend="ray"
+    )
+    assert result.backend == "ray" and result.platform is None
+    (trial,) = result.trials
+    assert (trial["grain"], trial["outcome"], trial["iterations"]) == ("ray", "ok", 5)
+    assert (trial["workers"], trial["memory_mb"]) == (2, 884)
+    # The run's fixed costs were measured, not assumed: Ray, Redis and the scheduler start
+    # (driver_s) and the workers' cold start (startup_s) each take a second or more here.
+    assert trial["driver_s"] > 1.0 and trial["startup_s"] > 0.5
+    assert trial["driver_s"] + trial["startup_s"] < trial["wall_s"]
+    problem = result.problem
+    assert (problem.startup_s, problem.driver_s) == (trial["startup_s"], trial["driver_s"])
+    # Trials on Ray are not the job's iterations: the prediction is for the whole run.
+    assert problem.workload.iterations == result.job_iterations == 24
+    predicted = result.decision.predicted
+    assert (predicted.workers, predicted.memory_mb) == (2, 884)
+    assert predicted.time_s == pytest.approx(
+        problem.driver_s + problem.startup_s + 24 * predicted.s_per_iteration, rel=1e-9
+    )
+    # The model's time per iteration at the measured configuration is the measurement's,
+    # give or take the GP's noise allowance.
+    assert predicted.s_per_iteration == pytest.approx(trial["s_per_iteration"], rel=0.5)
+    # Billed: the workers while they run, not the driver's time alone.
+    workers_usd = predicted.to_dict()["remaining_cost"]["workers_usd"]
+    usd_per_worker_s = workers_usd / (2 * (predicted.time_s - problem.driver_s))
+    assert usd_per_worker_s == pytest.approx(0.0000166667 * 884 / 1024, rel=1e-3)
+
+
+def test_plan_on_ray_refuses_what_it_cannot_use() -> None:
+    profile = TaskProfile("t.py:T", 10, 100, 1e-5, 1, 0.1)
+    with pytest.raises(ConfigError, match="--backend ray runs the task"):
+        plan_task(profile, epochs=1, batch_size=10, backend="ray")
+    with pytest.raises(ConfigError, match="noise_sigma only set the sim's model"):
+        plan_task(DIGITS, epochs=1, batch_size=10, backend="ray", noise_sigma=0.1)
+    outcome = CliRunner().invoke(app, ["plan", DIGITS, "--backend", "ray", "--noise", "0.1"])
+    assert outcome.exit_code == 2
+    assert "noise_sigma only set the sim's model" in outcome.output
+
+
+def _economics(goal: object, driver_s: float) -> RunEconomics:
+    problem = Problem(
+        goal=goal,  # type: ignore[arg-type]
+        workload=Workload(batch_size=256, num_params=10_000, iterations=100),
+        space=SearchSpace(max_workers=8, min_memory_mb=128, max_memory_mb=10240),
+        startup_s=3.0,
+        driver_s=driver_s,
+    )
+    return RunEconomics([1, 4], [1769, 884], 100, problem)
+
+
+def test_the_drivers_time_is_wall_time_no_worker_is_billed_for() -> None:
+    without, with_driver = _economics(Deadline(60), 0.0), _economics(Deadline(60), 12.0)
+    s = 0.05
+    assert with_driver.wall_s(s) == pytest.approx(without.wall_s(s) + 12.0)
+    assert with_driver.wall_s(s)[0] == pytest.approx(12.0 + 3.0 + 100 * s)
+    assert with_driver.breakdown(s)[0] == pytest.approx(without.breakdown(s)[0])  # workers
+    # The inverses stay inverses: the largest s/iteration within a wall time or a cost gives
+    # exactly that wall time or cost back.
+    limit = with_driver.s_within_wall(30.0)
+    assert with_driver.wall_s(limit[0])[0] == pytest.approx(30.0)
+    assert without.s_within_wall(30.0)[0] > limit[0]
+    budget = _economics(Budget(0.001), 12.0)
+    most = budget.s_within_cost(0.001)
+    for k in range(2):
+        assert budget.cost_usd(most[k])[k] == pytest.approx(0.001)
+    assert math.isclose(without.s_within_wall(12.0 + 3.0)[0], 0.12)
