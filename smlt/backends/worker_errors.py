@@ -1,4 +1,10 @@
-"""A worker's exception, as a platform reports it, back into the typed error it was.
+"""What a platform reports of an invocation, back into smlt's types: the worker's report, or the
+typed error the worker raised.
+
+Lambda's and OpenWhisk's translations (``aws_lambda/errors.py``, ``openwhisk/errors.py``) read
+their platform's own answer shapes; what they share is here: :class:`InvocationOutcome`, the
+reading of what a function returned as a report (:func:`report_or_error`), and the worker's
+exception.
 
 Lambda's Python runtime reports an exception escaping the handler as ``{"errorType":
 "ShardTimeoutError", "errorMessage": "...", "stackTrace": [...]}``; smlt's OpenWhisk entry point
@@ -11,12 +17,38 @@ as itself; Python's ``MemoryError`` is the worker running out of memory; anythin
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from smlt import errors
 from smlt.errors import OutOfMemoryError, SmltError, WorkerError
+from smlt.protocol.payload import WorkerReport
 
-__all__ = ["error_from_report", "worker_error"]
+__all__ = ["InvocationOutcome", "error_from_report", "report_or_error", "worker_error"]
+
+
+@dataclass(frozen=True)
+class InvocationOutcome:
+    """What one invocation came to: the worker's report or the typed error, and the seconds the
+    platform billed for it (Lambda's ``Billed Duration``, an activation's ``duration``; None
+    when it reported none)."""
+
+    outcome: WorkerReport | SmltError
+    billed_s: float | None
+
+
+def report_or_error(value: Any, rank: int, what: str) -> WorkerReport | SmltError:
+    """The worker's report that ``value`` (what the ``what``, "function" or "action", returned)
+    holds, or the WorkerError saying it holds none."""
+    try:
+        if not isinstance(value, dict):
+            raise TypeError("not a dict")
+        return WorkerReport.from_dict(value)
+    except (TypeError, ValueError) as err:
+        return WorkerError(
+            f"rank {rank}: the {what} returned {type(value).__name__}, not a worker report: {err}"
+        )
+
 
 # The smlt errors a worker may raise, by name. Each takes its message as the only positional
 # argument (extra fields such as ShardTimeoutError.missing do not cross the wire).

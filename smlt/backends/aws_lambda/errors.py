@@ -28,10 +28,9 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from smlt.backends.worker_errors import error_from_report
+from smlt.backends.worker_errors import InvocationOutcome, error_from_report, report_or_error
 from smlt.errors import (
     BackendAuthError,
     BackendError,
@@ -42,12 +41,10 @@ from smlt.errors import (
     ThrottledError,
     WorkerError,
 )
-from smlt.protocol.payload import WorkerReport
 
 __all__ = [
     "AUTH_CODES",
     "THROTTLE_CODES",
-    "InvokeOutcome",
     "interpret_invoke_response",
     "log_tail_text",
     "parse_billed_s",
@@ -168,15 +165,7 @@ def parse_billed_s(log_tail: str) -> float | None:
     return float(match[1]) / 1000 if match else None
 
 
-@dataclass(frozen=True)
-class InvokeOutcome:
-    """What one ``RequestResponse`` invocation came to: the report, or the typed error."""
-
-    outcome: WorkerReport | SmltError
-    billed_s: float | None
-
-
-def interpret_invoke_response(response: dict[str, Any], rank: int) -> InvokeOutcome:
+def interpret_invoke_response(response: dict[str, Any], rank: int) -> InvocationOutcome:
     """Read an ``Invoke`` response (its ``Payload`` already read into bytes)."""
     log_tail = log_tail_text(response.get("LogResult"))
     billed_s = parse_billed_s(log_tail)
@@ -187,23 +176,14 @@ def interpret_invoke_response(response: dict[str, Any], rank: int) -> InvokeOutc
     except json.JSONDecodeError:
         value = text
     if response.get("FunctionError"):
-        return InvokeOutcome(_function_error(value, rank, log_tail), billed_s)
+        return InvocationOutcome(_function_error(value, rank, log_tail), billed_s)
     status = response.get("StatusCode")
     if status != 200:
-        return InvokeOutcome(
+        return InvocationOutcome(
             BackendError(f"rank {rank}: Lambda answered status {status} to a RequestResponse call"),
             billed_s,
         )
-    try:
-        return InvokeOutcome(WorkerReport.from_dict(value), billed_s)
-    except (TypeError, ValueError) as err:
-        return InvokeOutcome(
-            WorkerError(
-                f"rank {rank}: the function returned {type(value).__name__}, not a worker "
-                f"report: {err}"
-            ),
-            billed_s,
-        )
+    return InvocationOutcome(report_or_error(value, rank, "function"), billed_s)
 
 
 def _function_error(value: Any, rank: int, log_tail: str) -> SmltError:

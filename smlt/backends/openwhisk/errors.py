@@ -27,10 +27,9 @@ The record's ``duration`` (milliseconds) is the billed duration.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from smlt.backends.worker_errors import error_from_report
+from smlt.backends.worker_errors import InvocationOutcome, error_from_report, report_or_error
 from smlt.errors import (
     BackendAuthError,
     BackendError,
@@ -41,9 +40,8 @@ from smlt.errors import (
     ThrottledError,
     WorkerError,
 )
-from smlt.protocol.payload import WorkerReport
 
-__all__ = ["ActivationOutcome", "activation_outcome", "http_error", "retry_after_s"]
+__all__ = ["activation_outcome", "http_error", "retry_after_s"]
 
 _TIMED_OUT = "exceeded its time limits"
 _OUT_OF_MEMORY = "exhausted its memory"
@@ -88,18 +86,10 @@ def _error_message(body: str) -> str:
     return body.strip()[:500]
 
 
-@dataclass(frozen=True)
-class ActivationOutcome:
-    """What one activation came to: the report or the typed error, and its billed seconds."""
-
-    outcome: WorkerReport | SmltError
-    billed_s: float | None
-
-
-def activation_outcome(activation: Any, rank: int) -> ActivationOutcome:
+def activation_outcome(activation: Any, rank: int) -> InvocationOutcome:
     """Read an activation record (the body of a blocking invoke or of GET activations/ID)."""
     if not isinstance(activation, dict):
-        return ActivationOutcome(
+        return InvocationOutcome(
             BackendError(f"rank {rank}: OpenWhisk sent no activation record: {activation!r}"),
             None,
         )
@@ -109,32 +99,21 @@ def activation_outcome(activation: Any, rank: int) -> ActivationOutcome:
     status = str(response.get("status") or "")
     result = response.get("result")
     if status == "success" or (not status and response.get("success") is True):
-        try:
-            if not isinstance(result, dict):
-                raise TypeError("not a dict")
-            return ActivationOutcome(WorkerReport.from_dict(result), billed_s)
-        except (TypeError, ValueError) as err:
-            return ActivationOutcome(
-                WorkerError(
-                    f"rank {rank}: the action returned {type(result).__name__}, not a worker "
-                    f"report: {err}"
-                ),
-                billed_s,
-            )
+        return InvocationOutcome(report_or_error(result, rank, "action"), billed_s)
     error = result.get("error") if isinstance(result, dict) else result
     text = error if isinstance(error, str) else ""
     where = f"rank {rank}: activation {activation.get('activationId', '?')}"
     if _annotated_timeout(activation) or _TIMED_OUT in text:
-        return ActivationOutcome(
+        return InvocationOutcome(
             FunctionTimeoutError(f"{where} hit its time limit: {text or 'timeout'}"), billed_s
         )
     if _OUT_OF_MEMORY in text:
-        return ActivationOutcome(OutOfMemoryError(f"{where} exceeded its memory: {text}"), billed_s)
+        return InvocationOutcome(OutOfMemoryError(f"{where} exceeded its memory: {text}"), billed_s)
     if status == "whisk internal error":
-        return ActivationOutcome(BackendError(f"{where}: OpenWhisk failed: {text}"), billed_s)
+        return InvocationOutcome(BackendError(f"{where}: OpenWhisk failed: {text}"), billed_s)
     if isinstance(error, dict):
-        return ActivationOutcome(error_from_report(error, rank), billed_s)
-    return ActivationOutcome(
+        return InvocationOutcome(error_from_report(error, rank), billed_s)
+    return InvocationOutcome(
         WorkerError(f"{where} failed ({status or 'no status'}): {text or error!r}"), billed_s
     )
 
