@@ -54,6 +54,30 @@ console = Console(stderr=True)
 # Fields of an epoch entry that are not the task's own metrics.
 _EPOCH_FIELDS = EPOCH_FIELDS
 
+# What a run is billed at (smlt.client.prices): the same four options on train and plan.
+NodeUsdPerHour = Annotated[
+    float | None,
+    typer.Option(
+        help="ray: bill the workers by the node-hour at this price instead of like Lambda "
+        "(each pays the share of a node it holds)"
+    ),
+]
+NodeVcpus = Annotated[
+    float | None,
+    typer.Option(help="with --node-usd-per-hour: vCPUs of a node (default: this machine's)"),
+]
+NodeMemoryMb = Annotated[
+    float | None,
+    typer.Option(help="with --node-usd-per-hour: memory of a node (default: this machine's)"),
+]
+StoreUsdPerHour = Annotated[
+    float | None,
+    typer.Option(
+        help="bill the parameter store's host at this price per hour (default 0: the "
+        "embedded Redis runs on this machine)"
+    ),
+]
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -211,6 +235,10 @@ def train(
         int | None,
         typer.Option(help="stop after this many iterations, even mid-epoch (a smoke test)"),
     ] = None,
+    node_usd_per_hour: NodeUsdPerHour = None,
+    node_vcpus: NodeVcpus = None,
+    node_memory_mb: NodeMemoryMb = None,
+    store_usd_per_hour: StoreUsdPerHour = None,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots.
 
@@ -240,6 +268,15 @@ def train(
             micro_batch=micro_batch,
             precision=precision,
             max_iterations=max_iterations,
+        )
+        from smlt.client.prices import Prices
+
+        Prices.checked(
+            backend,
+            node_usd_per_hour=node_usd_per_hour,
+            node_vcpus=node_vcpus,
+            node_memory_mb=node_memory_mb,
+            store_usd_per_hour=store_usd_per_hour,
         )
         if tensorboard is not None:  # a missing package is told before PyTorch is imported
             from smlt.client.tensorboard import require_tensorboard
@@ -277,6 +314,10 @@ def train(
             max_trials=max_trials,
             trial_iterations=trial_iterations,
             max_iterations=max_iterations,
+            node_usd_per_hour=node_usd_per_hour,
+            node_vcpus=node_vcpus,
+            node_memory_mb=node_memory_mb,
+            store_usd_per_hour=store_usd_per_hour,
         )
 
     _run(output, start)
@@ -1177,6 +1218,10 @@ def plan_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="print the plan as JSON on stdout")
     ] = False,
+    node_usd_per_hour: NodeUsdPerHour = None,
+    node_vcpus: NodeVcpus = None,
+    node_memory_mb: NodeMemoryMb = None,
+    store_usd_per_hour: StoreUsdPerHour = None,
 ) -> None:
     """Choose workers x memory for training TASK before paying for it.
 
@@ -1193,6 +1238,15 @@ def plan_command(
             default_plan_dir,
             plan_task,
             plot_frontier,
+        )
+        from smlt.client.prices import Prices
+
+        prices = Prices.checked(
+            backend,
+            node_usd_per_hour=node_usd_per_hour,
+            node_vcpus=node_vcpus,
+            node_memory_mb=node_memory_mb,
+            store_usd_per_hour=store_usd_per_hour,
         )
 
         # Only what was given: --backend ray refuses the sim's figures.
@@ -1211,6 +1265,7 @@ def plan_command(
             backend=backend,
             seed=seed,
             ray_address=ray_address,
+            prices=prices,
             **figures,
         )
         folder = default_plan_dir(result.profile)

@@ -9,7 +9,9 @@ own time as wall time no worker is billed for.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import runpy
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from typer.testing import CliRunner
 import smlt
 from smlt.cli import app
 from smlt.client.plan import TaskProfile, plan_task
+from smlt.client.prices import Prices, machine_memory_mb
 from smlt.errors import ConfigError
 from smlt.optimizer.economics import RunEconomics
 from smlt.optimizer.goals import Budget, Deadline
@@ -38,7 +41,9 @@ def _digits() -> smlt.Task:
     return task
 
 
-def test_max_iterations_trains_the_first_iterations_of_the_full_run(tmp_path: Path) -> None:
+def test_max_iterations_trains_the_first_iterations_and_prices_are_the_users(
+    tmp_path: Path,
+) -> None:
     # digits at batch 256: 6 iterations an epoch, so 8 stops in the middle of the second.
     result = smlt.train(
         DIGITS,
@@ -50,6 +55,10 @@ def test_max_iterations_trains_the_first_iterations_of_the_full_run(tmp_path: Pa
         max_iterations=8,
         output=tmp_path / "run",
         object_store=str(tmp_path / "objects"),
+        node_usd_per_hour=3.6,
+        node_vcpus=4,
+        node_memory_mb=16384,
+        store_usd_per_hour=0.72,
     )
     assert result.iterations == 8
     assert [h["iteration"] for h in result.history] == list(range(8))
@@ -60,14 +69,56 @@ def test_max_iterations_trains_the_first_iterations_of_the_full_run(tmp_path: Pa
     assert trained.keys() == reference.state.keys()
     for name, value in reference.state.items():
         assert torch.equal(trained[name], value), name  # one worker: bit-identical
-
-
-def test_a_bad_max_iterations_is_refused_naming_the_flag(tmp_path: Path) -> None:
-    outcome = CliRunner().invoke(
-        app, ["train", DIGITS, "--max-iterations", "0", "--output", str(tmp_path / "run")]
+    # Billed by the node-hour: a 1769 MB worker holds 1 of the node's 4 vCPUs (a quarter, more
+    # than its 1769/16384 of the memory), at $3.60 an hour: $0.00025 per worker-second.
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["pricing"] == "ray_node_hour"
+    assert saved["cost"]["workers_usd"] == pytest.approx(
+        result.billed_worker_s * 0.25 * 3.6 / 3600, rel=1e-6
     )
+    assert saved["cost"]["requests_usd"] == 0.0  # a Ray task has no invocation fee
+    # The store's host, $0.72 an hour, for the scheduler's wall time (within the run's).
+    assert 0 < saved["cost"]["store_usd"] <= result.wall_s * 0.72 / 3600
+    planned = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert planned["prices"] == {
+        "node_usd_per_hour": 3.6,
+        "node_vcpus": 4.0,
+        "node_memory_mb": 16384.0,
+        "store_usd_per_hour": 0.72,
+    }
+
+
+def test_prices_that_cannot_apply_are_refused() -> None:
+    with pytest.raises(ConfigError, match="--node-usd-per-hour prices a Ray cluster"):
+        Prices.checked("aws_lambda", node_usd_per_hour=1.0)
+    with pytest.raises(ConfigError, match="give the price too"):
+        Prices.checked("ray", node_vcpus=8)
+    with pytest.raises(ConfigError, match="--store-usd-per-hour must be >= 0"):
+        Prices.checked("ray", store_usd_per_hour=-1)
+    with pytest.raises(ConfigError, match="--node-vcpus and --node-memory-mb must be > 0"):
+        Prices.checked("ray", node_usd_per_hour=1.0, node_vcpus=0)
+    here = Prices.checked("ray", node_usd_per_hour=1.0)  # a local Ray's node: this machine
+    assert here.node_vcpus == os.cpu_count()
+    assert here.node_memory_mb == machine_memory_mb() > 1024
+    assert Prices.checked("aws_lambda").pricing() is None  # the backend's own prices
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-iterations", "0"], "--max-iterations must be >= 1, got 0"),
+        (
+            ["--backend", "aws_lambda", "--node-usd-per-hour", "2"],
+            "--node-usd-per-hour prices a Ray cluster by the node-hour; the aws_lambda backend",
+        ),
+    ],
+)
+def test_bad_run_options_are_refused_naming_the_flag(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    outcome = CliRunner().invoke(app, ["train", DIGITS, *flags, "--output", str(tmp_path / "run")])
     assert outcome.exit_code == 2
-    assert "--max-iterations must be >= 1, got 0" in outcome.output
+    assert message in " ".join(outcome.output.split())
     assert not (tmp_path / "run").exists()
 
 

@@ -115,6 +115,8 @@ class JobSpec:
     #: How every worker trains (``clip_grad_norm``, ``micro_batch``, ``precision``): passed to
     #: each invocation's options as they are.
     training: Mapping[str, Any] = field(default_factory=dict)
+    #: The parameter store's host, billed for the job's wall time (0: not billed to the run).
+    store_usd_per_hour: float = 0.0
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
@@ -194,7 +196,9 @@ class TaskScheduler:
         # (gen, rank, attempt) -> when its heartbeat was found expired (monotonic, wall clock)
         self._hung: dict[tuple[int, int, int], tuple[float, float]] = {}
         self._billed: list[tuple[int, float]] = []  # (memory_mb, billed_s) per ended invocation
-        self._costs = CostModel(functions=backend.pricing)
+        self._costs = CostModel(
+            functions=backend.pricing, store_usd_per_hour=spec.store_usd_per_hour
+        )
         self._trials_usd = 0.0  # what generations the manager ran as trials were billed
         self._out_of_memory: set[int] = set()  # generations in which a worker ran out of memory
         self._generations: list[dict[str, Any]] = []

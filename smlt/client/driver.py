@@ -60,6 +60,7 @@ from smlt.client.goals import (
     goal_settings,
     refuse_unreachable,
 )
+from smlt.client.prices import Prices
 from smlt.client.record import (
     EPOCH_FIELDS,
     Part,
@@ -232,6 +233,8 @@ class RunPlan:
     max_trials: int | None = None
     trial_iterations: int | None = None
     s_per_sample: float | None = None
+    #: What the run is billed at beyond the backend's own prices (:class:`Prices`' dict).
+    prices: dict[str, Any] | None = None
 
     def save(self) -> None:
         path = Path(self.output_dir) / "run.json"
@@ -285,6 +288,10 @@ def train(
     max_trials: int | None = None,
     trial_iterations: int | None = None,
     max_iterations: int | None = None,
+    node_usd_per_hour: float | None = None,
+    node_vcpus: float | None = None,
+    node_memory_mb: float | None = None,
+    store_usd_per_hour: float | None = None,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
@@ -316,6 +323,10 @@ def train(
     ``max_iterations`` ends the run after that many iterations even if ``epochs`` would go on:
     a smoke test, or a trial of ``smlt plan --backend ray`` (the iterations are the run's first,
     in the order the full run would train them).
+
+    ``node_usd_per_hour`` (Ray only) bills the workers by the node-hour instead of like Lambda,
+    on nodes of ``node_vcpus`` and ``node_memory_mb`` (default: this machine's);
+    ``store_usd_per_hour`` bills the parameter store's host (:mod:`smlt.client.prices`).
     """
     began_unix_s = time.time()
     spec = _task_spec(task)
@@ -328,7 +339,14 @@ def train(
     if goal is None and workers is None:
         workers = 1
     _redis_urls(redis_url)
-    backend_options = {"address": ray_address} if backend == "ray" else {}
+    prices = Prices.checked(
+        backend,
+        node_usd_per_hour=node_usd_per_hour,
+        node_vcpus=node_vcpus,
+        node_memory_mb=node_memory_mb,
+        store_usd_per_hour=store_usd_per_hour,
+    )
+    backend_options = _backend_options(backend, ray_address, prices)
     check_request(
         backend,
         backend_options=backend_options,
@@ -414,6 +432,7 @@ def train(
         max_trials=max_trials,
         trial_iterations=trial_iterations,
         s_per_sample=s_per_sample,
+        prices=prices.to_dict(),
     )
     if goal is not None:
         try:  # before Ray starts: a goal out of reach on any cluster
@@ -551,7 +570,9 @@ def _execute(
         with ExitStack() as cleanup:
             from smlt.backends import get_backend  # imports Ray: after the fast checks
 
-            backend_options = {"address": ray_address} if plan.backend == "ray" else {}
+            backend_options = _backend_options(
+                plan.backend, ray_address, Prices.from_dict(plan.prices)
+            )
             cleanup.enter_context(_ray_session(ray_address))
             # Where workers on this machine (a local Ray) cached the job's code and data; the
             # run's end, successful or not, is the last time anyone needs it.
@@ -888,7 +909,15 @@ def _job_spec(
         history=tuple(meta.get("history", ())),
         epochs=tuple(meta.get("epochs", ())),
         training=training_options(plan),
+        store_usd_per_hour=Prices.from_dict(plan.prices).store_usd_per_hour,
     )
+
+
+def _backend_options(backend: str, ray_address: str | None, prices: Prices) -> dict[str, Any]:
+    """What the backend is built with: the Ray cluster's address and the prices it bills at."""
+    if backend != "ray":
+        return {}
+    return {"address": ray_address, **prices.backend_options()}
 
 
 def training_options(plan: RunPlan) -> dict[str, Any]:

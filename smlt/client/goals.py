@@ -32,7 +32,8 @@ from smlt.actors.resource_manager import (
     trial_from_dict,
 )
 from smlt.backends.base import BackendLimits
-from smlt.optimizer.cost import CostModel, Pricing
+from smlt.client.prices import Prices
+from smlt.optimizer.cost import Pricing
 from smlt.optimizer.goals import Goal
 from smlt.optimizer.perf import PerfPrior, Workload
 from smlt.optimizer.problem import SearchSettings
@@ -101,7 +102,7 @@ def goal_settings(
             plan.total_iterations,
             checkpoint_every=plan.checkpoint_every or None,
         ),
-        costs=CostModel(functions=pricing),
+        costs=Prices.from_dict(getattr(plan, "prices", None)).costs(pricing),
         prior=prior,
         search=search,
         started_unix_s=started_unix_s,

@@ -48,9 +48,9 @@ import trio.testing
 from smlt.actors.resource_manager import ResourceManager
 from smlt.actors.scheduler import JobSpec, TaskScheduler
 from smlt.backends.sim import STOP_MARGIN_S, SimBackend, SimPlatform
+from smlt.client.prices import Prices
 from smlt.errors import ConfigError, TrainingError
 from smlt.optimizer.bayes import plan, search
-from smlt.optimizer.cost import CostModel
 from smlt.optimizer.goals import Fastest, Goal, Override
 from smlt.optimizer.perf import PerfPrior, Trial, Workload
 from smlt.optimizer.problem import Decision, Probe, Problem, SearchSettings
@@ -331,8 +331,10 @@ class RayTrials:
         batch_size: int,
         seed: int = 0,
         ray_address: str | None = None,
+        prices: Prices | None = None,
     ) -> None:
         self.task = task
+        self.prices = prices or Prices()
         self.epochs = epochs
         self.batch_size = batch_size
         self.seed = seed
@@ -372,6 +374,7 @@ class RayTrials:
                 object_store=str(self._folder / "objects"),
                 ray_address=self.ray_address,
                 max_iterations=iterations,
+                **self.prices.to_dict(),
             )
         except TrainingError as exc:
             if "out of memory" not in str(exc).lower():
@@ -482,6 +485,7 @@ def plan_task(
     settings: SearchSettings | None = None,
     max_scheduled_reports: int = DEFAULT_MAX_SCHEDULED_REPORTS,
     ray_address: str | None = None,
+    prices: Prices | None = None,
     **platform_figures: Any,
 ) -> PlanResult:
     """Plan ``epochs`` epochs of ``task`` at global batch ``batch_size`` for ``goal``.
@@ -497,7 +501,9 @@ def plan_task(
 
     With ``backend="ray"`` the trials are short real runs on Ray (:class:`RayTrials`; a local
     Ray, or the cluster at ``ray_address``) and ``platform_figures`` are refused: there is no
-    model to set."""
+    model to set. ``prices`` (:class:`~smlt.client.prices.Prices`) are what the run will be
+    billed at beyond the backend's own prices, as ``smlt train`` takes them."""
+    prices = prices or Prices()
     started = time.perf_counter()
     if backend not in PLAN_BACKENDS:
         raise ConfigError(f"--backend {backend!r}: smlt plan knows {', '.join(PLAN_BACKENDS)}")
@@ -525,6 +531,7 @@ def plan_task(
             seed=seed,
             settings=settings or SearchSettings(seed=seed),
             ray_address=ray_address,
+            prices=prices,
             started=started,
         )
     profile = task if isinstance(task, TaskProfile) else profile_task(task)
@@ -550,7 +557,7 @@ def plan_task(
             min_memory_mb=platform.min_memory_mb,
             max_memory_mb=platform.max_memory_mb,
         ),
-        costs=CostModel(functions=platform.pricing),
+        costs=prices.costs(platform.pricing),
         prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
         override=override,
         startup_s=platform.cold_start_s,
@@ -589,6 +596,7 @@ def _plan_on_ray(
     seed: int,
     settings: SearchSettings,
     ray_address: str | None,
+    prices: Prices,
     started: float,
 ) -> PlanResult:
     """:func:`plan_task` with trials measured on Ray (see :class:`RayTrials`).
@@ -600,7 +608,7 @@ def _plan_on_ray(
     from smlt.backends.ray_backend import RayBackend, ensure_ray
 
     profile = profile_task(task)
-    ray = RayBackend(address=ray_address)
+    ray = RayBackend(address=ray_address, **prices.backend_options())
     low_mb, high_mb = ray.memory_range_mb()
     if override.workers is not None:
         max_workers = override.workers
@@ -622,14 +630,19 @@ def _plan_on_ray(
             iterations=epochs * per_epoch,
         ),
         space=SearchSpace(max_workers=max_workers, min_memory_mb=low_mb, max_memory_mb=high_mb),
-        costs=CostModel(functions=ray.pricing),
+        costs=prices.costs(ray.pricing),
         prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
         override=override,
     )
     iterations = min(settings.trial_iterations, problem.workload.iterations)
     trials: list[Trial] = []
     with RayTrials(
-        task, epochs=epochs, batch_size=batch_size, seed=seed, ray_address=ray_address
+        task,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        ray_address=ray_address,
+        prices=prices,
     ) as measure:
         if override.fixed:
             assert override.workers is not None and override.memory_mb is not None
