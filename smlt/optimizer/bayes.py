@@ -171,12 +171,21 @@ class _Posterior:
         points = np.column_stack([workers, memory_mb]).astype(int).tolist()
         return np.asarray(self.optimizer.space.transform(points), dtype=float)
 
-    def log_s(self, workers: Any, memory_mb: Any) -> tuple[FloatArray, FloatArray]:
+    def log_s(
+        self, workers: Any, memory_mb: Any, measured: Any = False
+    ) -> tuple[FloatArray, FloatArray]:
+        """Mean and sd of log(s/iteration). Where ``measured`` (a trial of this workload ran
+        there), the measurement, not the physical form's coefficients, says what an iteration
+        takes: the residual GP interpolates it, and the form's coefficient uncertainty, which
+        that measurement removed, is not added again (it would count the same doubt twice: a
+        configuration measured without noise 7 % inside a deadline was not 90 % likely to
+        meet it)."""
         w = self.workload
         mean, var = self.perf.predict_log(workers, memory_mb, w.batch_size, w.num_params)
         if self.optimizer.models:
             gp = self.optimizer.models[-1]
             residual, sd = gp.predict(self.transform(workers, memory_mb), return_std=True)
+            var = np.where(measured, 0.0, var)
             mean, var = mean + residual, var + sd**2
         return mean, np.sqrt(var)
 
@@ -274,12 +283,27 @@ def plan(
     current = sum(t.workload.same_shape(problem.workload) for t in trials)
     capped = current >= settings.max_trials
 
+    # Trials at a single worker count say nothing about how an iteration scales with workers:
+    # the model's claims there are the physical form's extrapolation alone, which a platform
+    # that form does not fit (traffic that shrinks as the optimizer state is sharded, say) gets
+    # wrong by a factor. Before such a claim ends the search, measure another worker count.
+    scaling = _scaling_probe(problem, trials, grid, untried, settings, current)
+
+    def probe_scaling(why: str) -> Decision | None:
+        if scaling is None or capped:
+            return None
+        if _over_trial_budget(settings, spent_on_trials, float(grid.trial_usd[scaling])):
+            return None
+        return decide("probe", scaling, f"{why}, but every trial ran at one worker count")
+
     if not believed.size:
         # Nothing is likely to meet the goal yet: look where it most probably can be met.
         likely = int(np.argmax(feasible))
         if feasible[likely] < settings.p_infeasible:
             reason = f"P(goal met) < {settings.p_infeasible:.0%} for every configuration"
-            return decide("infeasible", _closest(problem, grid), reason)
+            return probe_scaling(f"the model puts the goal out of reach ({reason})") or decide(
+                "infeasible", _closest(problem, grid), reason
+            )
         if capped or not untried.size:
             reason = f"no configuration met the goal in {current} trials"
             return decide("infeasible", _closest(problem, grid), reason)
@@ -322,7 +346,9 @@ def plan(
             f"no configuration is expected to improve on it by {settings.ei_stop:.0%} "
             f"(best expected improvement {top:.2%})"
         )
-        return decide("run", incumbent, reason, top)
+        return probe_scaling("the model expects no improvement") or decide(
+            "run", incumbent, reason, top
+        )
     if _over_trial_budget(settings, spent_on_trials, float(grid.trial_usd[pick])):
         return decide("run", incumbent, "the trial budget is spent", top)
     return decide("probe", pick, "largest expected improvement per trial dollar", top)
@@ -400,7 +426,7 @@ def _forecast(
     measured = np.array([p in ran for p in pairs], dtype=bool)
     died = {(t.workers, t.memory_mb) for t in current if not t.ok}
     n, m = workers.astype(float), memory.astype(float)
-    mean, sd = posterior.log_s(n, m)
+    mean, sd = posterior.log_s(n, m, measured)
     p_fits = posterior.p_fits(n, m)
     if died:
         p_fits = np.where([p in died and p not in ran for p in pairs], 0.0, p_fits)
@@ -496,6 +522,32 @@ def _frontier(grid: _Grid, points: int = 24) -> list[int]:
         keep = np.unique(np.round(np.linspace(0, len(front) - 1, points)).astype(int))
         front = [front[k] for k in keep]
     return front
+
+
+def _scaling_probe(
+    problem: Problem,
+    trials: Sequence[Trial],
+    grid: _Grid,
+    untried: IntArray,
+    settings: SearchSettings,
+    done: int,
+) -> int | None:
+    """While every trial of this workload that ran used one worker count (and the user left
+    the count free), the configuration at another count to measure: the most likely to meet
+    the goal per trial dollar, or, where the model gives every one next to no chance, the one
+    it predicts closest to the goal (the fastest for a deadline or none, the cheapest for a
+    budget). None once two counts have run, or when no other count probably fits."""
+    counts = {t.workers for t in trials if t.ok and t.workload.same_shape(problem.workload)}
+    if problem.override.workers is not None or len(counts) != 1:
+        return None
+    others = untried[~np.isin(grid.workers[untried], list(counts)) & (grid.p_fits[untried] >= 0.5)]
+    if not others.size:
+        return None
+    chance = grid.p_feasible[others]
+    if float(np.max(chance)) >= settings.p_infeasible:
+        return int(others[np.argmax(chance * _weights(grid, others, settings, done))])
+    closest = grid.cost_usd if isinstance(problem.goal, Budget) else grid.time_s
+    return int(others[np.argmin(closest[others])])
 
 
 def _over_trial_budget(settings: SearchSettings, spent_usd: float, next_usd: float) -> bool:
