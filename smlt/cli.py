@@ -1306,10 +1306,13 @@ def _print_plan(result: Any, png: Path) -> None:
     )
     where = "on the sim" if result.backend == "sim" else "on Ray (short real runs)"
     trials = Table(title=f"{_plural(len(result.trials), 'trial')} {where}", box=box.SIMPLE)
-    for name in ("workers", "memory MB", "outcome", "s/iteration", "wall s", "cost USD", "grain"):
+    on_ray = result.backend == "ray"  # a trial there also measured the run's fixed costs
+    columns = ["workers", "memory MB", "outcome", "s/iteration", "wall s", "cost USD", "grain"]
+    for name in columns + (["start-up s", "driver s"] if on_ray else []):
         trials.add_column(name, justify="right")
     for t in result.trials:
         s = t["s_per_iteration"]
+        fixed = [f"{t['startup_s']:.1f}", f"{t['driver_s']:.1f}"] if "driver_s" in t else []
         trials.add_row(
             str(t["workers"]),
             str(t["memory_mb"]),
@@ -1318,6 +1321,7 @@ def _print_plan(result: Any, png: Path) -> None:
             f"{t['wall_s']:.1f}",
             f"{t['cost_usd']:.6f}",
             t["grain"],
+            *(fixed or (["-", "-"] if on_ray else [])),
         )
     out.print(trials)
     frontier = Table(title="time-cost frontier (predicted)", box=box.SIMPLE)

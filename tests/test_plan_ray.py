@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 import smlt
-from smlt.cli import app
+from smlt.cli import _print_plan, app
 from smlt.client.plan import TaskProfile, plan_task
 from smlt.client.prices import Prices, machine_memory_mb
 from smlt.errors import ConfigError
@@ -122,7 +122,9 @@ def test_bad_run_options_are_refused_naming_the_flag(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_plan_on_ray_is_what_its_trial_measured(tmp_path: Path) -> None:
+def test_a_plan_on_ray_is_what_its_trial_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     epochs, batch_size = 4, 256  # 24 iterations; the trial trains 5 of them, in its own run
     result = plan_task(
         DIGITS, epochs=epochs, batch_size=batch_size, workers=2, memory_mb=884, backend="ray"
@@ -151,6 +153,14 @@ def test_a_plan_on_ray_is_what_its_trial_measured(tmp_path: Path) -> None:
     workers_usd = predicted.to_dict()["remaining_cost"]["workers_usd"]
     usd_per_worker_s = workers_usd / (2 * (predicted.time_s - problem.driver_s))
     assert usd_per_worker_s == pytest.approx(0.0000166667 * 884 / 1024, rel=1e-3)
+    # As smlt plan prints it: the trial's fixed costs beside its time per iteration.
+    monkeypatch.setenv("COLUMNS", "160")  # rich's width off a terminal: 80 would wrap
+    _print_plan(result, tmp_path / "frontier.png")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "1 trial on Ray (short real runs)" in printed
+    assert "start-up s driver s" in printed, printed
+    assert f"{trial['driver_s']:.1f}" in printed
+    assert "24 iterations of batch 256" in printed
 
 
 def test_plan_on_ray_refuses_what_it_cannot_use() -> None:
