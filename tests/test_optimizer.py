@@ -81,7 +81,10 @@ class Platform:
         g = 4 * w.num_params
         bandwidth = 75e6 * np.where(m < 2048, 0.6 + 0.4 * m / 2048, 1 + (m - 2048) / 8192 * 1.5)
         compute = 1e-8 * w.batch_size * w.num_params / (n * vcpus(m)) * (1 + 0.02 * n**0.5)
-        traffic = g * (1 + 2 * (n - 1) / n) / bandwidth + g * (3 * n - 2) / 2e9
+        # scatter-reduce's bytes as smlt moves them: down 2(n-1)/n G, up the owner's shard and
+        # its optimizer state; the store carries every byte (smlt.optimizer.perf's form).
+        s = w.optimizer_state_shards
+        traffic = g * (2 * (n - 1) + 1 + s) / n / bandwidth + g * (3 * n - 2 + s) / 2e9
         return compute + traffic + 1.5e-3 * n + 0.03
 
     def need_mb(self, workers: Any, w: Workload) -> Any:

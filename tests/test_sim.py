@@ -18,7 +18,7 @@ from smlt.backends.sim import SimBackend, SimPlatform
 from smlt.client.plan import SimTrials, TaskProfile, plan_task
 from smlt.errors import CapacityError, ConfigError, ThrottledError
 from smlt.optimizer.goals import Fastest
-from smlt.optimizer.perf import Workload
+from smlt.optimizer.perf import Workload, features
 from smlt.optimizer.problem import Probe, SearchSettings
 from smlt.protocol.payload import WorkerPayload
 
@@ -210,3 +210,23 @@ def test_a_1000_worker_10000_iteration_job_plans() -> None:
     assert {t["grain"] for t in searched.trials} == {"scheduler", "model"}
     assert fixed.decision.workers == 1000 and fixed.feasible
     assert fixed.trials[0]["grain"] == "model"
+
+
+@pytest.mark.parametrize("state", [0, 2])
+def test_the_optimizers_traffic_terms_are_the_sims(state: int) -> None:
+    """The optimizer's physical form (smlt.optimizer.perf.features) carries the bytes the sim's
+    platform moves, optimizer state included: link and store, term by term."""
+    platform = SimPlatform(
+        s_per_sample_1_vcpu=1e-3, num_params=250_000, optimizer_state_shards=state
+    )
+    for n in (1, 2, 8, 100):
+        step = platform.iteration(n, 1769, 256)
+        link_bytes = step.link_s * platform.bandwidth_mbps * 1e6 / 8
+        store_bytes = step.store_s * platform.store_bytes_per_s * platform.store_instances
+        f = features(n, 1769, 256, 250_000, state)
+        assert f[1] == pytest.approx(link_bytes, rel=1e-9)
+        assert f[2] == pytest.approx(store_bytes, rel=1e-9)
+    # With Adam's two state tensors a worker's link carries less as workers are added (its own
+    # shard, state included, shrinks as 1/n); with none it carries more (2 - 1/n gradients).
+    many, few = features(64, 1769, 256, 250_000, state), features(2, 1769, 256, 250_000, state)
+    assert (many[1] < few[1]) if state == 2 else (many[1] > few[1])

@@ -548,6 +548,7 @@ def plan_task(
         batch_size=min(batch_size, profile.num_samples),
         num_params=profile.num_params,
         iterations=epochs * per_epoch,
+        optimizer_state_shards=profile.optimizer_state_shards,
     )
     problem = Problem(
         goal=goal,
@@ -628,6 +629,7 @@ def _plan_on_ray(
             batch_size=min(batch_size, profile.num_samples),
             num_params=profile.num_params,
             iterations=epochs * per_epoch,
+            optimizer_state_shards=profile.optimizer_state_shards,
         ),
         space=SearchSpace(max_workers=max_workers, min_memory_mb=low_mb, max_memory_mb=high_mb),
         costs=prices.costs(ray.pricing),

@@ -148,6 +148,7 @@ def residual_optimizer(
             [t.memory_mb for t in ran],
             [t.workload.batch_size for t in ran],
             [t.workload.num_params for t in ran],
+            [t.workload.optimizer_state_shards for t in ran],
         )
         residuals = np.log([t.s_per_iteration or math.nan for t in ran]) - base
         with warnings.catch_warnings():
@@ -181,7 +182,9 @@ class _Posterior:
         configuration measured without noise 7 % inside a deadline was not 90 % likely to
         meet it)."""
         w = self.workload
-        mean, var = self.perf.predict_log(workers, memory_mb, w.batch_size, w.num_params)
+        mean, var = self.perf.predict_log(
+            workers, memory_mb, w.batch_size, w.num_params, w.optimizer_state_shards
+        )
         if self.optimizer.models:
             gp = self.optimizer.models[-1]
             residual, sd = gp.predict(self.transform(workers, memory_mb), return_std=True)

@@ -5,18 +5,24 @@ training on functions is a sum of parts whose shape is known from the physics (S
 and §3.3, platform-facts.md); only their sizes are unknown::
 
     s/iteration = compute_s  * B·P / (n · vCPU(m))      the batch's forward and backward
-                + link_s     * G · (1 + 2(n-1)/n)       a worker's scatter-reduce traffic
-                + store_s    * G · (3n - 2)             everything through the store
+                + link_s     * G · (2(n-1) + 1 + S)/n   a worker's scatter-reduce traffic
+                + store_s    * G · (3n - 2 + S)         everything through the store
                 + request_s  * n                        a round trip per peer shard
                 + fixed_s                               the rest (polling, bookkeeping)
 
-with B the global batch, P the parameter count, G = 4P gradient bytes, vCPU(m) = m / 1769
-capped at 6. Each coefficient has a log-normal prior centred on a measured figure (600 Mbit/s
-per function, 0.4 GB/s through one Redis, ...). :func:`fit_performance` finds the maximum a
-posteriori coefficients from the trials and keeps their Laplace covariance, so a prediction
-far from every trial (64 workers after probing 2 and 4) carries the uncertainty of the terms
-that dominate there: exactly the information Expected Improvement needs. The GP in
-:mod:`smlt.optimizer.bayes` then models what this form misses (the residual).
+with B the global batch, P the parameter count, G = 4P gradient bytes, S the optimizer-state
+shards each owner publishes with its parameter shard (2 for Adam, 0 for plain SGD: what
+:class:`Workload` calls ``optimizer_state_shards``), vCPU(m) = m / 1769 capped at 6. A
+worker's traffic falls towards 2G as n grows when S > 1: its own shard, state included, shrinks
+as 1/n. (The sim's platform takes the slower of the link and the store, ``max``; this form
+adds them, which keeps it linear in its coefficients; where one dominates they agree.)
+
+Each coefficient has a log-normal prior centred on a measured figure (600 Mbit/s per function,
+0.4 GB/s through one Redis, ...). :func:`fit_performance` finds the maximum a posteriori
+coefficients from the trials and keeps their Laplace covariance, so a prediction far from every
+trial (64 workers after probing 2 and 4) carries the uncertainty of the terms that dominate
+there: exactly the information Expected Improvement needs. The GP in :mod:`smlt.optimizer.bayes`
+then models what this form misses (the residual).
 
 Why a parametric prior at all: a plain GP over two dimensions needs a dozen trials before it
 extrapolates, and the extrapolation it does is flat. The physical form extrapolates from one
@@ -67,8 +73,14 @@ class Workload:
     num_params: int
     iterations: int
     checkpoint_every: int | None = None
+    #: Tensors of optimizer state per parameter that travel with each owner's shard (Adam: 2).
+    optimizer_state_shards: int = 0
 
     def __post_init__(self) -> None:
+        if self.optimizer_state_shards < 0:
+            raise ConfigError(
+                f"optimizer_state_shards must be >= 0, got {self.optimizer_state_shards}"
+            )
         if self.batch_size < 1 or self.num_params < 1 or self.iterations < 0:
             raise ConfigError(
                 f"a workload needs batch_size >= 1, num_params >= 1 and iterations >= 0, "
@@ -103,6 +115,7 @@ class Workload:
             "num_params": self.num_params,
             "iterations": self.iterations,
             "checkpoint_every": self.checkpoint_every,
+            "optimizer_state_shards": self.optimizer_state_shards,
         }
 
 
@@ -224,7 +237,9 @@ class PerfPrior:
         return {k: float(v) for k, v in self.__dict__.items()}
 
 
-def features(workers: Any, memory_mb: Any, batch_size: Any, num_params: Any) -> FloatArray:
+def features(
+    workers: Any, memory_mb: Any, batch_size: Any, num_params: Any, state_shards: Any = 0
+) -> FloatArray:
     """The five terms' multipliers (see the module docstring), one row per configuration.
 
     Arguments broadcast: arrays of candidates against one workload, or one row per trial."""
@@ -232,13 +247,14 @@ def features(workers: Any, memory_mb: Any, batch_size: Any, num_params: Any) -> 
     m = np.asarray(memory_mb, dtype=float)
     b = np.asarray(batch_size, dtype=float)
     p = np.asarray(num_params, dtype=float)
-    n, m, b, p = np.broadcast_arrays(n, m, b, p)
+    s = np.asarray(state_shards, dtype=float)
+    n, m, b, p, s = np.broadcast_arrays(n, m, b, p, s)
     g = BYTES_PER_GRADIENT * p
     return np.stack(
         [
             b * p / (n * vcpus(m)),
-            g * (1 + 2 * (n - 1) / n),
-            g * (3 * n - 2),
+            g * (2 * (n - 1) + 1 + s) / n,
+            g * (3 * n - 2 + s),
             n,
             np.ones_like(n),
         ],
@@ -258,14 +274,19 @@ class PerfFit:
         return dict(zip(TERMS, np.exp(self.log_coefficients).tolist(), strict=True))
 
     def predict_log(
-        self, workers: Any, memory_mb: Any, batch_size: Any, num_params: Any
+        self,
+        workers: Any,
+        memory_mb: Any,
+        batch_size: Any,
+        num_params: Any,
+        state_shards: Any = 0,
     ) -> tuple[FloatArray, FloatArray]:
         """Mean and variance of log(s/iteration) from the parametric part alone.
 
         The variance is the delta method's: each term's share of the iteration times the
         uncertainty of its coefficient, so an extrapolation into a regime no trial saw (the
         store's traffic at 500 workers) is as uncertain as that term's coefficient is."""
-        f = features(workers, memory_mb, batch_size, num_params)
+        f = features(workers, memory_mb, batch_size, num_params, state_shards)
         parts = f * np.exp(self.log_coefficients)
         total = parts.sum(axis=-1)
         shares = parts / total[..., None]
@@ -294,6 +315,7 @@ def fit_performance(trials: tuple[Trial, ...] | list[Trial], prior: PerfPrior) -
         [t.memory_mb for t in ran],
         [t.workload.batch_size for t in ran],
         [t.workload.num_params for t in ran],
+        [t.workload.optimizer_state_shards for t in ran],
     )
     y = np.log([t.s_per_iteration or math.nan for t in ran])
     noise = prior.noise_sigma
