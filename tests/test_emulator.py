@@ -497,6 +497,32 @@ def test_openwhisk_refuses_other_credentials_and_namespaces(emulator, ow):
     assert ow.get("/api/v1/namespaces/someone-else/actions").status_code == 403
 
 
+# -- the HTTP server ----------------------------------------------------------------------------
+
+
+def test_a_whole_fan_out_of_connections_is_queued_before_any_is_accepted():
+    """A hundred workers connect at once: the kernel must complete every handshake even before
+    the server's loop accepts one (socketserver's backlog of 5 let boto3 see connections closed
+    under a 100-worker fan-out). The server here is bound and listening but never accepts."""
+    import socket
+
+    from smlt.emulator.config import DEFAULT_MAX_CONCURRENCY
+    from smlt.emulator.server import _Server
+
+    server = _Server(("127.0.0.1", 0), emulator=None)  # type: ignore[arg-type]
+    address = (str(server.server_address[0]), int(server.server_address[1]))
+    connections = []
+    try:
+        for _ in range(2 * DEFAULT_MAX_CONCURRENCY):
+            # A dropped handshake is retried by the kernel after a second: past the timeout.
+            connections.append(socket.create_connection(address, timeout=0.8))
+    finally:
+        for connection in connections:
+            connection.close()
+        server.server_close()
+    assert len(connections) == 2 * DEFAULT_MAX_CONCURRENCY
+
+
 # -- what must not leak ------------------------------------------------------------------------
 
 

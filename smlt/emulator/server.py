@@ -48,6 +48,8 @@ logger = logging.getLogger("smlt.emulator")
 MAX_BODY_BYTES = 80 * 2**20
 #: An idle keep-alive connection is closed after this long.
 CONNECTION_IDLE_S = 120.0
+#: Connections waiting to be accepted: room for every worker of the largest fan-out at once.
+LISTEN_BACKLOG = 1024
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -73,6 +75,11 @@ class EmulatorStatistics:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # The listen backlog. socketserver's default, 5, is overrun when a generation's hundred
+    # workers connect at once (a fan-out through a fresh connection pool): the kernel then drops
+    # or resets connections the server has not accepted yet, and boto3 reported
+    # ConnectionClosedError (benchmarks/fanout.py, 100 workers). Linux caps it at somaxconn.
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], emulator: Emulator) -> None:
         self.emulator = emulator
