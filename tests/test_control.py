@@ -24,7 +24,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from smlt.protocol.control import Heartbeat, request_stop, should_stop, stop_iteration
+from smlt.protocol.control import (
+    Heartbeat,
+    request_stop,
+    schedule_stop,
+    should_stop,
+    stop_iteration,
+)
 from smlt.storage import redis_server as redis_server_module
 from smlt.storage.redis_server import RedisServer, connect
 from smlt.sync.keys import JobKeys
@@ -118,6 +124,27 @@ def test_two_proposers_agree_on_one_stop(gen: Generation, lagging_first: bool) -
         assert not propose()
         gen.assert_invariant()
     assert gen.at == 7
+
+
+def test_a_scheduled_stop_ends_every_worker_exactly_there(gen: Generation) -> None:
+    """A trial of known length: fixed before any worker starts, however fast they run."""
+    schedule_stop(gen.client, gen.keys, gen.number, 3)
+    assert [gen.run_to_stop(0) for _rank in range(3)] == [3, 3, 3]
+    gen.assert_invariant()
+    assert gen.started == [0, 1, 2] * 3 and gen.at == 3
+
+
+def test_a_worker_out_of_time_brings_a_scheduled_stop_earlier(gen: Generation) -> None:
+    schedule_stop(gen.client, gen.keys, gen.number, 10)
+    for u in range(4):
+        for _rank in range(2):
+            assert not gen.check(u)
+    assert not gen.check(4, propose=True)  # rank 0's function is about to time out
+    gen.assert_invariant()
+    assert gen.at == 5
+    assert [gen.run_to_stop(4), gen.run_to_stop(5)] == [5, 5]
+    gen.request()  # the scheduler's own request changes nothing once a stop is agreed
+    assert gen.at == 5
 
 
 def test_a_proposal_after_the_stop_is_agreed_never_lowers_it(gen: Generation) -> None:

@@ -154,6 +154,7 @@ def test_an_out_of_memory_trial_is_not_proposed_again() -> None:
     first = manager.initial(0)
     assert first.reason.startswith("trial 1")
     assert manager.wants_rescale(2) and not manager.wants_rescale(1)  # a probe of 3 iterations
+    assert manager.planned_stop(0) == 3  # fixed before its workers start
     trial = manager.record(_outcome(first, 0, oom=True))
     assert trial is not None and trial.outcome == "oom"
     nxt = manager.after_generation(0, "failed")
@@ -225,7 +226,8 @@ def test_a_deadline_run_lists_its_trials_meets_the_goal_and_trains_as_the_refere
     assert goal == {"goal": "deadline", "time_s": 600.0, "text": "deadline 10m", "met": True}
     assert 1 <= len(search["trials"]) <= 2
     for trial in search["trials"]:
-        assert trial["outcome"] == "ok" and trial["iterations"] >= 3
+        # Exactly the trial's iterations: its end is fixed before the workers start.
+        assert trial["outcome"] == "ok" and trial["iterations"] == 3
         assert trial["s_per_iteration"] > 0 and trial["cost_usd"] > 0
     chosen = search["chosen"]
     assert chosen["reason"] and chosen["action"] == "run"
@@ -332,6 +334,7 @@ def test_the_summary_lists_the_trials_the_choice_and_the_goal(
         optimizer={},
         iterations=60,
         epochs=10,
+        iterations_per_epoch=6,
         batch_size=256,
         wall_s=78.2,
         cost_usd=0.000358,

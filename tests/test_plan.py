@@ -8,6 +8,7 @@ CLI tests patch the profiler to return it.
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 import smlt.client.plan as plan_module
 from smlt.cli import app
+from smlt.client.goals import calibrate
 from smlt.client.plan import EXIT_INFEASIBLE, TaskProfile, plan_task, profile_task
 from smlt.errors import ConfigError
 from smlt.optimizer.goals import Deadline
@@ -138,3 +140,13 @@ def test_an_unknown_backend_or_memory_out_of_range_is_a_typed_error(digits: Task
         plan_task(digits, epochs=1, batch_size=256, backend="lambda")
     with pytest.raises(ConfigError, match="--memory-mb 20000 is outside"):
         plan_task(digits, epochs=1, batch_size=256, workers=2, memory_mb=20000)
+
+
+def test_calibration_counts_the_optimizer_state_that_travels_with_a_shard() -> None:
+    """Adam keeps two parameter-shaped tensors per parameter (its moments; ``step`` is a
+    scalar), SGD with momentum one: what each owner publishes with its shard."""
+    namespace = runpy.run_path(str(ROOT / "examples" / "transformer.py"))
+    adam = calibrate(namespace["Transformer"](), 8, samples=8, repeats=1)
+    assert adam.optimizer_state_shards == 2 and adam.s_per_sample > 0
+    digits = runpy.run_path(str(ROOT / "examples" / "digits.py"))["Digits"]()
+    assert calibrate(digits, 8, samples=8, repeats=1).optimizer_state_shards == 1

@@ -234,6 +234,18 @@ class ResourceManager:
         self._current = config
         return config
 
+    def planned_stop(self, start_iteration: int) -> int | None:
+        """Where the generation starting at ``start_iteration`` is known to end, if it is: the
+        end of a probe, or the next scheduled re-scale. The scheduler fixes it before the
+        workers start, so a trial trains exactly its iterations however fast they are (a
+        request while they run lands at the next boundary the workers check, several
+        iterations late when iterations take milliseconds)."""
+        ends = [self._probe_until] if self._probe_until is not None else []
+        if self._rescales:
+            ends.append(self._rescales[0].at)
+        ends = [at for at in ends if at > start_iteration]
+        return min(ends) if ends else None
+
     def wants_rescale(self, next_iteration: int) -> bool:
         """True when the current generation should stop: a re-scale, the end of a probe or a
         re-plan is due at or before the iteration after ``next_iteration`` (the generation

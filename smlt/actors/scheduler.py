@@ -56,7 +56,7 @@ from smlt.errors import (
     TrainingError,
 )
 from smlt.optimizer.cost import CostBreakdown, CostModel
-from smlt.protocol.control import request_stop
+from smlt.protocol.control import request_stop, schedule_stop
 from smlt.protocol.faults import parse_faults
 from smlt.protocol.payload import WorkerPayload, WorkerReport
 from smlt.protocol.state import reshard_store
@@ -373,6 +373,11 @@ class TaskScheduler:
         with self._lock:
             billed_before = len(self._billed)
         self.log.start_generation(gen, cfg.workers)
+        planned = self.manager.planned_stop(start)
+        if planned is not None and planned < self.spec.total_iterations:
+            await trio.to_thread.run_sync(
+                schedule_stop, self.store.client(0), self.keys, gen, planned
+            )
         await self.backend.deploy(self.spec.job_id, cfg.workers, cfg.memory_mb)
         reports: dict[int, WorkerReport] = {}
         attempts: dict[int, int] = {}  # rank -> its last attempt in this generation
@@ -392,7 +397,7 @@ class TaskScheduler:
         stop = stops.pop()
         if stop >= self.spec.total_iterations:
             why = "finished"
-        elif requested.is_set():
+        elif requested.is_set() or stop == planned:
             why = "re-scaling"
         else:
             why = "function time limit"

@@ -55,7 +55,7 @@ from smlt.client.checks import (
     warn_about_waste,
 )
 from smlt.client.goals import (
-    calibrate_s_per_sample,
+    calibrate,
     goal_outcome,
     goal_settings,
     refuse_unreachable,
@@ -233,6 +233,7 @@ class RunPlan:
     max_trials: int | None = None
     trial_iterations: int | None = None
     s_per_sample: float | None = None
+    optimizer_state_shards: int = 0
     #: What the run is billed at beyond the backend's own prices (:class:`Prices`' dict).
     prices: dict[str, Any] | None = None
 
@@ -393,9 +394,9 @@ def train(
         )
         torch.manual_seed(seed)
         initial = Version.initial(FlatModel(user_task.model()))
-        s_per_sample = None
+        calibration = None
         if goal is not None:
-            s_per_sample = calibrate_s_per_sample(user_task, sampler.batch_size, seed)
+            calibration = calibrate(user_task, sampler.batch_size, seed)
     except BaseException:
         objects.delete_prefix(artifact_prefix(job_id))  # the run never started
         raise
@@ -431,7 +432,8 @@ def train(
         goal=None if goal is None else goal.to_dict(),
         max_trials=max_trials,
         trial_iterations=trial_iterations,
-        s_per_sample=s_per_sample,
+        s_per_sample=calibration.s_per_sample if calibration is not None else None,
+        optimizer_state_shards=calibration.optimizer_state_shards if calibration else 0,
         prices=prices.to_dict(),
     )
     if goal is not None:

@@ -4,9 +4,10 @@ The resource manager pursues the goal during the run (:mod:`smlt.actors.resource
 this module does what must happen on the driver before then:
 
 - **calibrate** the performance model's compute coefficient by timing one local batch on one
-  thread (:func:`calibrate_s_per_sample`). Without it the model's prior spans orders of
-  magnitude (an MLP and a transformer differ by thousands of flops per parameter), and "is this
-  budget possible?" could only be answered after paying for trials;
+  thread, and count the optimizer state that travels with each shard (:func:`calibrate`).
+  Without it the model's prior spans orders of magnitude (an MLP and a transformer differ by
+  thousands of flops per parameter), and "is this budget possible?" could only be answered
+  after paying for trials;
 - **refuse** a goal no configuration can meet, before Ray starts or anything is written
   (:func:`refuse_unreachable`): the search space there is the backend's memory range with no
   limit on concurrency, so a goal refused here is out of reach on any cluster; the cluster's
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,11 +38,13 @@ from smlt.optimizer.cost import Pricing
 from smlt.optimizer.goals import Goal
 from smlt.optimizer.perf import PerfPrior, Workload
 from smlt.optimizer.problem import SearchSettings
-from smlt.task import Task, check_task
+from smlt.task import Task, TaskData, check_task
 
 __all__ = [
     "CALIBRATION_SAMPLES",
-    "calibrate_s_per_sample",
+    "Calibration",
+    "calibrate",
+    "count_state_shards",
     "goal_outcome",
     "goal_settings",
     "refuse_unreachable",
@@ -53,29 +56,71 @@ CALIBRATION_SAMPLES = 32
 _REPEATS = 3
 
 
-def calibrate_s_per_sample(task: Task, batch_size: int, seed: int = 0) -> float:
-    """Seconds per sample of a forward and backward pass on one thread (one vCPU's worth):
-    the median of a few passes over up to :data:`CALIBRATION_SAMPLES` samples, after one
-    warm-up pass (allocations, lazy initialisation)."""
-    data = check_task(task)
-    n = max(1, min(batch_size, CALIBRATION_SAMPLES, data.num_samples))
-    batch = tuple(t[:n] for t in data.tensors)
+@dataclass(frozen=True)
+class Calibration:
+    """What the performance model learns from the task before any worker runs."""
+
+    #: Seconds per sample of a forward and backward pass on one thread (one vCPU's worth).
+    s_per_sample: float
+    #: Tensors of optimizer state per parameter (Adam: 2, SGD with momentum: 1, plain SGD: 0):
+    #: each owner publishes them with its parameter shard every iteration.
+    optimizer_state_shards: int
+
+
+def count_state_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The most parameter-shaped state tensors the optimizer keeps for any parameter (after
+    a step has created them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return max(
+        (
+            sum(
+                1
+                for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape
+            )
+            for p in params
+        ),
+        default=0,
+    )
+
+
+def calibrate(
+    task: Task,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    data: TaskData | None = None,
+    samples: int = CALIBRATION_SAMPLES,
+    repeats: int = _REPEATS,
+) -> Calibration:
+    """Time the task's forward and backward pass on one thread: the median of ``repeats``
+    passes over up to ``samples`` samples (at most the batch), after one warm-up pass
+    (allocations, lazy initialisation), which also takes one optimizer step so that the
+    optimizer's state exists to be counted. ``data`` is the task's checked data if the caller
+    has it (``data()`` is not called twice)."""
+    data = data if data is not None else check_task(task)
+    n = max(1, min(batch_size, samples, data.num_samples))
+    batch = data.rows(0, n)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
         model = task.model()
         model.train()
+        optimizer = task.optimizer(model)
         times = []
-        for _ in range(_REPEATS + 1):
+        for k in range(repeats + 1):
             began = time.perf_counter()
             model.zero_grad(set_to_none=True)
             task.loss(model, batch).backward()
             times.append(time.perf_counter() - began)
+            if k == 0:
+                optimizer.step()
+        shards = count_state_shards(model, optimizer)
     finally:
         torch.set_num_threads(previous)
     ordered = sorted(times[1:])
-    return max(ordered[len(ordered) // 2] / n, 1e-9)
+    return Calibration(max(ordered[len(ordered) // 2] / n, 1e-9), shards)
 
 
 def goal_settings(
@@ -101,6 +146,7 @@ def goal_settings(
             plan.num_params,
             plan.total_iterations,
             checkpoint_every=plan.checkpoint_every or None,
+            optimizer_state_shards=getattr(plan, "optimizer_state_shards", 0),
         ),
         costs=Prices.from_dict(getattr(plan, "prices", None)).costs(pricing),
         prior=prior,

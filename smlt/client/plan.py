@@ -42,12 +42,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import trio.testing
 
 from smlt.actors.resource_manager import ResourceManager
 from smlt.actors.scheduler import JobSpec, TaskScheduler
 from smlt.backends.sim import STOP_MARGIN_S, SimBackend, SimPlatform
+from smlt.client.goals import calibrate
 from smlt.client.prices import Prices
 from smlt.errors import ConfigError, TrainingError
 from smlt.optimizer.bayes import plan, search
@@ -76,10 +76,9 @@ __all__ = [
 #: ``smlt plan`` exits with this when no configuration meets the goal (2 is any other error).
 EXIT_INFEASIBLE = 3
 PLAN_BACKENDS = ("sim", "ray")
-#: Samples timed per forward+backward pass when profiling, and how long to keep timing.
+#: Samples timed per forward+backward pass when profiling, and how many passes are timed.
 PROFILE_ROWS = 64
-PROFILE_MIN_S = 0.3
-PROFILE_MAX_REPEATS = 50
+PROFILE_REPEATS = 5
 #: A trial of more rank-iterations than this is computed by the sim's model directly instead of
 #: being replayed through the scheduler (every rank's report of every iteration through Redis
 #: and the scheduler's follower: about a millisecond each on this project's shared machines).
@@ -112,54 +111,25 @@ class TaskProfile:
 
 def profile_task(task: Task | str, *, rows: int = PROFILE_ROWS) -> TaskProfile:
     """Load and check ``task`` as ``smlt train`` does and time its forward and backward pass
-    on one thread. The median of repeated passes over ``rows`` samples, per sample: the first
-    pass is not counted (allocator and kernel warm-up)."""
+    on one thread (:func:`~smlt.client.goals.calibrate`, as a run with a goal does): the
+    median of repeated passes over ``rows`` samples, per sample, the first pass not counted
+    (allocator and kernel warm-up)."""
     started = time.perf_counter()
     spec = task if isinstance(task, str) else f"{type(task).__module__}:{type(task).__name__}"
     user = load_task(task) if isinstance(task, str) else task
     data = check_task(user)
     model = check_model(user)
-    optimizer = check_optimizer(user, model)
+    check_optimizer(user, model)
     check_loss(user, model, data.rows(0, min(2, data.num_samples)))
-    batch = data.rows(0, min(rows, data.num_samples))
-    used = min(rows, data.num_samples)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times: list[float] = []
-        spent = 0.0
-        for k in range(PROFILE_MAX_REPEATS + 1):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            user.loss(model, batch).backward()
-            elapsed = time.perf_counter() - t0
-            if k == 0:
-                optimizer.step()  # creates the optimizer's state, which is counted below
-                continue
-            times.append(elapsed)
-            spent += elapsed
-            if spent >= PROFILE_MIN_S and len(times) >= 3:
-                break
-    finally:
-        torch.set_num_threads(threads)
-    params = [p for p in model.parameters() if p.requires_grad]
-    state_shards = max(
-        (
-            sum(
-                1
-                for v in optimizer.state.get(p, {}).values()
-                if isinstance(v, torch.Tensor) and v.shape == p.shape
-            )
-            for p in params
-        ),
-        default=0,
+    calibration = calibrate(
+        user, data.num_samples, data=data, samples=rows, repeats=PROFILE_REPEATS
     )
     return TaskProfile(
         task=spec,
-        num_params=sum(p.numel() for p in params),
+        num_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         num_samples=data.num_samples,
-        s_per_sample_1_vcpu=statistics.median(times) / used,
-        optimizer_state_shards=state_shards,
+        s_per_sample_1_vcpu=calibration.s_per_sample,
+        optimizer_state_shards=calibration.optimizer_state_shards,
         profile_s=time.perf_counter() - started,
     )
 

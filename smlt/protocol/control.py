@@ -38,7 +38,7 @@ import redis
 
 from smlt.sync.keys import JobKeys
 
-__all__ = ["Heartbeat", "request_stop", "should_stop", "stop_iteration"]
+__all__ = ["Heartbeat", "request_stop", "schedule_stop", "should_stop", "stop_iteration"]
 
 # KEYS[1] = stop hash {at, started, requested}; ARGV = iteration u, propose (0/1), ttl_s.
 # Returns the agreed stop iteration, or -1 while none is set. A check that returns at <= u stops
@@ -89,6 +89,19 @@ def request_stop(
     worker has started (the next check of any worker fixes it)."""
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.stop(generation), "requested", 1)
+    pipe.expire(keys.stop(generation), ttl_s)
+    pipe.execute()
+
+
+def schedule_stop(
+    client: redis.Redis, keys: JobKeys, generation: int, at: int, ttl_s: int = 24 * 3600
+) -> None:
+    """The scheduler's side, before it invokes generation ``generation``: end it at ``at``
+    exactly (a trial of known length, a re-scale at a known iteration). Set before any worker
+    has started, so no worker can be past ``at``; a later proposal (a function running out of
+    time) can only bring the stop earlier, as for any agreed stop."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.stop(generation), "at", at)
     pipe.expire(keys.stop(generation), ttl_s)
     pipe.execute()
 
