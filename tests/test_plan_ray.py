@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 import smlt
-from smlt.cli import _print_plan, app
+from smlt.cli import _print_plan, _print_summary, app
 from smlt.client.plan import TaskProfile, plan_task
 from smlt.client.prices import Prices, machine_memory_mb
 from smlt.errors import ConfigError
@@ -42,7 +42,7 @@ def _digits() -> smlt.Task:
 
 
 def test_max_iterations_trains_the_first_iterations_and_prices_are_the_users(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # digits at batch 256: 6 iterations an epoch, so 8 stops in the middle of the second.
     result = smlt.train(
@@ -63,6 +63,9 @@ def test_max_iterations_trains_the_first_iterations_and_prices_are_the_users(
     assert result.iterations == 8
     assert [h["iteration"] for h in result.history] == list(range(8))
     assert result.iterations_per_epoch == 6
+    monkeypatch.setenv("COLUMNS", "160")
+    _print_summary(result)
+    assert "8 of 18 (3 epochs of batch 256; stopped by --max-iterations)" in capsys.readouterr().out
     reference = reference_run(_digits(), epochs=3, batch_size=256, seed=5, max_iterations=8)
     assert len(reference.lrs) == 8
     trained = torch.load(result.model_path)
