@@ -1,8 +1,9 @@
 """The Apache OpenWhisk backend: each worker is one activation of an action smlt creates per job.
 
-It speaks OpenWhisk's REST API (apache/openwhisk docs/rest_api.md) through one
-``httpx.AsyncClient`` per trio run (httpx runs on trio natively, so no thread is needed), with
-the namespace's ``uuid:key`` as HTTP Basic credentials and TLS verified by default.
+It speaks OpenWhisk's REST API (apache/openwhisk docs/rest_api.md) through ``httpx.AsyncClient``
+(httpx runs on trio natively, so no thread is needed), with the namespace's ``uuid:key`` as HTTP
+Basic credentials and TLS verified by default. A trio run has a few clients, each pooling at most
+:data:`POOL_CONNECTIONS` connections, and a rank always uses the same one (see there why).
 
 **Actions** (:mod:`smlt.backends.serverless` says which and when): ``PUT
 .../actions/NAME?overwrite=true`` with a ``blackbox`` exec (the worker's Docker image, the
@@ -24,6 +25,7 @@ ones (and every failure to start) without a poll. HTTP 429 is retried by
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -61,6 +63,13 @@ _POLL_FIRST_S = 0.05
 _POLL_MAX_S = 2.0
 #: Actions listed per page (OpenWhisk's maximum ``limit``).
 _PAGE = 200
+#: Connections one httpx client pools; a run's ``max_concurrency`` seats are spread over as many
+#: clients as it takes. httpcore's pool, whenever it assigns a request, counts all of its
+#: connections once for every idle one (quadratic in its size): with one client of 100 warm
+#: connections a 100-worker fan-out spent 3 to 4 s of CPU handing out requests, more than
+#: invoking one worker after another (benchmarks/fanout.py, ``bare_async_trio_s``); pools of 16
+#: cut that work some forty-fold.
+POOL_CONNECTIONS = 16
 
 
 class OpenWhiskInvocation(BackgroundInvocation):
@@ -71,9 +80,9 @@ class OpenWhiskInvocation(BackgroundInvocation):
 
 @dataclass
 class _Run:
-    """What a trio run owns: its HTTP client."""
+    """What a trio run owns: its HTTP clients (rank r uses ``clients[r % len(clients)]``)."""
 
-    client: httpx.AsyncClient
+    clients: list[httpx.AsyncClient]
 
 
 class OpenWhiskBackend(ServerlessBackend):
@@ -118,20 +127,26 @@ class OpenWhiskBackend(ServerlessBackend):
         verify: ssl.SSLContext | bool = bool(config.verify_tls)
         if isinstance(config.verify_tls, str):  # a CA bundle
             verify = ssl.create_default_context(cafile=config.verify_tls)
-        client = httpx.AsyncClient(
-            base_url=config.base_url,
-            auth=httpx.BasicAuth(*config.credentials),
-            verify=verify,
-            timeout=httpx.Timeout(_CALL_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=config.max_concurrency + 8),
-            headers={"Accept": "application/json", "User-Agent": "smlt"},
-        )
-        return _Run(client)
+        # Each pool has room beyond its ranks' seats for polls, control calls and a rank's
+        # duplicate delivery.
+        clients = [
+            httpx.AsyncClient(
+                base_url=config.base_url,
+                auth=httpx.BasicAuth(*config.credentials),
+                verify=verify,
+                timeout=httpx.Timeout(_CALL_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S),
+                limits=httpx.Limits(max_connections=POOL_CONNECTIONS + 8),
+                headers={"Accept": "application/json", "User-Agent": "smlt"},
+            )
+            for _ in range(math.ceil(config.max_concurrency / POOL_CONNECTIONS))
+        ]
+        return _Run(clients)
 
-    async def _client(self) -> httpx.AsyncClient:
+    async def _client(self, rank: int = 0) -> httpx.AsyncClient:
+        """The client of this run that serves ``rank`` (control calls: rank 0's)."""
         self.config.require_connection()
         run: _Run = await self._calls.resource()
-        return run.client
+        return run.clients[rank % len(run.clients)]
 
     def _path(self, collection: str, name: str = "") -> str:
         namespace = quote(self.config.namespace, safe="@._-")
@@ -145,10 +160,12 @@ class OpenWhiskBackend(ServerlessBackend):
         where: str,
         *,
         ok: tuple[int, ...] = (200,),
+        rank: int = 0,
         **kwargs: Any,
     ) -> httpx.Response:
-        """One API call; an answer outside ``ok`` is translated into the smlt error."""
-        client = await self._client()
+        """One API call (for ``rank``: on its client); an answer outside ``ok`` is translated
+        into the smlt error."""
+        client = await self._client(rank)
         try:
             response = await client.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -273,6 +290,7 @@ class OpenWhiskBackend(ServerlessBackend):
                 self._path("actions", name),
                 where,
                 ok=(200, 202, 502),
+                rank=rank,
                 params=params,
                 content=body,
                 headers={"Content-Type": "application/json"},
@@ -287,21 +305,25 @@ class OpenWhiskBackend(ServerlessBackend):
             activation = str(record.get("activationId", ""))
             if not activation:
                 raise BackendError(f"{where}: 202 without an activation id: {record!r}"[:300])
-            record = await self._poll(activation, deadline, f"{where}: activation {activation}")
+            record = await self._poll(
+                activation, deadline, f"{where}: activation {activation}", rank
+            )
         outcome = activation_outcome(record, rank)
         invocation.set_billed_s(outcome.billed_s)
         if isinstance(outcome.outcome, SmltError):
             raise outcome.outcome
         return outcome.outcome
 
-    async def _poll(self, activation: str, deadline: float, where: str) -> dict[str, Any]:
+    async def _poll(
+        self, activation: str, deadline: float, where: str, rank: int
+    ) -> dict[str, Any]:
         """The activation's record, once it exists (404 until the action ended)."""
         self._counts["polled"] = self._counts.get("polled", 0) + 1
         pause_s = _POLL_FIRST_S
         path = self._path("activations", activation)
         while True:
             try:
-                found = await self._request("GET", path, where, ok=(200, 404))
+                found = await self._request("GET", path, where, ok=(200, 404), rank=rank)
             except ThrottledError as exc:
                 # A throttled poll is not the worker's failure: poll again, later.
                 if trio.current_time() + pause_s > deadline:
@@ -322,7 +344,8 @@ class OpenWhiskBackend(ServerlessBackend):
 
 
 async def _close_run(run: _Run) -> None:
-    await run.client.aclose()
+    for client in run.clients:
+        await client.aclose()
 
 
 def _json(response: httpx.Response, where: str) -> Any:
