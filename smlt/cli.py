@@ -1295,8 +1295,10 @@ def _print_plan(result: Any, png: Path) -> None:
     decision = result.decision
     out = Console()
     verdict = "recommended" if decision.feasible else "closest to the goal (infeasible)"
+    # With both axes fixed there is no goal to pursue: the plan is that configuration's.
+    goal = "a fixed configuration" if result.problem.override.fixed else str(decision.goal)
     out.print(
-        f"smlt plan {result.profile.task}: {decision.goal}, "
+        f"smlt plan {result.profile.task}: {goal}, "
         f"{result.job_iterations} iterations of batch {result.problem.workload.batch_size}"
     )
     out.print(

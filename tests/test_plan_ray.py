@@ -163,7 +163,7 @@ def test_a_plan_on_ray_is_what_its_trial_measured(
     assert "1 trial on Ray (short real runs)" in printed
     assert "start-up s driver s" in printed, printed
     assert f"{trial['driver_s']:.1f}" in printed
-    assert "24 iterations of batch 256" in printed
+    assert "a fixed configuration, 24 iterations of batch 256" in printed
 
 
 def test_plan_on_ray_refuses_what_it_cannot_use() -> None:
