@@ -34,7 +34,11 @@ Measured per backend, for ``--workers`` n:
   hop to a thread or the async client, retries' bookkeeping, the answer's translation), the
   HTTP round trip on loopback, and the emulator's own dispatch to its container over a pipe.
   The same calls made with the bare client (boto3 ``invoke``, httpx ``POST``), alternated with
-  the adapter's, give ``raw_client_overhead_ms``: the difference is the adapter's own share.
+  the adapter's, give ``raw_client_overhead_ms``: the difference is the adapter's own share;
+- ``bare_threads_trio_s``: the warm fan-out again without the adapter, the bare blocking client
+  in a thread per rank under a ``CapacityLimiter`` (median of ``--rounds``); for OpenWhisk also
+  ``bare_async_trio_s``, a bare ``httpx.AsyncClient`` on trio, the client the adapter uses.
+  They say which part of the fan-out's time is the adapter's and which its client library's.
 
 Cold against warm is checked, not assumed: each handler's stamp carries its container's pid.
 The function is new, so the cold round's containers are all cold starts, and
@@ -61,6 +65,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +176,9 @@ async def one_at_a_time(
     }
 
 
-def raw_lambda(env: dict[str, str], function: str) -> Any:
-    """One boto3 RequestResponse call: its round trip minus the handler's own time, seconds."""
+def raw_lambda(env: dict[str, str], function: str, workers: int) -> Any:
+    """One boto3 RequestResponse call: its round trip minus the handler's own time, seconds
+    (safe to call from ``workers`` threads at once)."""
     import boto3
     from botocore.config import Config
 
@@ -179,7 +186,11 @@ def raw_lambda(env: dict[str, str], function: str) -> Any:
         "lambda",
         endpoint_url=env["AWS_ENDPOINT_URL_LAMBDA"],
         region_name=env["AWS_DEFAULT_REGION"],
-        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=120),
+        config=Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            read_timeout=120,
+            max_pool_connections=workers,
+        ),
     )
 
     def call(body: Any) -> float:
@@ -198,12 +209,17 @@ def raw_lambda(env: dict[str, str], function: str) -> Any:
     return call
 
 
-def raw_openwhisk(env: dict[str, str], action: str) -> Any:
+def raw_openwhisk(env: dict[str, str], action: str, workers: int) -> Any:
     """One blocking invoke by a bare httpx client, as :func:`raw_lambda`."""
     import httpx
 
     user, _, key = env["__OW_API_KEY"].partition(":")
-    client = httpx.Client(base_url=env["__OW_API_HOST"], auth=(user, key), timeout=120)
+    client = httpx.Client(
+        base_url=env["__OW_API_HOST"],
+        auth=(user, key),
+        timeout=120,
+        limits=httpx.Limits(max_connections=workers + 8),
+    )
     path = f"/api/v1/namespaces/_/actions/{action}"
 
     def call(body: Any) -> float:
@@ -216,6 +232,54 @@ def raw_openwhisk(env: dict[str, str], action: str) -> Any:
         return elapsed - float(record["response"]["result"]["wall_s"])
 
     return call
+
+
+async def bare_fan_out(
+    call: Any, job: str, workers: int, hold_s: float, stamps: Path, tag: str
+) -> dict[str, Any]:
+    """Every rank at once through ``call(payload)`` (an async bare client call), no adapter."""
+    options = {"stamps": str(stamps), "round": tag, "hold_s": hold_s}
+    began = time.time()
+    async with trio.open_nursery() as nursery:
+        for rank in range(workers):
+            nursery.start_soon(call, payload(job, rank, workers, options))
+    stamped = _stamps(stamps, tag, workers)
+    return {
+        "containers": sorted({pid for _, pid in stamped}),
+        "started_s": max(when for when, _ in stamped) - began,
+    }
+
+
+def in_threads(raw: Any, workers: int) -> Any:
+    """The bare blocking call in a thread per rank, under a CapacityLimiter of n seats."""
+    limiter = trio.CapacityLimiter(workers)
+
+    async def call(body: Any) -> None:
+        await trio.to_thread.run_sync(raw, body, limiter=limiter)
+
+    return call
+
+
+@asynccontextmanager
+async def async_openwhisk(env: dict[str, str], action: str, workers: int) -> AsyncIterator[Any]:
+    """A blocking invoke by a bare ``httpx.AsyncClient`` on trio (what the adapter uses)."""
+    import httpx
+
+    user, _, key = env["__OW_API_KEY"].partition(":")
+    path = f"/api/v1/namespaces/_/actions/{action}"
+    async with httpx.AsyncClient(
+        base_url=env["__OW_API_HOST"],
+        auth=(user, key),
+        timeout=120,
+        limits=httpx.Limits(max_connections=workers + 8),
+    ) as client:
+
+        async def call(body: Any) -> None:
+            answer = await client.post(path, params={"blocking": "true"}, json=body.to_dict())
+            if answer.status_code != 200:
+                raise RuntimeError(f"the stand-in failed: HTTP {answer.status_code}")
+
+        yield call
 
 
 async def measure_backend(
@@ -235,8 +299,20 @@ async def measure_backend(
                 await trio.sleep(0.5)  # every container idle again
                 warm.append(await fan_out(backend, job, workers, hold_s, stamps, f"warm{r}"))
             bare = raw_lambda if name == "aws_lambda" else raw_openwhisk
-            raw = bare(env, function)
+            raw = bare(env, function, workers)
             sequential = await one_at_a_time(backend, raw, job, workers, stamps, "seq")
+            # The same fan-out without the adapter: where does its time go?
+            threads: list[dict[str, Any]] = []
+            aio: list[dict[str, Any]] = []
+            for r in range(rounds):
+                await trio.sleep(0.5)
+                call = in_threads(raw, workers)
+                threads.append(await bare_fan_out(call, job, workers, hold_s, stamps, f"bt{r}"))
+            if name == "openwhisk":
+                async with async_openwhisk(env, function, workers) as call:
+                    for r in range(rounds):
+                        await trio.sleep(0.5)
+                        aio.append(await bare_fan_out(call, job, workers, hold_s, stamps, f"ba{r}"))
         finally:
             await backend.aclose()
     overhead, raw_overhead = sequential["overhead_ms"], sequential["raw_overhead_ms"]
@@ -259,6 +335,16 @@ async def measure_backend(
         "load_average_after": list(os.getloadavg()),
         "rounds": {"cold": cold, **{f"warm{i}": w for i, w in enumerate(warm)}},
         "sequential": sequential,
+        "bare_threads_trio_s": statistics.median(t["started_s"] for t in threads),
+        "bare_threads_rounds": threads,
+        **(
+            {
+                "bare_async_trio_s": statistics.median(a["started_s"] for a in aio),
+                "bare_async_rounds": aio,
+            }
+            if aio
+            else {}
+        ),
     }
 
 
