@@ -94,8 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = CONNECTION_IDLE_S
     # TCP_NODELAY on every connection. An answer goes out in two writes (the headers, then the
     # body); with Nagle's algorithm the body waited for the ACK of the headers, which a client in
-    # delayed-ACK mode sends up to 40 ms later: warm invocations took 48 ms instead of 7
-    # (benchmarks/fanout.py measured it before this line).
+    # delayed-ACK mode sends up to 40 ms later (seen as 48 ms warm invocations, against 7 ms
+    # with this line, while benchmarks/fanout.py was written).
     disable_nagle_algorithm = True
     server: _Server
 
