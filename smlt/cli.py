@@ -1049,7 +1049,8 @@ def _print_summary(result: Any) -> None:
         table.add_row("goal", f"{goal['text']}: {'met' if goal['met'] else 'MISSED'}")
     if result.optimizer:
         table.add_row("optimizer", f"{result.optimizer['class']}, {result.optimizer['mode']}")
-    whole = result.epochs * result.iterations_per_epoch
+    # 0 for a result that does not say (one read from an older result.json): shown as whole.
+    whole = result.epochs * getattr(result, "iterations_per_epoch", 0)
     table.add_row(
         "iterations",
         f"{result.iterations} ({_plural(result.epochs, 'epoch')} of batch {result.batch_size})"
@@ -1202,6 +1203,21 @@ def plan_command(
         str | None,
         typer.Option(help="ray: an existing Ray cluster (ray://... or auto); default: a local Ray"),
     ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_REDIS_URL",
+            help="ray: the trials' Redis (one the cluster's workers reach), not an embedded one",
+        ),
+    ] = None,
+    object_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SMLT_OBJECT_STORE",
+            help="ray: the trials' object store (s3://bucket/prefix for a cluster; default: a "
+            "scratch folder)",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seeds the sim's noise and the optimizer")] = 0,
     noise: Annotated[
         float | None,
@@ -1265,6 +1281,8 @@ def plan_command(
             backend=backend,
             seed=seed,
             ray_address=ray_address,
+            redis_url=redis_url,
+            object_store=object_store,
             prices=prices,
             **figures,
         )

@@ -14,6 +14,7 @@ import math
 import os
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,13 +22,13 @@ from typer.testing import CliRunner
 
 import smlt
 from smlt.cli import _print_plan, _print_summary, app
-from smlt.client.plan import TaskProfile, plan_task
+from smlt.client.plan import RayTrials, TaskProfile, plan_task
 from smlt.client.prices import Prices, machine_memory_mb
-from smlt.errors import ConfigError
+from smlt.errors import ConfigError, OutOfMemoryError, TrainingError
 from smlt.optimizer.economics import RunEconomics
 from smlt.optimizer.goals import Budget, Deadline
 from smlt.optimizer.perf import Workload
-from smlt.optimizer.problem import Problem
+from smlt.optimizer.problem import Probe, Problem
 from smlt.optimizer.space import SearchSpace
 from tests.reference import reference_run
 
@@ -137,8 +138,8 @@ def test_a_plan_on_ray_is_what_its_trial_measured(
     assert (trial["grain"], trial["outcome"], trial["iterations"]) == ("ray", "ok", 5)
     assert (trial["workers"], trial["memory_mb"]) == (2, 884)
     # The run's fixed costs were measured, not assumed: Ray, Redis and the scheduler start
-    # (driver_s) and the workers' cold start (startup_s) each take a second or more here.
-    assert trial["driver_s"] > 1.0 and trial["startup_s"] > 0.5
+    # (driver_s) and the workers' cold start (startup_s); their sizes are the benchmark's.
+    assert trial["driver_s"] > 0 and trial["startup_s"] > 0
     assert trial["driver_s"] + trial["startup_s"] < trial["wall_s"]
     problem = result.problem
     assert (problem.startup_s, problem.driver_s) == (trial["startup_s"], trial["driver_s"])
@@ -175,6 +176,47 @@ def test_plan_on_ray_refuses_what_it_cannot_use() -> None:
     outcome = CliRunner().invoke(app, ["plan", DIGITS, "--backend", "ray", "--noise", "0.1"])
     assert outcome.exit_code == 2
     assert "noise_sigma only set the sim's model" in outcome.output
+    with pytest.raises(ConfigError, match="--redis-url and --object-store are for the trials"):
+        plan_task(profile, epochs=1, batch_size=10, object_store="s3://bucket/prefix")
+
+
+def _probe() -> Probe:
+    return Probe(2, 512, 5, Workload(batch_size=256, num_params=9610, iterations=60))
+
+
+def test_a_ray_trial_that_ran_out_of_memory_is_an_oom_trial(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """However the run ended: raising with the typed error in its cause chain, or finishing
+    after the scheduler retried the worker with twice the memory (the probe's size did not
+    fit either way). Another failure is not hidden as an out-of-memory."""
+    import smlt.client.driver as driver
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        try:
+            raise OutOfMemoryError("Runtime.OutOfMemory: 512 MB")
+        except OutOfMemoryError as exc:
+            raise TrainingError("worker 1 failed the same way twice at iteration 0") from exc
+
+    retried = SimpleNamespace(
+        failures=[{"rank": 1, "cause": "OutOfMemoryError: 512 MB", "retry_memory_mb": 1024}],
+        wall_s=9.0,
+        cost_usd=2e-4,
+    )
+    with RayTrials(DIGITS, epochs=10, batch_size=256) as measure:
+        monkeypatch.setattr(driver, "train", out_of_memory)
+        raised = measure(_probe())
+        monkeypatch.setattr(driver, "train", lambda *a, **k: retried)
+        finished = measure(_probe())
+        monkeypatch.setattr(
+            driver, "train", lambda *a, **k: (_ for _ in ()).throw(TrainingError("no Redis"))
+        )
+        with pytest.raises(TrainingError, match="no Redis"):
+            measure(_probe())
+    assert (raised.outcome, finished.outcome) == ("oom", "oom")
+    assert finished.cost_usd == 2e-4 and raised.s_per_iteration is None
+    with pytest.raises(TrainingError, match="no trial on Ray finished"):
+        measure.overheads()
 
 
 def _economics(goal: object, driver_s: float) -> RunEconomics:

@@ -49,7 +49,7 @@ from smlt.actors.scheduler import JobSpec, TaskScheduler
 from smlt.backends.sim import STOP_MARGIN_S, SimBackend, SimPlatform
 from smlt.client.goals import calibrate
 from smlt.client.prices import Prices
-from smlt.errors import ConfigError, TrainingError
+from smlt.errors import ConfigError, OutOfMemoryError, TrainingError
 from smlt.optimizer.bayes import plan, search
 from smlt.optimizer.goals import Fastest, Goal, Override
 from smlt.optimizer.perf import PerfPrior, Trial, Workload
@@ -301,9 +301,13 @@ class RayTrials:
         batch_size: int,
         seed: int = 0,
         ray_address: str | None = None,
+        redis_url: str | None = None,
+        object_store: str | None = None,
         prices: Prices | None = None,
     ) -> None:
         self.task = task
+        self.redis_url = redis_url
+        self.object_store = object_store
         self.prices = prices or Prices()
         self.epochs = epochs
         self.batch_size = batch_size
@@ -341,30 +345,30 @@ class RayTrials:
                 backend="ray",
                 seed=self.seed,
                 output=self._folder / f"trial-{k}",
-                object_store=str(self._folder / "objects"),
+                object_store=self.object_store or str(self._folder / "objects"),
+                redis_url=self.redis_url,
                 ray_address=self.ray_address,
                 max_iterations=iterations,
                 **self.prices.to_dict(),
             )
         except TrainingError as exc:
-            if "out of memory" not in str(exc).lower():
+            if not _out_of_memory(exc):
                 raise
-            trial = Trial(
-                workers=probe.workers,
-                memory_mb=probe.memory_mb,
-                workload=probe.workload,
-                outcome="oom",
-                iterations=0,
-                wall_s=time.perf_counter() - real_started,
-                cost_usd=0.0,
-            )
-            self.measured.append({**trial.to_dict(), "grain": "ray", "error": str(exc)})
-            return trial
+            return self._died(probe, time.perf_counter() - real_started, 0.0, str(exc))
+        # A worker out of memory twice is retried once with twice the memory (the scheduler's
+        # FailurePolicy), so the run may finish: the probe's size still did not fit.
+        died = [f for f in result.failures if "retry_memory_mb" in f or _oom_cause(f)]
+        if died:
+            return self._died(probe, result.wall_s, result.cost_usd, str(died[0]))
         generations = result.generations
         history = result.history
         iterations_run = len(history)
         stamps = [h["wall_s"] for h in history]
-        s_per_iteration = (stamps[-1] - stamps[0]) / max(1, iterations_run - 1)
+        s_per_iteration = (
+            (stamps[-1] - stamps[0]) / (iterations_run - 1)
+            if iterations_run > 1
+            else history[0]["iter_s"]  # a job of one iteration: its own time is all there is
+        )
         generations_s = sum(g["wall_s"] for g in generations)
         startup_s = max(0.0, generations_s - iterations_run * s_per_iteration) / len(generations)
         trial = Trial(
@@ -389,6 +393,19 @@ class RayTrials:
         )
         return trial
 
+    def _died(self, probe: Probe, wall_s: float, cost_usd: float, error: str) -> Trial:
+        trial = Trial(
+            workers=probe.workers,
+            memory_mb=probe.memory_mb,
+            workload=probe.workload,
+            outcome="oom",
+            iterations=0,
+            wall_s=wall_s,
+            cost_usd=cost_usd,
+        )
+        self.measured.append({**trial.to_dict(), "grain": "ray", "error": error})
+        return trial
+
     def overheads(self) -> tuple[float, float]:
         """(startup_s, driver_s): the medians over the trials that ran."""
         ran = [m for m in self.measured if m["outcome"] == "ok"]
@@ -401,6 +418,21 @@ class RayTrials:
             statistics.median(m["startup_s"] for m in ran),
             statistics.median(m["driver_s"] for m in ran),
         )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by a worker out of memory (the typed error anywhere in its
+    chain, or named in its text once it crossed a process boundary)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OutOfMemoryError) or OutOfMemoryError.__name__ in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _oom_cause(failure: dict[str, Any]) -> bool:
+    return OutOfMemoryError.__name__ in str(failure.get("cause", ""))
 
 
 @dataclass(frozen=True)
@@ -455,6 +487,8 @@ def plan_task(
     settings: SearchSettings | None = None,
     max_scheduled_reports: int = DEFAULT_MAX_SCHEDULED_REPORTS,
     ray_address: str | None = None,
+    redis_url: str | None = None,
+    object_store: str | None = None,
     prices: Prices | None = None,
     **platform_figures: Any,
 ) -> PlanResult:
@@ -470,9 +504,11 @@ def plan_task(
     larger one at the model's coarse grain (see :class:`SimTrials`).
 
     With ``backend="ray"`` the trials are short real runs on Ray (:class:`RayTrials`; a local
-    Ray, or the cluster at ``ray_address``) and ``platform_figures`` are refused: there is no
-    model to set. ``prices`` (:class:`~smlt.client.prices.Prices`) are what the run will be
-    billed at beyond the backend's own prices, as ``smlt train`` takes them."""
+    Ray, or the cluster at ``ray_address``, whose workers need a Redis at ``redis_url`` and
+    an object store at ``object_store`` they can reach, as ``smlt train`` there does) and
+    ``platform_figures`` are refused: there is no model to set. ``prices``
+    (:class:`~smlt.client.prices.Prices`) are what the run will be billed at beyond the
+    backend's own prices, as ``smlt train`` takes them."""
     prices = prices or Prices()
     started = time.perf_counter()
     if backend not in PLAN_BACKENDS:
@@ -484,6 +520,11 @@ def plan_task(
     override = Override(workers, memory_mb)
     if goal is None:
         goal = Fastest()
+    if backend != "ray" and (redis_url is not None or object_store is not None):
+        raise ConfigError(
+            "--redis-url and --object-store are for the trials of --backend ray; the sim has "
+            "no workers to reach them"
+        )
     if backend == "ray":
         if isinstance(task, TaskProfile) or not isinstance(task, str):
             raise ConfigError("--backend ray runs the task: give it as path/to/file.py:ClassName")
@@ -501,6 +542,8 @@ def plan_task(
             seed=seed,
             settings=settings or SearchSettings(seed=seed),
             ray_address=ray_address,
+            redis_url=redis_url,
+            object_store=object_store,
             prices=prices,
             started=started,
         )
@@ -567,6 +610,8 @@ def _plan_on_ray(
     seed: int,
     settings: SearchSettings,
     ray_address: str | None,
+    redis_url: str | None,
+    object_store: str | None,
     prices: Prices,
     started: float,
 ) -> PlanResult:
@@ -579,19 +624,19 @@ def _plan_on_ray(
     from smlt.backends.ray_backend import RayBackend, ensure_ray
 
     profile = profile_task(task)
-    ray = RayBackend(address=ray_address, **prices.backend_options())
-    low_mb, high_mb = ray.memory_range_mb()
+    target = RayBackend(address=ray_address, **prices.backend_options())
+    low_mb, high_mb = target.memory_range_mb()
     if override.workers is not None:
         max_workers = override.workers
     else:  # the cluster's size: read from a Ray started (or joined) for that alone
         started_here = ensure_ray(ray_address)
         try:
-            max_workers = ray.capacity().max_workers(override.memory_mb or low_mb)
+            max_workers = target.capacity().max_workers(override.memory_mb or low_mb)
         finally:
             if started_here:
-                import ray as ray_module
+                import ray
 
-                ray_module.shutdown()
+                ray.shutdown()
     per_epoch = GlobalBatchSampler(profile.num_samples, batch_size, seed).iterations_per_epoch
     problem = Problem(
         goal=goal,
@@ -602,7 +647,7 @@ def _plan_on_ray(
             optimizer_state_shards=profile.optimizer_state_shards,
         ),
         space=SearchSpace(max_workers=max_workers, min_memory_mb=low_mb, max_memory_mb=high_mb),
-        costs=prices.costs(ray.pricing),
+        costs=prices.costs(target.pricing),
         prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
         override=override,
     )
@@ -614,6 +659,8 @@ def _plan_on_ray(
         batch_size=batch_size,
         seed=seed,
         ray_address=ray_address,
+        redis_url=redis_url,
+        object_store=object_store,
         prices=prices,
     ) as measure:
         if override.fixed:

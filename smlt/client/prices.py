@@ -10,8 +10,8 @@ so that ``smlt resume`` bills as the run began:
   the share of a node it holds (:class:`~smlt.optimizer.cost.NodeHourPricing`), with the node's
   size from ``--node-vcpus`` and ``--node-memory-mb`` (default: this machine's, which is the
   node of a local Ray);
-- ``--store-usd-per-hour S`` bills the store's host for the run's whole wall time (a managed
-  Redis, say).
+- ``--store-usd-per-hour S`` bills the store's host for the time the scheduler runs the job
+  (a managed Redis, say): the run's wall time less the driver's own start and end.
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ class CostModel:
     ``store_usd_per_hour`` is 0 by default, meaning the store's host is not billed to the run
     (the embedded Redis on the driver's machine). No host price is in platform-facts.md; for a
     managed store give its hourly price (an ElastiCache node, say) and it is charged for the
-    run's whole wall time, however many workers use it.
+    time the scheduler runs the job, however many workers use it.
     """
 
     functions: Pricing = LAMBDA_X86

@@ -8,11 +8,11 @@ and the probability of meeting the goal is the probability that the model's s/it
 under it. The optimizer uses these for whole grids at once (numpy arrays); ``smlt plan`` can use
 them for one fixed configuration.
 
-The driver's own time (:attr:`~smlt.optimizer.problem.Problem.driver_s`) is wall time that only
-the store is billed for. A new generation every ``max_run_s`` is counted continuously (a
-fraction of a start-up), which keeps both functions monotone and invertible; the error is at
-most one start-up.
-"""
+The driver's own time (:attr:`~smlt.optimizer.problem.Problem.driver_s`) is wall time that
+nothing is billed for: the workers have not started or have ended, and the store is billed for
+the scheduler's time, as the scheduler's bill counts it. A new generation every ``max_run_s`` is
+counted continuously (a fraction of a start-up), which keeps both functions monotone and
+invertible; the error is at most one start-up."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ class RunEconomics:
         """(workers, store, requests) USD; their sum is :meth:`cost_usd`."""
         costs = self.problem.costs
         wall = self.wall_s(s_per_iteration)
-        billed = wall - self.problem.driver_s  # no worker runs while the driver works alone
+        billed = wall - self.problem.driver_s  # nothing is billed while the driver works alone
         workers_usd = self.workers * costs.functions.usd_per_worker_s(self.memory_mb) * billed
-        store_usd = costs.store_usd_per_s * wall
+        store_usd = costs.store_usd_per_s * billed
         requests_usd = self.usd_per_generation * self.generations(s_per_iteration)
         requests_usd = requests_usd + self.usd_once
         shape = self.workers.shape
@@ -101,8 +101,7 @@ class RunEconomics:
     def s_within_cost(self, cost_usd: float) -> FloatArray:
         """The largest s/iteration whose cost is at most ``cost_usd`` (0: none)."""
         startup, run, n = self.problem.startup_s, self.problem.max_run_s, self.iterations
-        a, f = self.usd_per_s, self.usd_per_generation
-        c0 = self.usd_once + self.problem.costs.store_usd_per_s * self.problem.driver_s
+        a, f, c0 = self.usd_per_s, self.usd_per_generation, self.usd_once
         with np.errstate(divide="ignore", invalid="ignore"):
             one = (cost_usd - c0 - f - a * startup) / (a * n)
             many = (cost_usd - c0) / (n * (a * (1 + startup / run) + f / run))
