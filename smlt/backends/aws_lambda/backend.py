@@ -49,13 +49,13 @@ __all__ = ["INVOCATION_TYPE", "LambdaBackend", "LambdaInvocation"]
 #: once, time until the last handler started, median of 3 warm rounds):
 #:
 #:     n    cold RR   cold Event   warm RR   warm Event
-#:     4    1.31 s    1.30 s       0.044 s   0.028 s
-#:     16   3.76 s    3.45 s       0.062 s   0.104 s
-#:     32   7.03 s    6.89 s       0.157 s   0.304 s
+#:     4    0.62 s    0.68 s       0.009 s   0.021 s
+#:     16   1.99 s    2.70 s       0.049 s   0.076 s
+#:     32   4.26 s    3.90 s       0.109 s   0.139 s
 #:
-#: A cold start is the container's, the same either way (the two differ by less than runs of
-#: one differ: an earlier run had Event 1.2 s slower at n=16); warm, RequestResponse starts 16 or
-#: 32 workers sooner, Event having one more hop (Lambda's queue). Event is not faster, and it
+#: A cold start is the container's, about the same either way (the two differ by less than runs
+#: of one differ); warm, RequestResponse starts all n workers sooner, Event having one more hop
+#: (Lambda's queue). Event is not faster, and it
 #: would cost what the scheduler relies on: the worker's report, its typed error (time limit,
 #: out of memory, the handler's exception) and its billed duration come back on the
 #: RequestResponse call itself, while an Event's outcome reaches nobody (a failed Event is
