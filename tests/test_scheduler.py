@@ -25,7 +25,13 @@ from smlt.actors.failures import FailurePolicy, RetryPolicy, cause_key, more_mem
 from smlt.actors.progress import CheckpointReady, ProgressLog
 from smlt.actors.resource_manager import ResourceManager
 from smlt.actors.scheduler import JobSpec, TaskScheduler, generation_leftovers
-from smlt.errors import ConfigError, ObjectStoreError, OutOfMemoryError, TrainingError
+from smlt.errors import (
+    ConfigError,
+    FunctionTimeoutError,
+    ObjectStoreError,
+    OutOfMemoryError,
+    TrainingError,
+)
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.payload import StopReason, WorkerPayload, WorkerReport
@@ -357,6 +363,8 @@ def scripted(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
                     raise ScriptedFailure(f"{message} at iteration {t}")
             if [p.rank, p.attempt, t] in script.get("oom", ()):
                 raise OutOfMemoryError(f"rank {p.rank} used {p.memory_mb + 1} MB of {p.memory_mb}")
+            if [p.rank, p.attempt, t] in script.get("timeout", ()):
+                raise FunctionTimeoutError(f"Task timed out (rank {p.rank})")
             # Lockstep, as synchronous training is: nobody finishes t before everyone started it.
             store.announce(0, keys.full_ready(t), p.rank, ttl_s=600)
             for _ in store.announcements(
@@ -492,6 +500,22 @@ def test_a_rank_out_of_memory_twice_is_re_invoked_with_twice_the_memory(
     with pytest.raises(TrainingError, match="worker 1 failed the same way twice") as info:
         run.run()
     assert "OutOfMemoryError: rank 1 used 513 MB of 512" in str(info.value)
+
+
+@pytest.mark.parametrize("at", [0, 2], ids=["before-any-iteration", "after-progress"])
+def test_a_time_limit_no_attempt_outlasts_says_to_raise_it(
+    redis_server: RedisServer, ray_and_objects: Path, job_id: str, at: int
+) -> None:
+    """Every replacement is another cold start: a function time limit shorter than start-up
+    and one iteration can never be outlasted, and the error says which flag to change (only
+    then: a limit hit after progress is the usual hand-over's business)."""
+    script = {"timeout": [[1, 0, at], [1, 1, at]]}
+    run = scheduler(redis_server, ray_and_objects, job_id, script=script, function_timeout_s=9.0)
+    with pytest.raises(TrainingError, match="worker 1 failed the same way twice") as info:
+        run.run()
+    hinted = "within the function time limit of 9 s" in str(info.value)
+    assert hinted == (at == 0), str(info.value)
+    assert "raise --function-timeout" in str(info.value) or at != 0
 
 
 def test_a_duplicated_invocation_runs_twice_and_is_billed_twice(

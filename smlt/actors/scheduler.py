@@ -49,6 +49,7 @@ from smlt.actors.resource_manager import Config, GenerationOutcome, ResourceMana
 from smlt.backends.base import Backend, Invocation
 from smlt.errors import (
     ConfigError,
+    FunctionTimeoutError,
     OutOfMemoryError,
     SmltError,
     StoreUnavailableError,
@@ -554,9 +555,17 @@ class TaskScheduler:
             self._record_failure(record)
             if not decision.retry:
                 await self._cancel_all()
+                hint = ""
+                if isinstance(exc, FunctionTimeoutError) and resume == start:
+                    # Every replacement is another cold start: a limit it cannot outlast.
+                    hint = (
+                        f"; no attempt finished an iteration within the function time limit of "
+                        f"{self.spec.function_timeout_s:g} s: it is shorter than a worker's "
+                        "start-up and one iteration, raise --function-timeout"
+                    )
                 raise TrainingError(
                     f"worker {rank} {decision.why} at iteration {resume} (generation {gen}); "
-                    f"last cause: {record['cause']}"
+                    f"last cause: {record['cause']}{hint}"
                 ) from exc
             attempt += 1
             await trio.sleep(decision.delay_s)
