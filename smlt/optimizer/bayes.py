@@ -52,7 +52,7 @@ from skopt.space import Integer
 from smlt.errors import CapacityError
 from smlt.optimizer.cost import CostBreakdown
 from smlt.optimizer.economics import RunEconomics
-from smlt.optimizer.goals import Budget, Override
+from smlt.optimizer.goals import Budget, Fastest, Override
 from smlt.optimizer.memory import MemoryFit, fit_memory
 from smlt.optimizer.perf import PerfFit, Trial, fit_performance
 from smlt.optimizer.problem import (
@@ -71,6 +71,8 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 #: How the skopt Optimizer is built. EI explicitly: skopt's default is ``gp_hedge``.
+#: Extra trials at most of a measured incumbent whose margin to the goal is within the noise.
+MAX_REMEASURES = 2
 SKOPT_SETTINGS: dict[str, Any] = {
     "acq_func": "EI",
     "acq_optimizer": "sampling",
@@ -228,6 +230,7 @@ class _Grid:
     memory_mb: IntArray
     measured: npt.NDArray[np.bool_]
     mean_log_s: FloatArray
+    sd_log_s: FloatArray
     p_fits: FloatArray
     p_goal: FloatArray
     y_mean: FloatArray
@@ -299,6 +302,42 @@ def plan(
             return None
         return decide("probe", scaling, f"{why}, but every trial ran at one worker count")
 
+    def remeasure(i: int) -> Decision | None:
+        """A measured incumbent believed to meet the goal with less margin than one trial's
+        noise (the prior's ``noise_sigma``) is measured again before the run is committed to
+        it, at most :data:`MAX_REMEASURES` more times: the GP, sure of its fitted noise level,
+        would otherwise take one lucky trial at its word."""
+        if capped or isinstance(problem.goal, Fastest):
+            return None
+        k = sum(
+            1
+            for t in trials
+            if t.ok
+            and t.workload.same_shape(problem.workload)
+            and (t.workers, t.memory_mb) == (int(grid.workers[i]), int(grid.memory_mb[i]))
+        )
+        if not 1 <= k <= MAX_REMEASURES:
+            return None
+        noise = problem.prior.noise_sigma / math.sqrt(2 * k)  # one trial's, over k of them
+        one = RunEconomics(
+            grid.workers[i : i + 1],
+            grid.memory_mb[i : i + 1],
+            max(problem.workload.iterations, 1),
+            problem,
+        )
+        sd = np.array([max(float(grid.sd_log_s[i]), noise)])
+        p = float(one.p_goal(grid.mean_log_s[i : i + 1], sd)[0])
+        if p >= settings.confidence:
+            return None
+        if _over_trial_budget(settings, spent_on_trials, float(grid.trial_usd[i])):
+            return None
+        return decide(
+            "probe",
+            i,
+            f"measured again: its margin to the goal is within the trials' noise "
+            f"(P = {p:.2f} after {k} trial{'s' if k > 1 else ''})",
+        )
+
     if not believed.size:
         # Nothing is likely to meet the goal yet: look where it most probably can be met.
         likely = int(np.argmax(feasible))
@@ -349,8 +388,10 @@ def plan(
             f"no configuration is expected to improve on it by {settings.ei_stop:.0%} "
             f"(best expected improvement {top:.2%})"
         )
-        return probe_scaling("the model expects no improvement") or decide(
-            "run", incumbent, reason, top
+        return (
+            probe_scaling("the model expects no improvement")
+            or remeasure(incumbent)
+            or decide("run", incumbent, reason, top)
         )
     if _over_trial_budget(settings, spent_on_trials, float(grid.trial_usd[pick])):
         return decide("run", incumbent, "the trial budget is spent", top)
@@ -441,6 +482,7 @@ def _forecast(
         memory_mb=memory,
         measured=measured,
         mean_log_s=mean,
+        sd_log_s=sd,
         p_fits=p_fits,
         p_goal=economics.p_goal(mean, sd),
         y_mean=economics.log_objective(mean, sd)[0],
