@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks._output import command_line, write_outputs
+from benchmarks._smlt import run_smlt
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (example, task, epochs, batch size, [(workers, memory_mb), ...])
@@ -57,21 +55,6 @@ PLAN_TIMEOUT_S = 600
 TRAIN_TIMEOUT_S = 1800
 
 
-def _smlt(args: list[str], timeout_s: float, cwd: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "smlt.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=cwd,  # smlt plan writes plans/ there
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"smlt {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
-        )
-    return done
-
-
 def _case(
     example: str, task: str, epochs: int, batch_size: int, workers: int, memory_mb: int
 ) -> dict[str, Any]:
@@ -79,17 +62,17 @@ def _case(
     config = ["--workers", str(workers), "--memory-mb", str(memory_mb)]
     with tempfile.TemporaryDirectory(prefix="smlt-bench-plan-") as out:
         load_plan = os.getloadavg()[0]
-        started = time.perf_counter()
-        planned = _smlt(
-            ["plan", task, *job, *config, "--backend", "ray", "--json"], PLAN_TIMEOUT_S, out
+        planned, plan_s = run_smlt(
+            ["plan", task, *job, *config, "--backend", "ray", "--json"],
+            cwd=out,
+            timeout_s=PLAN_TIMEOUT_S,
         )
         plan = json.loads(planned.stdout)
-        plan_s = time.perf_counter() - started
         load_train = os.getloadavg()[0]
-        _smlt(
+        run_smlt(
             ["train", task, *job, *config, "--output", f"{out}/run", "--object-store", f"{out}/o"],
-            TRAIN_TIMEOUT_S,
-            out,
+            cwd=out,
+            timeout_s=TRAIN_TIMEOUT_S,
         )
         result = json.loads(Path(out, "run", "result.json").read_text())
     trial = plan["trial_details"][0]

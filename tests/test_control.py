@@ -134,6 +134,20 @@ def test_a_scheduled_stop_ends_every_worker_exactly_there(gen: Generation) -> No
     assert gen.started == [0, 1, 2] * 3 and gen.at == 3
 
 
+def test_a_replacement_behind_a_scheduled_stop_catches_up_to_it(gen: Generation) -> None:
+    """Rank 1 dies in iteration 2 of a trial scheduled to end at 4; its peer goes on to the
+    stop. The replacement, re-invoked at 2, runs 2 and 3 and stops at 4 with it."""
+    schedule_stop(gen.client, gen.keys, gen.number, 4)
+    for u in range(2):
+        for _rank in range(2):
+            assert not gen.check(u)
+    assert not gen.check(2)  # rank 1 starts 2, then dies
+    assert gen.run_to_stop(2) == 4  # rank 0
+    assert gen.run_to_stop(2) == 4  # rank 1's replacement
+    gen.assert_invariant()
+    assert gen.at == 4
+
+
 def test_a_worker_out_of_time_brings_a_scheduled_stop_earlier(gen: Generation) -> None:
     schedule_stop(gen.client, gen.keys, gen.number, 10)
     for u in range(4):

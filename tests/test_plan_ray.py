@@ -105,6 +105,9 @@ def test_prices_that_cannot_apply_are_refused() -> None:
     assert here.node_vcpus == os.cpu_count()
     assert here.node_memory_mb == machine_memory_mb() > 1024
     assert Prices.checked("aws_lambda").pricing() is None  # the backend's own prices
+    assert Prices.from_dict(here.to_dict()) == here and Prices.from_dict(None) == Prices()
+    with pytest.raises(ConfigError, match="prices in run.json are not what smlt writes"):
+        Prices.from_dict({"node_usd_per_hour": 1.0, "node_usd": 2.0})
 
 
 @pytest.mark.parametrize(
@@ -215,8 +218,7 @@ def test_a_ray_trial_that_ran_out_of_memory_is_an_oom_trial(
             measure(_probe())
     assert (raised.outcome, finished.outcome) == ("oom", "oom")
     assert finished.cost_usd == 2e-4 and raised.s_per_iteration is None
-    with pytest.raises(TrainingError, match="no trial on Ray finished"):
-        measure.overheads()
+    assert measure.overheads() is None  # nothing ran: the plan keeps its default start-up
 
 
 def _economics(goal: object, driver_s: float) -> RunEconomics:

@@ -406,14 +406,12 @@ class RayTrials:
         self.measured.append({**trial.to_dict(), "grain": "ray", "error": error})
         return trial
 
-    def overheads(self) -> tuple[float, float]:
-        """(startup_s, driver_s): the medians over the trials that ran."""
+    def overheads(self) -> tuple[float, float] | None:
+        """(startup_s, driver_s): the medians over the trials that ran; None before one has
+        (every trial so far ran out of memory, which is an answer, not an error)."""
         ran = [m for m in self.measured if m["outcome"] == "ok"]
         if not ran:
-            raise TrainingError(
-                "no trial on Ray finished, so nothing calibrates the plan: "
-                + "; ".join(m.get("error", "") for m in self.measured)
-            )
+            return None
         return (
             statistics.median(m["startup_s"] for m in ran),
             statistics.median(m["driver_s"] for m in ran),
@@ -651,8 +649,6 @@ def _plan_on_ray(
         prior=PerfPrior().calibrated(profile.s_per_sample_1_vcpu, profile.num_params),
         override=override,
     )
-    iterations = min(settings.trial_iterations, problem.workload.iterations)
-    trials: list[Trial] = []
     with RayTrials(
         task,
         epochs=epochs,
@@ -663,20 +659,25 @@ def _plan_on_ray(
         object_store=object_store,
         prices=prices,
     ) as measure:
+
+        def calibrated(before: Problem, _trial: Trial) -> Problem:
+            """The job is not advanced by a trial on Ray (a run of its own); its fixed costs
+            are what the trials so far measured."""
+            overheads = measure.overheads()
+            if overheads is None:  # no trial ran to its end yet (out of memory)
+                return before
+            return replace(before, startup_s=overheads[0], driver_s=overheads[1])
+
         if override.fixed:
             assert override.workers is not None and override.memory_mb is not None
-            trials.append(
-                measure(Probe(override.workers, override.memory_mb, iterations, problem.workload))
-            )
-        while True:
-            if trials:
-                startup_s, driver_s = measure.overheads()
-                problem = replace(problem, startup_s=startup_s, driver_s=driver_s)
-            decision = plan(problem, trials, settings)
-            if override.fixed or decision.action != "probe":
-                break
-            probe = Probe(decision.workers, decision.memory_mb, iterations, problem.workload)
-            trials.append(measure(probe))
+            iterations = min(settings.trial_iterations, problem.workload.iterations)
+            probe = Probe(override.workers, override.memory_mb, iterations, problem.workload)
+            trial = measure(probe)
+            problem = calibrated(problem, trial)
+            decision = plan(problem, [trial], settings)
+        else:
+            result = search(problem, measure, settings, advance=calibrated)
+            decision, problem = result.decision, result.problem
     return PlanResult(
         decision=decision,
         trials=tuple(measure.measured),

@@ -109,4 +109,12 @@ class Prices:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Prices:
-        return cls(**data) if data else cls()
+        """As :meth:`to_dict` wrote it into ``run.json`` (None: a run from before prices)."""
+        if not data:
+            return cls()
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(
+                f"prices in run.json are not what smlt writes ({data}): {exc}"
+            ) from None

@@ -425,11 +425,14 @@ def search(
     measure: Callable[[Probe], Trial],
     settings: SearchSettings | None = None,
     trials: Sequence[Trial] = (),
+    advance: Callable[[Problem, Trial], Problem] = Problem.advanced,
 ) -> SearchResult:
     """Plan, measure, repeat until the decision is not a probe (or the job is done).
 
     ``trials`` are earlier observations to start from (after a :func:`replan`, say); the
-    result lists them too, followed by the new ones."""
+    result lists them too, followed by the new ones. ``advance`` gives the problem after a
+    trial: by default its iterations, time and money count towards the job (profiling is
+    training); a caller whose trials are runs of their own passes another."""
     settings = settings or SearchSettings()
     seen = list(trials)
     while True:
@@ -439,7 +442,7 @@ def search(
         iterations = min(settings.trial_iterations, problem.workload.iterations)
         trial = measure(Probe(decision.workers, decision.memory_mb, iterations, problem.workload))
         seen.append(trial)
-        problem = problem.advanced(trial)
+        problem = advance(problem, trial)
 
 
 # -- helpers -------------------------------------------------------------------------------------
