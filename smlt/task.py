@@ -6,7 +6,9 @@ and imported there with :func:`load_task`, so a task must be importable on its o
 needs beside torch, numpy and the installed packages must live in that one file.
 
 Everything the user writes is checked here, once, on the client, before a single worker is paid
-for: :func:`check_task` validates ``data()``, and :func:`check_model`, :func:`check_optimizer`,
+for: :func:`check_task` validates ``data()`` (a training set in memory becomes a
+:class:`TaskData`; one that arrives in chunks, a :class:`StreamData` whose every chunk is checked
+as the artifact manager draws it), and :func:`check_model`, :func:`check_optimizer`,
 :func:`check_scheduler` and :func:`check_loss` validate the other methods on a tiny batch
 (:func:`clip_grad_norm`, :func:`loss_reduction` and :func:`scheduler_interval` the class
 attributes). Each failure is a
@@ -23,19 +25,25 @@ import math
 import numbers
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_collate
 
 from smlt.errors import TaskError
 
+if TYPE_CHECKING:
+    from smlt.worker.transform import SampleRandom
+
 __all__ = [
+    "HEAD_SAMPLES",
+    "ITERABLE_CHUNK_BYTES",
+    "StreamData",
     "Task",
     "TaskData",
     "check_loss",
@@ -44,11 +52,14 @@ __all__ = [
     "check_optimizer",
     "check_scheduler",
     "check_task",
+    "check_transform",
     "clip_grad_norm",
     "load_task",
     "loss_reduction",
     "overrides_evaluate",
+    "overrides_transform",
     "run_evaluate",
+    "run_transform",
     "scheduler_interval",
 ]
 
@@ -56,6 +67,17 @@ __all__ = [
 REQUIRED_METHODS = ("data", "model", "optimizer", "loss")
 
 Batch = tuple[torch.Tensor, ...]
+
+#: Samples of a streamed training set kept in memory for the client's checks (loss, update,
+#: memory measure, calibration): enough for each of them (calibration times up to 64 rows), few
+#: enough that the head of any data set is small. A stream's first chunks are read until the
+#: head is this long (or the stream ends).
+HEAD_SAMPLES = 64
+#: An ``IterableDataset``'s samples are collated into chunks of about this many bytes (a fixed
+#: number of samples per data set, from the size of its first sample; 1 to 4096 samples):
+#: large enough that collating is not per-sample overhead, small beside a shard.
+ITERABLE_CHUNK_BYTES = 4 * 2**20
+_MAX_ITERABLE_CHUNK_SAMPLES = 4096
 
 
 class Task:
@@ -87,9 +109,39 @@ class Task:
     #: optimizer step, the default) or ``"epoch"`` (after the last iteration of every epoch).
     scheduler_interval: ClassVar[str] = "iteration"
 
-    def data(self) -> Sequence[torch.Tensor | np.ndarray] | Dataset[Any]:
-        """The training set: a tuple of tensors or arrays with equal first dimension (one row
-        per sample), or a map-style torch ``Dataset`` whose items collate into such a tuple."""
+    def data(
+        self,
+    ) -> (
+        Sequence[torch.Tensor | np.ndarray]
+        | Dataset[Any]
+        | Iterator[Sequence[torch.Tensor | np.ndarray]]
+    ):
+        """The training set, in one of four forms; the client calls it once per run.
+
+        In memory (the whole set is loaded on the client):
+
+        - a tuple of tensors or numpy arrays with equal first dimension (one row per sample),
+          e.g. ``return x, y``;
+        - a map-style torch ``Dataset`` (``__len__`` and ``__getitem__``) whose items
+          ``default_collate`` into such a tuple.
+
+        Streamed, for a set larger than the client's memory (it never is held whole):
+
+        - an **iterator or generator of chunks**: each chunk a tuple of tensors or numpy arrays
+          with equal first dimension, e.g. one chunk per ``.npy`` file read from disk or S3.
+          Every chunk must have the dtypes and per-sample shapes of the first; a chunk may hold
+          any number of rows (none included), and the stream at least one sample in all;
+        - a ``torch.utils.data.IterableDataset`` yielding samples (a tensor or a tuple of
+          tensors each); smlt collates them into chunks of a fixed number of samples with
+          ``default_collate``.
+
+        smlt packages a stream into shards as the chunks come, holding about one shard and one
+        chunk in memory; the checks that run on the client (the loss, an update, the memory
+        measure, the calibration of a goal) use the first :data:`HEAD_SAMPLES` samples only.
+        Every chunk is checked as it is drawn, so a bad one fails the packaging with a
+        :class:`~smlt.errors.TaskError` naming its number. The rows are trained in the order
+        given, as shards of consecutive samples (the sampler shuffles across all of them).
+        """
         raise NotImplementedError
 
     def model(self) -> torch.nn.Module:
@@ -123,6 +175,19 @@ class Task:
         """
         return None
 
+    def transform(self, batch: Batch, epoch: int, rng: SampleRandom) -> Batch:
+        """Optional augmentation, run on the worker on the samples it read, before ``loss()``.
+
+        ``batch`` is a tuple of tensors shaped like ``data()`` (any number of samples), ``epoch``
+        the epoch being trained, and ``rng`` a :class:`smlt.SampleRandom`: random draws per
+        sample, keyed by (seed, epoch, global sample index). Draw every random number from
+        ``rng`` and treat each sample on its own (no statistics across the batch): then a sample
+        is augmented the same way whichever worker reads it, and again when a failed iteration
+        runs twice, but differently every epoch. Both rules are checked on the client. Return
+        the transformed tuple (shapes may change, e.g. a crop). Default: no transform.
+        """
+        return batch
+
 
 @dataclass(frozen=True)
 class TaskData:
@@ -148,6 +213,46 @@ class TaskData:
     def rows(self, start: int, stop: int) -> Batch:
         """Samples ``[start, stop)`` of every tensor, as views."""
         return tuple(t[start:stop] for t in self.tensors)
+
+    @property
+    def head(self) -> TaskData:
+        """The samples the client's checks run on: all of them, for a set in memory (a
+        :class:`StreamData` has only its first few)."""
+        return self
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """A validated training set that arrives in chunks and is read once, by the packager.
+
+    ``data()`` returned an iterator of chunks or an ``IterableDataset`` (see
+    :meth:`Task.data`): the set may be larger than the client's memory, so it is never held
+    whole. What the client needs before packaging comes from ``head``, and the number of
+    samples is known only once ``chunks`` is exhausted (the manifest says it).
+    """
+
+    #: The stream's first :data:`HEAD_SAMPLES` samples (all of them, if it has fewer), copied
+    #: out of their chunks: what every client-side check, the memory measure and the
+    #: calibration run on. Its dtypes and sample shapes are every chunk's.
+    head: TaskData
+    #: Every chunk from the first (those read to build ``head`` are replayed first), each
+    #: checked against the first as it is drawn; one-shot, like the user's generator.
+    chunks: Iterator[TaskData]
+    #: ``len()`` of an ``IterableDataset`` that defines it (samples, as the user declares them);
+    #: None for an iterator of chunks, whose size only reading it tells.
+    declared_samples: int | None = None
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return self.head.dtypes
+
+    @property
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.head.sample_shapes
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return self.head.bytes_per_sample
 
 
 def load_task(spec: str) -> Task:
@@ -207,20 +312,25 @@ def load_task(spec: str) -> Task:
         ) from exc
 
 
-def check_task(task: Task) -> TaskData:
+def check_task(task: Task) -> TaskData | StreamData:
     """Call ``task.data()`` once and validate what it returned.
 
     Arrays become tensors, a ``Dataset`` is materialized (item by item, then ``default_collate``),
     and every tensor is detached, moved to the CPU and made contiguous, so the artifact manager
-    can cut raw rows out of it.
+    can cut raw rows out of it. An iterator of chunks or an ``IterableDataset`` becomes a
+    :class:`StreamData`: only its head is read here (and checked); the rest is checked chunk by
+    chunk as the artifact manager draws it.
     """
     where = _where(task, "data")
+    path = _task_file(task)
     try:
         raw = task.data()
     except Exception as exc:
-        raise TaskError(
-            f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, _task_file(task))}"
-        ) from exc
+        raise TaskError(f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, path)}") from exc
+    if isinstance(raw, IterableDataset):
+        return _stream(*_collated_chunks(raw, where, path), where)
+    if isinstance(raw, Iterator):
+        return _stream(_chunks_of(raw, where, path), None, where)
     if isinstance(raw, TensorDataset):
         raw = raw.tensors
     elif isinstance(raw, Dataset):
@@ -228,8 +338,8 @@ def check_task(task: Task) -> TaskData:
     if isinstance(raw, torch.Tensor | np.ndarray) or not isinstance(raw, tuple | list):
         raise TaskError(
             f"{where} returned {_describe(raw)}; expected a tuple of tensors or numpy arrays "
-            "with equal first dimension (e.g. 'return x, y' or 'return (x,)'), or a torch "
-            "Dataset."
+            "with equal first dimension (e.g. 'return x, y' or 'return (x,)'), a torch "
+            "Dataset, or an iterator (generator) of such tuples, one chunk of rows each."
         )
     if not raw:
         raise TaskError(f"{where} returned an empty tuple; expected at least one tensor.")
@@ -596,3 +706,72 @@ def _describe(value: object) -> str:
     if inspect.isclass(value):
         return f"the class {value.__qualname__}"
     return f"a {type(value).__qualname__}"
+
+
+def overrides_transform(task: Task) -> bool:
+    """True if the task defines ``transform`` (the base class's returns the batch unchanged)."""
+    return type(task).transform is not Task.transform
+
+
+def run_transform(task: Task, batch: Batch, epoch: int, rng: SampleRandom) -> Batch:
+    """``task.transform(batch, epoch, rng)`` where the task has one, its result checked: a tuple
+    of tensors, one row per sample. A failure is a :class:`~smlt.errors.TaskError` naming it."""
+    if not overrides_transform(task):
+        return batch
+    where = _where(task, "transform")
+    out = _call(task, "transform", where, batch, epoch, rng)
+    if isinstance(out, list):
+        out = tuple(out)
+    if not (isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TaskError(
+            f"{where} returned {_describe(out)}; expected a tuple of tensors like the batch it "
+            "was given (e.g. 'return x, y')."
+        )
+    rows = len(batch[0]) if batch else 0
+    lengths = [t.shape[0] if t.dim() else None for t in out]
+    if any(length != rows for length in lengths):
+        raise TaskError(
+            f"{where} returned tensors of first dimensions {lengths} for a batch of {rows} "
+            "samples; a transform keeps one row per sample."
+        )
+    return out
+
+
+def check_transform(task: Task, head: Batch, seed: int) -> Batch:
+    """Run ``transform`` on a few samples the way workers will, and check the two rules that keep
+    n workers equal to one: the same draws give the same output (all randomness comes from
+    ``rng``), and a sample's output does not depend on the others in its batch (smlt splits the
+    batch among workers and micro-batches). Returns the transformed head (what the client's
+    other checks should feed the loss). Nothing is checked when the task has no transform."""
+    if not overrides_transform(task):
+        return head
+    from smlt.worker.transform import SampleRandom
+
+    where = _where(task, "transform")
+    k = min(4, len(head[0]))
+    head = tuple(t[:k] for t in head)
+    indices = np.arange(k)
+    first = run_transform(task, head, 0, SampleRandom(seed, 0, indices))
+    again = run_transform(task, head, 0, SampleRandom(seed, 0, indices))
+    if not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)):
+        raise TaskError(
+            f"{where} gave different outputs for the same samples, epoch and rng; draw all "
+            "randomness from the rng it is given (not torch.rand, random or np.random), so a "
+            "re-executed iteration sees the same samples."
+        )
+    if k >= 2:
+        half = k // 2
+        parts = [
+            run_transform(task, tuple(t[a:b] for t in head), 0, SampleRandom(seed, 0, indices[a:b]))
+            for a, b in ((0, half), (half, k))
+        ]
+        split = tuple(torch.cat(pieces) for pieces in zip(*parts, strict=True))
+        if not all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, split, strict=True)
+        ):
+            raise TaskError(
+                f"{where} transforms a sample differently depending on the other samples in "
+                "its batch; smlt splits each batch among workers, so a transform must treat "
+                "each sample on its own (per-sample draws from rng, no batch statistics)."
+            )
+    return first
