@@ -326,7 +326,9 @@ def check_task(task: Task) -> TaskData | StreamData:
     try:
         raw = task.data()
     except Exception as exc:
-        raise TaskError(f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, path)}") from exc
+        raise TaskError(
+            f"{where} raised {type(exc).__name__}: {exc}.{_user_line(exc, path)}"
+        ) from exc
     if isinstance(raw, IterableDataset):
         return _stream(*_collated_chunks(raw, where, path), where)
     if isinstance(raw, Iterator):
@@ -629,6 +631,206 @@ def _materialize(dataset: Dataset[Any], where: str) -> Any:
     raise TaskError(
         f"{where} returned a Dataset whose items collate to {_describe(collated)}; "
         "expected each item to be a tensor or a tuple of tensors."
+    )
+
+
+def _stream(chunks: Iterator[TaskData], declared_samples: int | None, where: str) -> StreamData:
+    """Read a stream's first chunks until :data:`HEAD_SAMPLES` samples are in hand, copy the
+    head out of them (so that it does not keep a large first chunk alive), and hand the chunks
+    back to be replayed before the rest."""
+    pulled: list[TaskData] = []
+    count = 0
+    for chunk in chunks:
+        pulled.append(chunk)
+        count += chunk.num_samples
+        if count >= HEAD_SAMPLES:
+            break
+    if count == 0:
+        got = f"{len(pulled)} chunks, all of them empty" if pulled else "no chunk at all"
+        raise TaskError(f"{where} yielded no samples ({got}); there is nothing to train on.")
+    parts: list[Batch] = []
+    wanted = HEAD_SAMPLES
+    for chunk in pulled:
+        take = min(wanted, chunk.num_samples)
+        if take:
+            parts.append(chunk.rows(0, take))
+        wanted -= take
+    # torch.cat always allocates: the head shares no storage with the chunks.
+    head = tuple(torch.cat([part[i] for part in parts]) for i in range(len(parts[0])))
+    return StreamData(
+        head=TaskData(tensors=head, num_samples=min(count, HEAD_SAMPLES)),
+        chunks=_replay(pulled, chunks),
+        declared_samples=declared_samples,
+    )
+
+
+def _replay(pulled: list[TaskData], rest: Iterator[TaskData]) -> Iterator[TaskData]:
+    """``pulled``, then ``rest``; each of ``pulled`` is let go of as it is handed out."""
+    while pulled:
+        yield pulled.pop(0)
+    yield from rest
+
+
+def _chunks_of(
+    raw: Iterator[Any],
+    where: str,
+    path: Path | None,
+    name: Callable[[int], str] | None = None,
+) -> Iterator[TaskData]:
+    """Each chunk ``raw`` yields, as :class:`TaskData`, checked as it is drawn: a tuple of
+    tensors of equal length, with the dtypes and sample shapes of the first chunk.
+
+    Only the first chunk's layout is remembered, never a chunk: the caller decides how long
+    one lives. ``name(number)`` says which chunk a message is about.
+    """
+    name = name or (lambda number: f"chunk {number} (counting from 0) of {where}")
+    layout: tuple[tuple[torch.dtype, tuple[int, ...]], ...] | None = None
+    number = 0
+    while True:
+        try:
+            item = next(raw)
+        except StopIteration:
+            return
+        except TaskError:
+            raise
+        except Exception as exc:
+            raise TaskError(
+                f"{where} raised {type(exc).__name__} while producing {name(number)}: "
+                f"{exc}.{_user_line(exc, path)}"
+            ) from exc
+        chunk = _chunk(item, name(number))
+        del item
+        shapes = tuple(zip(chunk.dtypes, chunk.sample_shapes, strict=True))
+        if layout is None:
+            layout = shapes
+        else:
+            _check_layout(shapes, layout, name(number))
+        yield chunk
+        del chunk  # not alive while the next one is read
+        number += 1
+
+
+def _chunk(item: object, name: str) -> TaskData:
+    """One chunk of a stream as tensors of equal length (no rows at all is allowed)."""
+    if isinstance(item, torch.Tensor | np.ndarray) or not isinstance(item, tuple | list):
+        raise TaskError(
+            f"{name} is {_describe(item)}; expected a tuple of tensors or numpy arrays with "
+            "equal first dimension (e.g. 'yield x, y' or 'yield (x,)')."
+        )
+    if not item:
+        raise TaskError(f"{name} is an empty tuple; expected at least one tensor.")
+    tensors = tuple(_as_tensor(t, i, name) for i, t in enumerate(item))
+    lengths = [t.shape[0] for t in tensors]
+    if len(set(lengths)) != 1:
+        raise TaskError(
+            f"{name} holds tensors of unequal length {lengths} along the first dimension; "
+            "every tensor of a chunk must hold one row per sample."
+        )
+    return TaskData(tensors=tensors, num_samples=lengths[0])
+
+
+def _check_layout(
+    shapes: tuple[tuple[torch.dtype, tuple[int, ...]], ...],
+    first: tuple[tuple[torch.dtype, tuple[int, ...]], ...],
+    name: str,
+) -> None:
+    """A chunk must have the first chunk's tensors: shards are cut by one layout."""
+    rule = "every chunk must have the dtypes and per-sample shapes of the first"
+    if len(shapes) != len(first):
+        raise TaskError(
+            f"{name} has {len(shapes)} tensors, but the first chunk had {len(first)}; {rule}."
+        )
+    for i, ((dtype, shape), (dtype0, shape0)) in enumerate(zip(shapes, first, strict=True)):
+        if dtype != dtype0:
+            raise TaskError(
+                f"{name}: tensor {i} is {str(dtype).removeprefix('torch.')}, but the first "
+                f"chunk's was {str(dtype0).removeprefix('torch.')}; {rule} (convert it, e.g. "
+                "x.astype(np.float32) or x.float())."
+            )
+        if shape != shape0:
+            raise TaskError(
+                f"{name}: tensor {i} has samples of shape {shape}, but the first chunk's had "
+                f"{shape0}; {rule}."
+            )
+
+
+def _collated_chunks(
+    dataset: IterableDataset[Any], where: str, path: Path | None
+) -> tuple[Iterator[TaskData], int | None]:
+    """An ``IterableDataset``'s samples, collated into checked chunks, and its declared
+    ``len()`` (None if it has none)."""
+    declared: int | None = None
+    try:
+        length = len(dataset)  # type: ignore[arg-type]
+    except Exception:  # an IterableDataset need not have a length
+        length = None
+    if isinstance(length, int) and length >= 0:
+        declared = length
+    size = [1]  # samples per chunk, fixed by the first sample's size
+
+    def name(number: int) -> str:
+        first = number * size[0]
+        return f"chunk {number} (samples {first} to {first + size[0] - 1}) of {where}"
+
+    return _chunks_of(_collate_samples(dataset, where, path, size), where, path, name), declared
+
+
+def _collate_samples(
+    dataset: IterableDataset[Any], where: str, path: Path | None, size: list[int]
+) -> Iterator[tuple[Any, ...]]:
+    """The dataset's samples, ``size[0]`` at a time, through ``default_collate``; ``size[0]``
+    is set from the first sample (about :data:`ITERABLE_CHUNK_BYTES` per chunk)."""
+    what = f"{where} (an IterableDataset)"
+    try:
+        samples = iter(dataset)
+    except Exception as exc:
+        raise TaskError(
+            f"iter() of {what} raised {type(exc).__name__}: {exc}.{_user_line(exc, path)}"
+        ) from exc
+    buffer: list[Any] = []
+    count = 0
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except Exception as exc:
+            raise TaskError(
+                f"{what} raised {type(exc).__name__} while producing sample {count}: "
+                f"{exc}.{_user_line(exc, path)}"
+            ) from exc
+        if count == 0:
+            one = _collate_items([sample], what, 0)
+            sample_bytes = sum(t.numel() * t.element_size() for t in one if torch.is_tensor(t))
+            size[0] = max(
+                1, min(_MAX_ITERABLE_CHUNK_SAMPLES, ITERABLE_CHUNK_BYTES // max(1, sample_bytes))
+            )
+        buffer.append(sample)
+        count += 1
+        if len(buffer) == size[0]:
+            yield _collate_items(buffer, what, count - len(buffer))
+            buffer = []
+    if buffer:
+        yield _collate_items(buffer, what, count - len(buffer))
+
+
+def _collate_items(items: list[Any], what: str, first: int) -> tuple[Any, ...]:
+    """``default_collate(items)`` as a tuple, or a TaskError naming the samples."""
+    span = f"samples {first} to {first + len(items) - 1}"
+    try:
+        collated = default_collate(items)
+    except Exception as exc:
+        raise TaskError(
+            f"{what} yielded {span}, which could not be stacked ({type(exc).__name__}: {exc}); "
+            "each sample must be a tensor or a tuple of tensors/numbers of one shape."
+        ) from exc
+    if isinstance(collated, torch.Tensor):
+        return (collated,)
+    if isinstance(collated, tuple | list):
+        return tuple(collated)
+    raise TaskError(
+        f"{what} yielded {span}, which collate to {_describe(collated)}; expected each "
+        "sample to be a tensor or a tuple of tensors."
     )
 
 
