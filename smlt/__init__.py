@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from smlt.client.driver import TrainResult, resume, train
     from smlt.task import Task
     from smlt.worker.sampler import global_batches, iteration_seed
+    from smlt.worker.transform import SampleRandom
 
 __all__ = [
     "Callback",
+    "SampleRandom",
     "Task",
     "TrainResult",
     "errors",
@@ -52,4 +54,8 @@ def __getattr__(name: str) -> Any:
         from smlt.worker import sampler
 
         return getattr(sampler, name)
+    if name == "SampleRandom":
+        from smlt.worker.transform import SampleRandom
+
+        return SampleRandom
     raise AttributeError(f"module 'smlt' has no attribute {name!r}")

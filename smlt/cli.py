@@ -1058,6 +1058,14 @@ def _print_summary(result: Any) -> None:
         else f"{result.iterations} of {whole} ({_plural(result.epochs, 'epoch')} of batch "
         f"{result.batch_size}; stopped by --max-iterations)",
     )
+    data = getattr(result, "data", None)
+    if data:
+        table.add_row(
+            "input pipeline",
+            f"{data['data_share']:.0%} of the iterations' time; {data['shard_loads']} shard "
+            f"loads, {data['bytes_downloaded'] / 2**20:.0f} MiB downloaded of "
+            f"{data['bytes'] / 2**20:.0f} MiB in {data['shards']} shards",
+        )
     table.add_row("wall time", f"{result.wall_s:.1f} s")
     table.add_row(
         "cost", f"${result.cost_usd:.6f} ({result.pricing}, {result.billed_worker_s:.1f} worker-s)"

@@ -2,11 +2,12 @@
 
 smlt promises that n workers x B/n give the parameters of one ordinary PyTorch loop over the
 global batch B. This module *is* that ordinary loop, written as a user would write it, with
-nothing from smlt but the two public functions that say which samples form each global batch
-(:func:`smlt.global_batches`) and how torch is seeded before each loss
-(:func:`smlt.iteration_seed`). It must stay obviously correct: no flattening, no sharding, no
-gradient scaling, the user's own optimizer over the user's own model; the task's learning-rate
-schedule and gradient clipping exactly as the PyTorch documentation writes them
+nothing from smlt but the public functions that say which samples form each global batch
+(:func:`smlt.global_batches`, given the packaged data set's shard layout), how torch is seeded
+before each loss (:func:`smlt.iteration_seed`), and which random draws a task's ``transform``
+gets per sample (:class:`smlt.SampleRandom`). It must stay obviously correct: no flattening,
+no sharding, no gradient scaling, the user's own optimizer over the user's own model; the
+task's learning-rate schedule and gradient clipping exactly as the PyTorch documentation writes them
 (``clip_grad_norm_`` between ``backward()`` and ``step()``, ``scheduler.step()`` after
 ``optimizer.step()``).
 """
@@ -58,21 +59,34 @@ def reference_run(
     seed: int,
     threads: int = 1,
     max_iterations: int | None = None,
+    shard_sizes: list[int] | None = None,
 ) -> ReferenceRun:
     """:func:`reference_state_dict`, with the learning rate and gradient norm of every
-    iteration; the loop stops after ``max_iterations`` iterations if given."""
+    iteration; the loop stops after ``max_iterations`` iterations if given. ``shard_sizes``:
+    the run's shard layout (``result.json``'s ``data.shard_sizes``) if it has several shards."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _train(
-            task, epochs=epochs, batch_size=batch_size, seed=seed, max_iterations=max_iterations
+            task,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            max_iterations=max_iterations,
+            shard_sizes=shard_sizes,
         )
     finally:
         torch.set_num_threads(previous)
 
 
 def _train(
-    task: smlt.Task, *, epochs: int, batch_size: int, seed: int, max_iterations: int | None
+    task: smlt.Task,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    max_iterations: int | None,
+    shard_sizes: list[int] | None,
 ) -> ReferenceRun:
     raw = task.data()
     assert isinstance(raw, tuple | list), "the reference replays tasks whose data() is tensors"
@@ -86,13 +100,19 @@ def _train(
     grad_norms: list[float] = []
     t = 0  # the global iteration, counted across epochs
     for epoch in range(epochs):
-        for idx in smlt.global_batches(num_samples, batch_size, seed=seed, epoch=epoch):
+        batches = smlt.global_batches(
+            num_samples, batch_size, seed=seed, epoch=epoch, shard_sizes=shard_sizes
+        )
+        for idx in batches:
             if t == max_iterations:
                 break
             index = torch.from_numpy(idx)
+            batch = tuple(x[index] for x in data)
+            if type(task).transform is not smlt.Task.transform:
+                batch = task.transform(batch, epoch, smlt.SampleRandom(seed, epoch, idx))
             optimizer.zero_grad()
             torch.manual_seed(smlt.iteration_seed(seed, t))
-            task.loss(model, tuple(x[index] for x in data)).backward()
+            task.loss(model, batch).backward()
             if task.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
                 grad_norms.append(float(norm))

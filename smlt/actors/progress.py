@@ -235,6 +235,16 @@ class ProgressLog:
         record["bytes_through_store"] = sum(
             int(r["bytes_up"]) + int(r["bytes_down"]) for r in reports
         )
+        # The input pipeline, where the workers report it: shards fetched and bytes downloaded
+        # by all ranks (the prefetcher's work counted in the report after it), the longest wait
+        # on a download, and the largest peak resident memory of a worker so far.
+        for name in ("shard_loads", "data_bytes"):
+            if all(name in r for r in reports):
+                record[name] = sum(float(r[name]) for r in reports)
+        if all("data_wait_s" in r for r in reports):
+            record["data_wait_s"] = max(float(r["data_wait_s"]) for r in reports)
+        if all("rss_mb" in r for r in reports):
+            record["worker_rss_mb"] = max(float(r["rss_mb"]) for r in reports)
         self.history.append(record)
         snapshot = next((int(r["snapshot"]) for r in reports if "snapshot" in r), None)
         if snapshot is None and (t + 1) % self.iterations_per_epoch:

@@ -25,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
@@ -75,6 +76,7 @@ from smlt.errors import (
     ConfigError,
     ObjectNotFoundError,
     SmltError,
+    SmltWarning,
     StoreUnavailableError,
     TaskError,
     TrainingError,
@@ -179,6 +181,10 @@ class TrainResult:
     #: Iterations in an epoch: ``iterations`` is ``epochs`` of them unless ``max_iterations``
     #: ended the run sooner.
     iterations_per_epoch: int = 0
+    #: The input pipeline (:func:`data_summary`): the packaged data set's size and shard layout
+    #: (``shard_sizes`` is what :func:`smlt.global_batches` needs to replay the run), what the
+    #: workers downloaded, their peak memory, and the data phase's share of the iterations.
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -671,6 +677,12 @@ def _execute(
     summary["failures"] = summary["failures"] + [{"store_lost": r} for r in recoveries]
     record.end("finished", time.monotonic() - started, summary=summary)
     whole = record.merged(summary)
+    data = data_summary(ArtifactManifest.load(objects, plan.job_id), whole["history"])
+    run_warnings = list(plan.warnings)
+    if data["data_share"] > DATA_SHARE_WARNING:
+        message = data_share_warning(data)
+        warnings.warn(message, SmltWarning, stacklevel=2)
+        run_warnings.append(message)
     result = TrainResult(
         job_id=plan.job_id,
         task=plan.task,
@@ -694,7 +706,7 @@ def _execute(
         checkpoints=summary["checkpoints"],
         optimizer=_optimizer_mode(user_task),
         parts=[_part_summary(p) for p in record.parts],
-        warnings=list(plan.warnings),
+        warnings=run_warnings,
         training={
             "clip_grad_norm": plan.clip_grad_norm
             if plan.clip_grad_norm is not None
@@ -708,6 +720,7 @@ def _execute(
         search=summary.get("search"),
         cost=summary.get("cost", {}),
         iterations_per_epoch=plan.iterations_per_epoch,
+        data=data,
     )
     write_result(output_dir, result.to_dict())
     plot_run(output_dir, result.history, result.epoch_metrics)
@@ -840,6 +853,43 @@ def _part_summary(part: Part) -> dict[str, Any]:
     """A part as ``result.json`` lists it: its own figures, without its lists (its generations,
     failures and epochs are in the run's lists, marked with the part)."""
     return {k: v for k, v in asdict(part).items() if not isinstance(v, list)}
+
+
+#: Above this share of the iterations' time in the data phase, a run is told that its input
+#: pipeline, not its model, sets its speed (and its bill).
+DATA_SHARE_WARNING = 0.5
+
+
+def data_summary(manifest: ArtifactManifest, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's input pipeline in numbers, from the manifest and the workers' reports: shard
+    loads and bytes downloaded summed over the workers (the prefetcher's included), the largest
+    peak resident memory a worker reported, and the data phase's share of the iterations
+    (the slowest rank's ``data_s`` over the slowest rank's ``iter_s``, summed over the run)."""
+    data_s = sum(float(h.get("data_s", 0.0)) for h in history)
+    iter_s = sum(float(h.get("iter_s", 0.0)) for h in history)
+    rss = [float(h["worker_rss_mb"]) for h in history if "worker_rss_mb" in h]
+    return {
+        "samples": manifest.num_samples,
+        "bytes": manifest.total_bytes,
+        "shards": len(manifest.shards),
+        "shard_sizes": [s.stop - s.start for s in manifest.shards],
+        "shard_loads": int(sum(h.get("shard_loads", 0) for h in history)),
+        "bytes_downloaded": int(sum(h.get("data_bytes", 0) for h in history)),
+        "worker_peak_rss_mb": max(rss) if rss else None,
+        "data_s": data_s,
+        "data_share": data_s / iter_s if iter_s > 0 else 0.0,
+    }
+
+
+def data_share_warning(data: dict[str, Any]) -> str:
+    """What a run whose data phase dominates is told."""
+    return (
+        f"the data phase took {data['data_share']:.0%} of the iterations' time: the input "
+        "pipeline, not the model, sets this run's speed. Give each worker more memory (more "
+        "network and CPU on Lambda), a larger batch per worker, or a cheaper transform(); "
+        f"the workers downloaded {data['bytes_downloaded'] / 2**20:.0f} MiB in "
+        f"{data['shard_loads']} shard loads."
+    )
 
 
 def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job_id: str) -> None:

@@ -100,7 +100,9 @@ class SampleRandom:
         if high <= low:
             raise ValueError(f"integers needs low < high, got [{low}, {high})")
         u = self._uniform(shape)
-        return torch.from_numpy(np.minimum(low + np.floor(u * (high - low)), high - 1).astype(np.int64))
+        return torch.from_numpy(
+            np.minimum(low + np.floor(u * (high - low)), high - 1).astype(np.int64)
+        )
 
     def normal(self, *shape: int) -> torch.Tensor:
         """Standard normal floats, float32 (Box-Muller on two uniform draws)."""
