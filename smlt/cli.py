@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 from rich import box
@@ -77,6 +77,31 @@ StoreUsdPerHour = Annotated[
         "embedded Redis runs on this machine)"
     ),
 ]
+
+
+ShardMb = Annotated[
+    float | None,
+    typer.Option(
+        help="MiB of samples per data shard (default 64); workers download and prefetch whole "
+        "shards, so smaller ones give finer regions and smaller downloads ahead"
+    ),
+]
+
+
+class _ShardBytes(TypedDict, total=False):
+    shard_bytes: int
+
+
+def _shard_bytes(shard_mb: float | None) -> _ShardBytes:
+    """``--shard-mb`` as the ``shard_bytes`` keyword of train and plan (none given: theirs),
+    checked before PyTorch is imported."""
+    if shard_mb is None:
+        return {}
+    if not (math.isfinite(shard_mb) and shard_mb > 0):
+        raise ConfigError(
+            f"--shard-mb must be > 0 (MiB of samples per data shard, e.g. 64), got {shard_mb:g}"
+        )
+    return _ShardBytes(shard_bytes=max(1, round(shard_mb * 2**20)))
 
 
 def _print_version(value: bool) -> None:
@@ -239,6 +264,7 @@ def train(
     node_vcpus: NodeVcpus = None,
     node_memory_mb: NodeMemoryMb = None,
     store_usd_per_hour: StoreUsdPerHour = None,
+    shard_mb: ShardMb = None,
 ) -> None:
     """Train TASK on WORKERS stateless workers; writes result.json, model.pt and plots.
 
@@ -247,6 +273,7 @@ def train(
     optimizer picks the configuration; --workers or --memory-mb, if given, stay fixed."""
 
     def start(progress: Callable[[dict[str, Any]], None]) -> Any:
+        shard = _shard_bytes(shard_mb)
         rescales = _rescales(rescale or [])
         # A mistyped flag is refused here, before PyTorch, Ray or Redis are even imported.
         goal = goal_from_options(deadline=deadline, budget=budget, fastest=fastest)
@@ -318,6 +345,7 @@ def train(
             node_vcpus=node_vcpus,
             node_memory_mb=node_memory_mb,
             store_usd_per_hour=store_usd_per_hour,
+            **shard,
         )
 
     _run(output, start)
@@ -1246,6 +1274,7 @@ def plan_command(
     node_vcpus: NodeVcpus = None,
     node_memory_mb: NodeMemoryMb = None,
     store_usd_per_hour: StoreUsdPerHour = None,
+    shard_mb: ShardMb = None,
 ) -> None:
     """Choose workers x memory for training TASK before paying for it.
 
@@ -1257,6 +1286,7 @@ def plan_command(
     try:
         # A mistyped flag is refused here, before PyTorch is imported.
         goal = goal_from_options(deadline=deadline, budget=budget, fastest=fastest)
+        shard = _shard_bytes(shard_mb)
         from smlt.client.plan import (
             EXIT_INFEASIBLE,
             default_plan_dir,
@@ -1292,6 +1322,7 @@ def plan_command(
             redis_url=redis_url,
             object_store=object_store,
             prices=prices,
+            **shard,
             **figures,
         )
         folder = default_plan_dir(result.profile)

@@ -93,6 +93,7 @@ from smlt.protocol.state import (
     restore_checkpoint,
 )
 from smlt.storage.artifacts import (
+    DEFAULT_SHARD_BYTES,
     ArtifactManifest,
     artifact_prefix,
     default_cache_dir,
@@ -299,6 +300,7 @@ def train(
     node_vcpus: float | None = None,
     node_memory_mb: float | None = None,
     store_usd_per_hour: float | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> TrainResult:
     """Train ``task`` data-parallel on ``workers`` stateless workers; see the README.
 
@@ -334,8 +336,14 @@ def train(
     ``node_usd_per_hour`` (Ray only) bills the workers by the node-hour instead of like Lambda,
     on nodes of ``node_vcpus`` and ``node_memory_mb`` (default: this machine's);
     ``store_usd_per_hour`` bills the parameter store's host (:mod:`smlt.client.prices`).
+
+    ``shard_bytes`` is the most bytes of samples in one data shard (default 64 MiB): workers
+    download and prefetch whole shards, so smaller ones mean finer regions per worker and
+    smaller downloads ahead, larger ones fewer requests.
     """
     began_unix_s = time.time()
+    if shard_bytes < 1:
+        raise ConfigError(f"--shard-mb must be > 0 (shard_bytes >= 1), got {shard_bytes} bytes")
     spec = _task_spec(task)
     goal = goal_from_options(
         deadline=None if deadline is None else str(deadline),
@@ -382,7 +390,7 @@ def train(
     claim_output(output_dir, overwrite=overwrite)
     _check_redis(redis_url)  # before anything is written to the object store
     objects = open_object_store(object_store)
-    manifest = package_task(spec, objects, job_id, precision=precision)
+    manifest = package_task(spec, objects, job_id, shard_bytes, precision=precision)
     try:
         sampler = GlobalBatchSampler(manifest.num_samples, batch_size, seed)
         total_iterations = epochs * sampler.iterations_per_epoch

@@ -4,10 +4,10 @@ The resource manager pursues the goal during the run (:mod:`smlt.actors.resource
 this module does what must happen on the driver before then:
 
 - **calibrate** the performance model's compute coefficient by timing one local batch on one
-  thread, and count the optimizer state that travels with each shard (:func:`calibrate`).
-  Without it the model's prior spans orders of magnitude (an MLP and a transformer differ by
-  thousands of flops per parameter), and "is this budget possible?" could only be answered
-  after paying for trials;
+  thread (of a streamed training set's head), and count the optimizer state that travels with
+  each shard (:func:`calibrate`). Without it the model's prior spans orders of magnitude (an
+  MLP and a transformer differ by thousands of flops per parameter), and "is this budget
+  possible?" could only be answered after paying for trials;
 - **refuse** a goal no configuration can meet, before Ray starts or anything is written
   (:func:`refuse_unreachable`): the search space there is the backend's memory range with no
   limit on concurrency, so a goal refused here is out of reach on any cluster; the cluster's
@@ -38,7 +38,7 @@ from smlt.optimizer.cost import Pricing
 from smlt.optimizer.goals import Goal
 from smlt.optimizer.perf import PerfPrior, Workload
 from smlt.optimizer.problem import SearchSettings
-from smlt.task import Task, TaskData, check_task
+from smlt.task import HEAD_SAMPLES, Batch, StreamData, Task, TaskData, check_task
 
 __all__ = [
     "CALIBRATION_SAMPLES",
@@ -89,7 +89,7 @@ def calibrate(
     batch_size: int,
     seed: int = 0,
     *,
-    data: TaskData | None = None,
+    data: TaskData | StreamData | None = None,
     samples: int = CALIBRATION_SAMPLES,
     repeats: int = _REPEATS,
 ) -> Calibration:
@@ -97,10 +97,23 @@ def calibrate(
     passes over up to ``samples`` samples (at most the batch), after one warm-up pass
     (allocations, lazy initialisation), which also takes one optimizer step so that the
     optimizer's state exists to be counted. ``data`` is the task's checked data if the caller
-    has it (``data()`` is not called twice)."""
+    has it (``data()`` is not called twice); without it ``data()`` is called again, which for a
+    stream reads only its first chunks.
+
+    A streamed training set is timed on its head (:attr:`~smlt.task.StreamData.head`, the
+    first :data:`~smlt.task.HEAD_SAMPLES` samples): where the trial batch is larger than the
+    head, the head's rows are repeated to fill it. The time per sample of a forward and
+    backward pass does not depend on which rows they are (for the models smlt trains: no
+    data-dependent control flow), so the repeated rows time the same as fresh ones would.
+    """
     data = data if data is not None else check_task(task)
-    n = max(1, min(batch_size, samples, data.num_samples))
-    batch = data.rows(0, n)
+    head = data.head
+    # A stream's size is unknown here, unless its head is all of it (shorter than a head).
+    known = (
+        head.num_samples if isinstance(data, TaskData) or head.num_samples < HEAD_SAMPLES else None
+    )
+    n = max(1, min(batch_size, samples, known if known is not None else samples))
+    batch = _trial_batch(head, n)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -121,6 +134,15 @@ def calibrate(
         torch.set_num_threads(previous)
     ordered = sorted(times[1:])
     return Calibration(max(ordered[len(ordered) // 2] / n, 1e-9), shards)
+
+
+def _trial_batch(head: TaskData, n: int) -> Batch:
+    """``n`` rows of ``head``: its first ``n``, or all of them repeated in order to fill ``n``
+    (a stream's head may be shorter than the batch timed)."""
+    if n <= head.num_samples:
+        return head.rows(0, n)
+    index = torch.arange(n) % head.num_samples
+    return tuple(t[index] for t in head.tensors)
 
 
 def goal_settings(

@@ -55,8 +55,19 @@ from smlt.optimizer.goals import Fastest, Goal, Override
 from smlt.optimizer.perf import PerfPrior, Trial, Workload
 from smlt.optimizer.problem import Decision, Probe, Problem, SearchSettings
 from smlt.optimizer.space import SearchSpace
+from smlt.storage.artifacts import DEFAULT_SHARD_BYTES
 from smlt.storage.redis_server import RedisServer
-from smlt.task import Task, check_loss, check_model, check_optimizer, check_task, load_task
+from smlt.task import (
+    HEAD_SAMPLES,
+    StreamData,
+    Task,
+    TaskData,
+    check_loss,
+    check_model,
+    check_optimizer,
+    check_task,
+    load_task,
+)
 from smlt.worker.sampler import GlobalBatchSampler
 
 __all__ = [
@@ -67,6 +78,7 @@ __all__ = [
     "RayTrials",
     "SimTrials",
     "TaskProfile",
+    "count_samples",
     "default_plan_dir",
     "plan_task",
     "plot_frontier",
@@ -113,25 +125,48 @@ def profile_task(task: Task | str, *, rows: int = PROFILE_ROWS) -> TaskProfile:
     """Load and check ``task`` as ``smlt train`` does and time its forward and backward pass
     on one thread (:func:`~smlt.client.goals.calibrate`, as a run with a goal does): the
     median of repeated passes over ``rows`` samples, per sample, the first pass not counted
-    (allocator and kernel warm-up)."""
+    (allocator and kernel warm-up).
+
+    A streamed training set is checked and timed on its head, and its size is counted by
+    :func:`count_samples`: planning packages nothing (a sim trial reads no data, and each
+    ``--backend ray`` trial packages for itself), so there is no packaging to count along."""
     started = time.perf_counter()
     spec = task if isinstance(task, str) else f"{type(task).__module__}:{type(task).__name__}"
     user = load_task(task) if isinstance(task, str) else task
     data = check_task(user)
+    head = data.head
     model = check_model(user)
     check_optimizer(user, model)
-    check_loss(user, model, data.rows(0, min(2, data.num_samples)))
-    calibration = calibrate(
-        user, data.num_samples, data=data, samples=rows, repeats=PROFILE_REPEATS
-    )
+    check_loss(user, model, head.rows(0, min(2, head.num_samples)))
+    num_samples = count_samples(data)
+    calibration = calibrate(user, num_samples, data=data, samples=rows, repeats=PROFILE_REPEATS)
     return TaskProfile(
         task=spec,
         num_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        num_samples=data.num_samples,
+        num_samples=num_samples,
         s_per_sample_1_vcpu=calibration.s_per_sample,
         optimizer_state_shards=calibration.optimizer_state_shards,
         profile_s=time.perf_counter() - started,
     )
+
+
+def count_samples(data: TaskData | StreamData) -> int:
+    """The number of samples of a checked training set, for the plan's epochs.
+
+    In memory, its length. A stream is counted without keeping it: an ``IterableDataset``
+    that declares its ``len()`` is taken at its word (as ``DataLoader`` takes it, and without
+    reading a data set that may be terabytes); otherwise every chunk is read once, checked as
+    ``smlt train`` would check it, counted and dropped, so a plan also finds a bad chunk. The
+    run itself always counts exactly, while it packages (the manifest's ``num_samples``).
+    Consumes ``data.chunks``; the head stays usable.
+    """
+    if isinstance(data, TaskData):
+        return data.num_samples
+    if data.head.num_samples < HEAD_SAMPLES:  # the stream ended within its head
+        return data.head.num_samples
+    if data.declared_samples is not None and data.declared_samples >= data.head.num_samples:
+        return data.declared_samples
+    return sum(chunk.num_samples for chunk in data.chunks)
 
 
 class SimTrials:
@@ -304,8 +339,10 @@ class RayTrials:
         redis_url: str | None = None,
         object_store: str | None = None,
         prices: Prices | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> None:
         self.task = task
+        self.shard_bytes = shard_bytes
         self.redis_url = redis_url
         self.object_store = object_store
         self.prices = prices or Prices()
@@ -349,6 +386,7 @@ class RayTrials:
                 redis_url=self.redis_url,
                 ray_address=self.ray_address,
                 max_iterations=iterations,
+                shard_bytes=self.shard_bytes,
                 **self.prices.to_dict(),
             )
         except TrainingError as exc:
@@ -488,6 +526,7 @@ def plan_task(
     redis_url: str | None = None,
     object_store: str | None = None,
     prices: Prices | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
     **platform_figures: Any,
 ) -> PlanResult:
     """Plan ``epochs`` epochs of ``task`` at global batch ``batch_size`` for ``goal``.
@@ -506,7 +545,8 @@ def plan_task(
     an object store at ``object_store`` they can reach, as ``smlt train`` there does) and
     ``platform_figures`` are refused: there is no model to set. ``prices``
     (:class:`~smlt.client.prices.Prices`) are what the run will be billed at beyond the
-    backend's own prices, as ``smlt train`` takes them."""
+    backend's own prices, as ``smlt train`` takes them. ``shard_bytes`` is the data shards'
+    size the Ray trials package with (``smlt train``'s); the sim reads no data."""
     prices = prices or Prices()
     started = time.perf_counter()
     if backend not in PLAN_BACKENDS:
@@ -515,6 +555,8 @@ def plan_task(
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if shard_bytes < 1:
+        raise ConfigError(f"shard_bytes must be at least 1, got {shard_bytes}")
     override = Override(workers, memory_mb)
     if goal is None:
         goal = Fastest()
@@ -544,6 +586,7 @@ def plan_task(
             object_store=object_store,
             prices=prices,
             started=started,
+            shard_bytes=shard_bytes,
         )
     profile = task if isinstance(task, TaskProfile) else profile_task(task)
     platform = SimPlatform(
@@ -612,6 +655,7 @@ def _plan_on_ray(
     object_store: str | None,
     prices: Prices,
     started: float,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> PlanResult:
     """:func:`plan_task` with trials measured on Ray (see :class:`RayTrials`).
 
@@ -658,6 +702,7 @@ def _plan_on_ray(
         redis_url=redis_url,
         object_store=object_store,
         prices=prices,
+        shard_bytes=shard_bytes,
     ) as measure:
 
         def calibrated(before: Problem, _trial: Trial) -> Problem:
