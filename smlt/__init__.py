@@ -16,15 +16,18 @@ from smlt import errors
 if TYPE_CHECKING:
     from smlt.client.callbacks import Callback
     from smlt.client.driver import TrainResult, resume, train
-    from smlt.task import Task
+    from smlt.task import StreamData, Task, TaskData, check_task
     from smlt.worker.sampler import global_batches, iteration_seed
     from smlt.worker.transform import SampleRandom
 
 __all__ = [
     "Callback",
     "SampleRandom",
+    "StreamData",
     "Task",
+    "TaskData",
     "TrainResult",
+    "check_task",
     "errors",
     "global_batches",
     "iteration_seed",
@@ -42,10 +45,12 @@ def __getattr__(name: str) -> Any:
         from smlt.client.callbacks import Callback
 
         return Callback
-    if name == "Task":
-        from smlt.task import Task
+    if name in ("Task", "TaskData", "StreamData", "check_task"):
+        # check_task(MyTask()) tries data() as smlt train will: a TaskData in memory, or a
+        # StreamData (head + chunks) for a data set larger than memory.
+        from smlt import task
 
-        return Task
+        return getattr(task, name)
     if name in ("train", "resume", "TrainResult"):
         from smlt.client import driver
 
