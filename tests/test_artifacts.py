@@ -1,4 +1,6 @@
-"""The artifact manager: package a task, then rebuild it the way a cold worker does."""
+"""The artifact manager: package a task, then rebuild it the way a cold worker does.
+
+The data reader's own tests are in test_reader.py."""
 
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError, Task
 from smlt.storage.artifacts import (
     MANIFEST_FORMAT,
     ArtifactManifest,
-    DataReader,
     artifact_prefix,
     load_packaged_task,
     manifest_key,
 )
 from smlt.storage.objects import LocalObjectStore, ObjectStore, open_object_store
+from smlt.storage.reader import DataReader
 from smlt.task import check_task, load_task
 
 pytest_plugins = ["tests.s3_server"]
@@ -98,99 +100,6 @@ def test_one_sample_per_shard_at_least(tmp_path: Path) -> None:
 def test_default_shard_size_gives_one_shard(tmp_path: Path) -> None:
     manifest = package_task(DIGITS, LocalObjectStore(tmp_path), "one")
     assert [(s.start, s.stop) for s in manifest.shards] == [(0, DIGITS_TRAIN_SAMPLES)]
-
-
-def test_reader_returns_the_original_rows(
-    store: ObjectStore, tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
-) -> None:
-    manifest = package_task(DIGITS, store, "rows", shard_bytes=SMALL_SHARD_BYTES)
-    reader = DataReader(store, manifest, tmp_path / "cache", shards_in_memory=3)
-    rng = np.random.default_rng(0)
-    for size in [1, 7, 256, DIGITS_TRAIN_SAMPLES]:
-        indices = rng.choice(DIGITS_TRAIN_SAMPLES, size=size, replace=size > 500)
-        x, y = reader.rows(indices)
-        assert torch.equal(x, digits_data[0][indices])
-        assert torch.equal(y, digits_data[1][indices])
-    x, y = reader.rows(np.array([], dtype=np.int64))
-    assert x.shape == (0, 64) and y.shape == (0,)
-
-
-def test_reader_downloads_only_needed_shards_once(
-    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
-) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    manifest = package_task(DIGITS, store, "lazy", shard_bytes=SMALL_SHARD_BYTES)
-    cache = tmp_path / "cache"
-    reader = DataReader(store, manifest, cache, shards_in_memory=1)
-
-    def cached_files() -> list[str]:
-        return sorted(p.name for p in (cache / "shards").iterdir())
-
-    reader.rows(np.array([5, 150, 99]))  # shards 0 and 1
-    assert cached_files() == sorted(f"{manifest.shards[i].sha256}.bin" for i in (0, 1))
-    assert reader.statistics()["downloads"] == 2
-    assert reader.statistics()["bytes_downloaded"] == 200 * DIGITS_BYTES_PER_SAMPLE
-
-    x, _ = reader.rows(np.array([0, 101]))  # same shards: evicted from memory, read from disk
-    assert torch.equal(x, digits_data[0][[0, 101]])
-    stats = reader.statistics()
-    assert stats["downloads"] == 2 and stats["disk_loads"] >= 1
-    assert stats["shards_in_memory"] == 1
-
-    reader.rows(np.array([1346]))  # the last, short shard
-    assert len(cached_files()) == 3
-
-    # A second reader (a re-invoked worker on the same machine) downloads nothing.
-    again = DataReader(store, manifest, cache)
-    again.rows(np.array([5, 150]))
-    assert again.statistics()["downloads"] == 0
-
-
-def test_reader_rejects_bad_indices(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path)
-    reader = DataReader(store, package_task(DIGITS, store, "idx"), tmp_path / "cache")
-    with pytest.raises(ConfigError, match=r"sample index 1347 is out of range \[0, 1347\)"):
-        reader.rows(np.array([0, 1347]))
-    with pytest.raises(ConfigError, match="out of range"):
-        reader.rows(np.array([-1]))
-    with pytest.raises(ConfigError, match="1-D integer array"):
-        reader.rows(np.array([0.5]))
-
-
-def test_corrupt_shard_is_a_typed_error(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    manifest = package_task(DIGITS, store, "bad", shard_bytes=SMALL_SHARD_BYTES)
-    shard = manifest.shards[2]
-    data = bytearray(store.get_bytes(shard.key))
-    data[10] ^= 0xFF
-    store.put_bytes(shard.key, bytes(data))
-    reader = DataReader(store, manifest, tmp_path / "cache")
-    assert reader.rows(np.array([0]))[1].shape == (1,)  # an intact shard still reads
-    with pytest.raises(ObjectStoreError, match=rf"{shard.key} of job 'bad' .* is corrupt"):
-        reader.rows(np.array([shard.start]))
-    # The bad download is not kept in the cache.
-    assert f"{shard.sha256}.bin" not in {p.name for p in (tmp_path / "cache" / "shards").iterdir()}
-
-
-def test_damaged_cache_file_is_fetched_again(
-    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
-) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    manifest = package_task(DIGITS, store, "heal", shard_bytes=SMALL_SHARD_BYTES)
-    DataReader(store, manifest, tmp_path / "cache").rows(np.array([3]))
-    cached = tmp_path / "cache" / "shards" / f"{manifest.shards[0].sha256}.bin"
-    cached.write_bytes(b"truncated")
-    reader = DataReader(store, manifest, tmp_path / "cache")
-    assert torch.equal(reader.rows(np.array([3]))[0], digits_data[0][[3]])
-    assert reader.statistics()["downloads"] == 1
-
-
-def test_missing_shard_is_a_typed_error(store: ObjectStore, tmp_path: Path) -> None:
-    manifest = package_task(DIGITS, store, "gone", shard_bytes=SMALL_SHARD_BYTES)
-    store.delete_prefix(manifest.shards[4].key)
-    reader = DataReader(store, manifest, tmp_path / "cache")
-    with pytest.raises(ObjectNotFoundError, match=r"shards/00004\.bin \(samples \[400, 500\)\)"):
-        reader.rows(np.array([450]))
 
 
 def test_missing_manifest_is_a_typed_error(store: ObjectStore) -> None:

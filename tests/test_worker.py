@@ -18,8 +18,9 @@ from smlt.client.artifacts import package_task
 from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import WorkerPayload
 from smlt.protocol.state import Version, publish_version
-from smlt.storage.artifacts import DataReader, load_packaged_task
+from smlt.storage.artifacts import load_packaged_task
 from smlt.storage.objects import LocalObjectStore
+from smlt.storage.reader import DataReader
 from smlt.storage.redis_server import RedisServer
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore

@@ -23,9 +23,10 @@ from smlt.protocol.faults import InjectedFault
 from smlt.protocol.model import FlatModel
 from smlt.protocol.payload import WorkerPayload
 from smlt.protocol.state import Version, collect_from_store, publish_version
-from smlt.storage.artifacts import ArtifactManifest, DataReader, load_packaged_task
+from smlt.storage.artifacts import ArtifactManifest, load_packaged_task
 from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import LocalObjectStore
+from smlt.storage.reader import DataReader
 from smlt.storage.redis_server import RedisServer
 from smlt.sync.keys import JobKeys
 from smlt.sync.store import ParameterStore

@@ -10,13 +10,13 @@ Everything else it needs is in the store, under ``jobs/<job>/artifact/``::
 A shard is raw bytes, no pickle and no torch serialization: for each tensor in ``data()`` order,
 the C-contiguous little-endian rows ``[start, stop)`` one after the other. The manifest carries
 the dtypes and per-sample shapes needed to cut them apart, and a SHA-256 per shard so a worker
-never trains on a truncated or corrupted download. Loading a shard therefore runs no code from the
-file, and it is one read plus a few ``torch.frombuffer`` views.
+never trains on a truncated or corrupted download. Reading a shard therefore runs no code from the
+file, and a row is found by arithmetic alone: its offset in each tensor's section.
 
 The client writes it (:func:`smlt.client.artifacts.package_task`); on the worker,
-:func:`load_packaged_task` imports the task and :class:`DataReader` turns
-global sample indices into rows, downloading only the shards it needs into a local cache folder
-(``/tmp`` on Lambda) and keeping a few in memory.
+:func:`load_packaged_task` imports the task and :class:`smlt.storage.reader.DataReader` turns
+global sample indices into rows, streaming the shards it needs into a bounded local cache folder
+(``/tmp`` on Lambda) and reading only the rows it needs from them.
 """
 
 from __future__ import annotations
@@ -28,23 +28,20 @@ import os
 import re
 import sys
 import tempfile
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-import numpy as np
 import torch
 
 from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
-from smlt.storage.objects import ObjectStore, open_object_store
+from smlt.storage.objects import ObjectStore
 from smlt.task import Task, load_task
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "MANIFEST_FORMAT",
     "ArtifactManifest",
-    "DataReader",
     "Shard",
     "TensorSpec",
     "artifact_prefix",
@@ -60,7 +57,6 @@ __all__ = [
 DEFAULT_SHARD_BYTES = 64 * 2**20
 #: Bumped whenever the manifest or shard layout changes incompatibly.
 MANIFEST_FORMAT = "smlt-artifact/1"
-DEFAULT_SHARDS_IN_MEMORY = 2
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HASH_CHUNK_BYTES = 8 * 2**20
@@ -248,151 +244,6 @@ def default_cache_dir(job_id: str) -> Path:
     """``$SMLT_CACHE_DIR/<job>`` or ``<tmp>/smlt-cache/<job>``: ``/tmp`` is writable on Lambda."""
     root = os.environ.get("SMLT_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "smlt-cache")
     return Path(root) / job_id
-
-
-class DataReader:
-    """Rows of the packaged training set by global index, for one worker.
-
-    Shards are downloaded on first use into ``cache_dir`` (named by hash, so a re-packaged job
-    never reads stale bytes), verified, and the ``shards_in_memory`` most recently used are kept
-    decoded. Workers that read their partition in order touch each shard once per epoch; a sampler
-    that jumps across the whole set touches many, which costs disk reads but no downloads.
-    """
-
-    def __init__(
-        self,
-        store: ObjectStore,
-        manifest: ArtifactManifest,
-        cache_dir: Path,
-        *,
-        shards_in_memory: int = DEFAULT_SHARDS_IN_MEMORY,
-    ) -> None:
-        if shards_in_memory < 1:
-            raise ConfigError(f"shards_in_memory must be at least 1, got {shards_in_memory}")
-        self.store = store
-        self.manifest = manifest
-        self.cache_dir = Path(cache_dir) / "shards"
-        self.shards_in_memory = shards_in_memory
-        self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
-        self._memory: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
-        self._downloads = 0
-        self._bytes_downloaded = 0
-        self._disk_loads = 0
-        self._memory_hits = 0
-
-    @classmethod
-    def open(cls, store_url: str, job_id: str, cache_dir: Path | None = None) -> DataReader:
-        """The reader a worker builds from ``(store url, job id)`` alone."""
-        store = open_object_store(store_url)
-        manifest = ArtifactManifest.load(store, job_id)
-        return cls(store, manifest, cache_dir or default_cache_dir(job_id))
-
-    def shard_ids(self, indices: np.ndarray) -> np.ndarray:
-        """Which shard holds each global index (after checking the indices are in range)."""
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
-            raise ConfigError(
-                f"indices must be a 1-D integer array, got dtype {indices.dtype} "
-                f"and shape {indices.shape}"
-            )
-        n = self.manifest.num_samples
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
-            bad = indices[(indices < 0) | (indices >= n)][0]
-            raise ConfigError(
-                f"sample index {int(bad)} is out of range [0, {n}) of job {self.manifest.job_id!r}"
-            )
-        return np.searchsorted(self._starts, indices, side="right") - 1
-
-    def rows(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """The samples at ``indices``, in that order, one tensor per tensor of ``data()``."""
-        indices = np.asarray(indices)
-        owners = self.shard_ids(indices)
-        out = tuple(
-            torch.empty((len(indices), *spec.sample_shape), dtype=spec.torch_dtype)
-            for spec in self.manifest.tensors
-        )
-        for shard_id in np.unique(owners):
-            positions = torch.from_numpy(np.flatnonzero(owners == shard_id))
-            local = torch.from_numpy(
-                indices[positions.numpy()].astype(np.int64) - self._starts[shard_id]
-            )
-            for target, source in zip(out, self._shard(int(shard_id)), strict=True):
-                target[positions] = source[local]
-        return out
-
-    def statistics(self) -> dict[str, int]:
-        """Counters: downloads, bytes downloaded, loads from the disk cache, memory hits."""
-        return {
-            "downloads": self._downloads,
-            "bytes_downloaded": self._bytes_downloaded,
-            "disk_loads": self._disk_loads,
-            "memory_hits": self._memory_hits,
-            "shards_in_memory": len(self._memory),
-        }
-
-    def _shard(self, shard_id: int) -> tuple[torch.Tensor, ...]:
-        if shard_id in self._memory:
-            self._memory.move_to_end(shard_id)
-            self._memory_hits += 1
-            return self._memory[shard_id]
-        tensors = self._decode(self.manifest.shards[shard_id], self._local_copy(shard_id))
-        self._memory[shard_id] = tensors
-        while len(self._memory) > self.shards_in_memory:
-            self._memory.popitem(last=False)
-        return tensors
-
-    def _local_copy(self, shard_id: int) -> bytearray:
-        """The verified bytes of a shard: from the disk cache, else downloaded once."""
-        shard = self.manifest.shards[shard_id]
-        path = self.cache_dir / f"{shard.sha256}.bin"
-        if path.is_file():
-            data = _read_bytearray(path)
-            if hashlib.sha256(data).hexdigest() == shard.sha256:
-                self._disk_loads += 1
-                return data
-            path.unlink(missing_ok=True)  # damaged cache file: fetch a fresh copy below
-        try:
-            self.store.get_file(shard.key, path)
-        except ObjectNotFoundError as exc:
-            raise ObjectNotFoundError(
-                f"data shard {shard.key} (samples [{shard.start}, {shard.stop})) of job "
-                f"{self.manifest.job_id!r} is missing from {self.store.url}; package the task "
-                "again."
-            ) from exc
-        self._downloads += 1
-        self._bytes_downloaded += shard.num_bytes
-        data = _read_bytearray(path)
-        if hashlib.sha256(data).hexdigest() != shard.sha256 or len(data) != shard.num_bytes:
-            path.unlink(missing_ok=True)
-            raise ObjectStoreError(
-                f"data shard {shard.key} of job {self.manifest.job_id!r} in {self.store.url} is "
-                f"corrupt: {len(data)} bytes whose SHA-256 does not match the manifest "
-                f"({shard.num_bytes} bytes expected); package the task again."
-            )
-        return data
-
-    def _decode(self, shard: Shard, data: bytearray) -> tuple[torch.Tensor, ...]:
-        rows = shard.stop - shard.start
-        tensors = []
-        offset = 0
-        for spec in self.manifest.tensors:
-            dtype = spec.torch_dtype
-            count = rows * math.prod(spec.sample_shape)
-            if count == 0:
-                flat = torch.empty(0, dtype=dtype)
-            else:
-                flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset)
-            tensors.append(flat.view(rows, *spec.sample_shape))
-            offset += count * dtype.itemsize
-        return tuple(tensors)
-
-
-def _read_bytearray(path: Path) -> bytearray:
-    # A bytearray is writable, so torch.frombuffer shares it without a copy or a warning.
-    data = bytearray(path.stat().st_size)
-    with open(path, "rb") as f:
-        f.readinto(data)
-    return data
 
 
 def file_sha256(path: Path) -> str:

@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,21 @@ class ObjectStore(ABC):
     @abstractmethod
     def get_file(self, key: str, dest: Path) -> None:
         """Download the object to ``dest`` (parents created); ``dest`` appears only complete."""
+
+    def get_chunks(
+        self, key: str, chunk_bytes: int = _COPY_CHUNK_BYTES
+    ) -> Generator[bytes, None, None]:
+        """The object's content as consecutive pieces of at most ``chunk_bytes``, as it arrives.
+
+        For a caller that checks or transforms the bytes on their way to disk (the data reader
+        hashes a shard while it streams), so a large object is read once and never held whole.
+        A generator: errors, :class:`ObjectNotFoundError` included, are raised by the first
+        ``next()``, and a caller that stops early should ``close()`` it to free the connection.
+        This fallback holds the object in memory; both stores here override it to stream.
+        """
+        data = self.get_bytes(key)
+        for start in range(0, len(data), chunk_bytes):
+            yield data[start : start + chunk_bytes]
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -128,6 +143,14 @@ class LocalObjectStore(ObjectStore):
         path = self._path(key)
         with self._errors("read", key), open(path, "rb") as source, _atomic_file(dest) as f:
             shutil.copyfileobj(source, f, _COPY_CHUNK_BYTES)
+
+    def get_chunks(
+        self, key: str, chunk_bytes: int = _COPY_CHUNK_BYTES
+    ) -> Generator[bytes, None, None]:
+        path = self._path(key)
+        with self._errors("read", key), open(path, "rb") as source:
+            while chunk := source.read(chunk_bytes):
+                yield chunk
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -251,6 +274,17 @@ class S3ObjectStore(ObjectStore):
             with _atomic_file(Path(dest)) as f:
                 for chunk in response["Body"].iter_chunks(_COPY_CHUNK_BYTES):
                     f.write(chunk)
+
+    def get_chunks(
+        self, key: str, chunk_bytes: int = _COPY_CHUNK_BYTES
+    ) -> Generator[bytes, None, None]:
+        full = self._full(key)
+        with self._errors("read", full):
+            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            try:
+                yield from body.iter_chunks(chunk_bytes)
+            finally:
+                body.close()  # a caller that stops early must not leave the connection half-read
 
     def exists(self, key: str) -> bool:
         full = self._full(key)

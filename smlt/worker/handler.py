@@ -31,14 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from smlt.protocol.payload import WorkerPayload
-from smlt.storage.artifacts import (
-    ArtifactManifest,
-    DataReader,
-    default_cache_dir,
-    load_packaged_task,
-)
+from smlt.storage.artifacts import ArtifactManifest, default_cache_dir, load_packaged_task
 from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.objects import open_object_store
+from smlt.storage.reader import DataReader
 from smlt.sync.store import ParameterStore
 from smlt.task import Task
 from smlt.worker.trainer import Trainer
@@ -88,6 +84,9 @@ def _warm(payload: WorkerPayload) -> tuple[Task, DataReader]:
     # A new job for this process, or our folder was removed under us (the driver removes a
     # job's cache when its run ends; this is a later run of the same job): start afresh.
     for old in _WARM.values():
+        # Its prefetch thread stops and its open shard files close: their disk space is freed
+        # once the old job's folder is removed.
+        old.reader.close()
         old.lease.release()
     _WARM.clear()  # one job per warm worker: don't hold an old job's data
     cache_dir = default_cache_dir(payload.job_id)
