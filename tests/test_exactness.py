@@ -26,13 +26,14 @@ import os
 import runpy
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import smlt
 from smlt.errors import TaskError
-from tests.reference import reference_state_dict
+from tests.reference import reference_run, reference_state_dict
 
 SEED = 3
 EPOCHS = 2
@@ -589,14 +590,18 @@ def test_the_readmes_replay_loop_runs_as_printed_and_is_the_reference(tmp_path: 
     task_file = tmp_path / "dropout_digits.py"
     task_file.write_text((repo / "examples" / "digits.py").read_text() + DROPOUT_DIGITS)
     task = load_task(f"{task_file}:DropoutDigits")
-    scope = {"torch": torch, "smlt": smlt, "task": task, "seed": 3, "epochs": 1, "batch_size": 256}
+    # Three shards, as a run with --shard-mb 0.02 would lay digits out (result.data says so).
+    shards = [450, 450, 447]
+    result = SimpleNamespace(data={"shard_sizes": shards})
+    scope = {"torch": torch, "smlt": smlt, "task": task, "result": result}
+    scope.update(seed=3, epochs=1, batch_size=256)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         exec(loop, scope)
     finally:
         torch.set_num_threads(previous)
-    expected = reference_state_dict(task, epochs=1, batch_size=256, seed=3)
+    expected = reference_run(task, epochs=1, batch_size=256, seed=3, shard_sizes=shards).state
     got = scope["model"].state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -197,13 +197,17 @@ def global_batches(
     loop, and a test runs it as printed there)::
 
         x, y = task.data()
+        shards = result.data["shard_sizes"]
         torch.manual_seed(seed); model = task.model(); opt = task.optimizer(model)
         t = 0
         for epoch in range(epochs):
-            for idx in smlt.global_batches(len(x), batch_size, seed=seed, epoch=epoch):
+            for idx in smlt.global_batches(
+                len(x), batch_size, seed=seed, epoch=epoch, shard_sizes=shards
+            ):
+                batch = task.transform((x[idx], y[idx]), epoch, smlt.SampleRandom(seed, epoch, idx))
                 opt.zero_grad()
                 torch.manual_seed(smlt.iteration_seed(seed, t))
-                task.loss(model, (x[idx], y[idx])).backward()
+                task.loss(model, batch).backward()
                 opt.step()
                 t += 1
     """
