@@ -2,8 +2,11 @@
 
 One invocation runs iterations ``[start, end)`` of one generation. Each iteration:
 
-1. **data**: the rows of this rank's slice of the global batch (:class:`GlobalBatchSampler`),
-   from the local shard cache (:class:`~smlt.storage.artifacts.DataReader`);
+1. **data**: the rows of this rank's slice of the global batch (:class:`GlobalBatchSampler`,
+   whose shard-aware order keeps each rank on a few shards at a time), read from the shards the
+   reader fetched ahead (:class:`~smlt.storage.reader.DataReader`, told which shards come next),
+   then the task's ``transform`` with draws keyed by (seed, epoch, sample index)
+   (:class:`~smlt.worker.transform.SampleRandom`);
 2. **compute**: the user's loss on them and its gradient, flattened and scaled by ``n * b_r / B``
    (``n`` for a ``loss_reduction = "sum"`` task) so that the exchange's plain mean over workers
    is the global batch's gradient even when B is not divisible by n; plus this worker's side of
@@ -64,13 +67,13 @@ from smlt.protocol.state import (
     side_buffers,
     side_grad_norms,
 )
-from smlt.storage.artifacts import DataReader
 from smlt.storage.checkpoint import CheckpointStore
+from smlt.storage.reader import DataReader
 from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
-from smlt.task import Task, clip_grad_norm, loss_reduction, overrides_evaluate
+from smlt.task import Task, clip_grad_norm, loss_reduction, overrides_evaluate, run_transform
 from smlt.worker.clipping import clip_, norm_pieces, piece_norms, total_norm
 from smlt.worker.contribution import (
     Before,
@@ -81,17 +84,13 @@ from smlt.worker.contribution import (
     new_discrete,
     snapshot,
 )
-from smlt.worker.memory import (
-    MemoryProfile,
-    check_micro_batch,
-    plan_micro_batch,
-    resident_data_bytes,
-)
+from smlt.worker.memory import MemoryProfile, check_micro_batch, plan_micro_batch
 from smlt.worker.microbatch import accumulate
 from smlt.worker.optim import ShardOptimizer, is_shardable
 from smlt.worker.precision import check_precision
 from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
 from smlt.worker.schedule import Schedule, apply_hyperparameters
+from smlt.worker.transform import SampleRandom
 
 __all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "PROGRESS_TTL_S", "Trainer"]
 
@@ -101,6 +100,17 @@ PROGRESS_MAXLEN = 200_000
 PROGRESS_TTL_S = DEFAULT_PARAM_TTL_S
 #: Seconds of slack kept before a function's time limit beyond 2 x the slowest iteration.
 MIN_MARGIN_S = float(os.environ.get("SMLT_MIN_MARGIN_S", "1.0"))
+#: The reader is told the shards of the next this many iterations, again every
+#: :data:`PLAN_EVERY` iterations (working the plan out costs about a millisecond per iteration
+#: planned; the shards it names are what the reader may fetch ahead and must not evict).
+PLAN_ITERATIONS = 256
+PLAN_EVERY = 16
+#: The reader's counters each report carries the change of since the previous report.
+_READER_FIELDS = {
+    "downloads": "shard_loads",
+    "bytes_downloaded": "data_bytes",
+    "wait_s": "data_wait_s",
+}
 
 
 @dataclass
@@ -139,8 +149,13 @@ class Trainer:
         user_optimizer = task.optimizer(self.model)
         n, r = payload.workers, payload.rank
         self.sampler = GlobalBatchSampler(
-            reader.manifest.num_samples, payload.batch_size, payload.seed
+            reader.manifest.num_samples,
+            payload.batch_size,
+            payload.seed,
+            shard_sizes=[s.stop - s.start for s in reader.manifest.shards],
         )
+        # A warm worker's reader counts from its first invocation; reports carry changes.
+        self._read_so_far = {k: float(reader.statistics().get(k, 0)) for k in _READER_FIELDS}
         self._faults = FaultInjector.from_option(
             str(payload.options.get("faults", "")), r, payload.attempt, on_fire=self._record_fault
         )
@@ -196,9 +211,7 @@ class Trainer:
             memory_mb=int(payload.options.get("generation_memory_mb", payload.memory_mb)),
             workers=n,
             profile=None if profile is None else MemoryProfile.from_dict(profile, "manifest"),
-            data_bytes=resident_data_bytes(
-                [s.num_bytes for s in reader.manifest.shards], reader.shards_in_memory
-            ),
+            data_bytes=reader.resident_bytes,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -251,6 +264,9 @@ class Trainer:
         slowest_s = 0.0
         t = p.start_iteration
         while t < p.end_iteration:
+            if (t - p.start_iteration) % PLAN_EVERY == 0:
+                stop = min(p.end_iteration, t + PLAN_ITERATIONS)
+                self.reader.prefetch(self.sampler.worker_shards(t, stop, p.rank, p.workers))
             short_of_time = False
             if self.remaining_s is not None:
                 # Room for this iteration and one more, plus the boundary checkpoint.
@@ -272,6 +288,8 @@ class Trainer:
         self._timing = timing = _Timing()
         indices, global_batch = self.sampler.worker_indices(t, p.rank, p.workers)
         batch = self.reader.rows(indices)
+        epoch = self.sampler.epoch_of(t)
+        batch = run_transform(self.task, batch, epoch, SampleRandom(p.seed, epoch, indices))
         timing.data_s = time.monotonic() - started
 
         grad, side, loss_value = self._compute(t, indices, batch, global_batch)
@@ -312,6 +330,8 @@ class Trainer:
         }
         if self._grad_norm is not None:
             fields["grad_norm"] = self._grad_norm
+        fields.update(self._reader_deltas())
+        fields["rss_mb"] = _peak_rss_mb()
         if self._snapshot_due(t):
             fields["snapshot"] = t + 1
         if self._ckpt_written == t + 1:
@@ -547,3 +567,30 @@ class Trainer:
         p = self.payload
         event = fault_event(fault, t, phase, generation=p.generation, attempt=p.attempt)
         self.store.client(0).xadd(self.keys.progress(), cast(dict[Any, Any], event))
+
+    def _reader_deltas(self) -> dict[str, float]:
+        """What the reader did since the previous report (shard loads, bytes downloaded, seconds
+        waited on downloads), under the report's names; the background prefetch's work lands in
+        whichever report follows it, so the sums over a run are exact."""
+        stats = self.reader.statistics()
+        deltas = {}
+        for name, field in _READER_FIELDS.items():
+            value = float(stats.get(name, 0))
+            deltas[field] = value - self._read_so_far[name]
+            self._read_so_far[name] = value
+        return deltas
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` (``ru_maxrss`` would include what
+    the process that started us had at ``execve``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
