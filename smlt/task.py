@@ -139,8 +139,9 @@ class Task:
         chunk in memory; the checks that run on the client (the loss, an update, the memory
         measure, the calibration of a goal) use the first :data:`HEAD_SAMPLES` samples only.
         Every chunk is checked as it is drawn, so a bad one fails the packaging with a
-        :class:`~smlt.errors.TaskError` naming its number. The rows are trained in the order
-        given, as shards of consecutive samples (the sampler shuffles across all of them).
+        :class:`~smlt.errors.TaskError` naming its number. Samples are numbered in the order
+        given and stored as shards of consecutive samples; the sampler, not this order, decides
+        what each iteration trains on.
         """
         raise NotImplementedError
 
