@@ -441,3 +441,7 @@ def test_default_cache_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError, match="less than the largest data shard"):
         DataReader(store, manifest, tmp_path / "c", cache_bytes=SHARD_BYTES - 1)
     assert DataReader(store, manifest, tmp_path / "c", cache_bytes=SHARD_BYTES).resident_bytes > 0
+    monkeypatch.delenv(CACHE_BYTES_ENV)
+    monkeypatch.setenv("SMLT_DOWNLOAD_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match="SMLT_DOWNLOAD_TIMEOUT_S must be a positive number"):
+        DataReader(store, manifest, tmp_path / "c")

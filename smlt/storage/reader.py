@@ -35,6 +35,7 @@ more shards than fit still works: it keeps them all until it returns, over budge
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import threading
@@ -107,6 +108,21 @@ def default_cache_bytes(manifest: ArtifactManifest, cache_dir: Path) -> int:
     return max(min(DEFAULT_CACHE_BYTES, disk_half), floor)
 
 
+def _download_timeout_s() -> float:
+    raw = os.environ.get(DOWNLOAD_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_DOWNLOAD_TIMEOUT_S
+    try:
+        timeout_s = float(raw)
+    except ValueError:
+        timeout_s = math.nan
+    if not timeout_s > 0:
+        raise ConfigError(
+            f"${DOWNLOAD_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}"
+        )
+    return timeout_s
+
+
 @dataclass
 class _Stats:
     downloads: int = 0
@@ -151,8 +167,7 @@ class DataReader:
                 "lets one shard download while another is read"
             )
         self.cache_bytes = cache_bytes
-        raw_timeout = os.environ.get(DOWNLOAD_TIMEOUT_ENV)
-        self.download_timeout_s = float(raw_timeout) if raw_timeout else DEFAULT_DOWNLOAD_TIMEOUT_S
+        self.download_timeout_s = _download_timeout_s()
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
         # Per tensor: bytes of one row, and the product of the sample shape.
         self._row_bytes = [spec.bytes_per_sample for spec in manifest.tensors]
@@ -372,8 +387,10 @@ class DataReader:
         tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
         digest = hashlib.sha256()
         size = 0
+        intact = False
         try:
             try:
+                tmp.parent.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it
                 chunks = self.store.get_chunks(shard.key, _DOWNLOAD_CHUNK_BYTES)
                 with closing(chunks), open(tmp, "wb") as f:
                     for chunk in chunks:
@@ -390,6 +407,9 @@ class DataReader:
                         size += len(chunk)
                         if size > shard.num_bytes:
                             break  # already wrong; don't fill the disk with the rest
+                intact = size == shard.num_bytes and digest.hexdigest() == shard.sha256
+                if intact:
+                    os.replace(tmp, path)  # only now does the shard exist under its trusted name
             except ObjectNotFoundError as exc:
                 raise ObjectNotFoundError(
                     f"data shard {shard.key} (samples [{shard.start}, {shard.stop})) of job "
@@ -401,18 +421,17 @@ class DataReader:
                     f"cannot write data shard {self._describe(shard_id)} to {tmp}: "
                     f"{exc.strerror or exc}"
                 ) from exc
-            with self._cv:
+            with self._cv:  # counted once the file is in place: whoever sees it can open it
                 self._stats.downloads += 1
                 self._stats.bytes_downloaded += size
                 self._stats.hash_checks += 1
-            if size != shard.num_bytes or digest.hexdigest() != shard.sha256:
+            if not intact:
                 raise ObjectStoreError(
                     f"data shard {shard.key} of job {self.manifest.job_id!r} in {self.store.url} "
                     f"is corrupt: {size if size <= shard.num_bytes else 'more than'} bytes whose "
                     f"SHA-256 does not match the manifest ({shard.num_bytes} bytes expected); "
                     "package the task again."
                 )
-            os.replace(tmp, path)
         finally:
             with suppress(FileNotFoundError):
                 tmp.unlink()
@@ -454,7 +473,9 @@ class DataReader:
             if shard_id in self._flights or self._is_cached(shard_id):
                 ahead_bytes += size
                 continue
-            if ahead_bytes + size > self.cache_bytes or not self._make_room(size):
+            if ahead_bytes + size > self.cache_bytes:
+                return None
+            if not self._make_room(size, all_or_nothing=True):
                 return None
             self._flights.add(shard_id)
             return shard_id
@@ -467,7 +488,8 @@ class DataReader:
         fd = self._fds.get(shard_id)
         if fd is not None:
             # Another process evicted it: the descriptor still reads, but the space it pins is
-            # no longer counted by anyone, so let it go unless a read is under way.
+            # no longer counted by anyone, so let it go. (Reads under way are safe: a rows()
+            # call reads through the descriptors it acquired before, never through this check.)
             if os.fstat(fd).st_nlink > 0:
                 self._fds.move_to_end(shard_id)
                 return fd
@@ -526,9 +548,13 @@ class DataReader:
     def _disk_bytes(self) -> int:
         return sum(size for _, _, size in self._cached_files())
 
-    def _make_room(self, incoming_bytes: int) -> bool:
+    def _make_room(self, incoming_bytes: int, *, all_or_nothing: bool = False) -> bool:
         """Evict least recently used files, none planned or pinned, until ``incoming_bytes``
-        more fit the budget beside the files and the other downloads in flight. Whether it fits."""
+        more fit the budget beside the files and the other downloads in flight. Whether it fits.
+
+        ``all_or_nothing`` (the prefetcher): evict nothing unless that makes it fit, so a
+        download that has to wait anyway does not throw away shards for nothing.
+        """
         files = self._cached_files()
         in_flight = sum(
             self.manifest.shards[s].num_bytes for s in self._flights if not self._is_cached(s)
@@ -537,11 +563,12 @@ class DataReader:
         if total <= self.cache_bytes:
             return True
         keep = {self._paths[s].name for s in (*self._plan, *self._pins, *self._flights)}
-        for _, name, size in sorted(files):
+        victims = [(name, size) for _, name, size in sorted(files) if name not in keep]
+        if all_or_nothing and total - sum(size for _, size in victims) > self.cache_bytes:
+            return False
+        for name, size in victims:
             if total <= self.cache_bytes:
                 break
-            if name in keep:
-                continue
             for shard_id, path in enumerate(self._paths):
                 if path.name == name:
                     self._close_fd(shard_id)
