@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from smlt.errors import ConfigError, ObjectNotFoundError, ObjectStoreError
 from smlt.storage.artifacts import ArtifactManifest
 from smlt.storage.objects import LocalObjectStore, ObjectStore
 from smlt.storage.reader import CACHE_BYTES_ENV, DataReader, default_cache_bytes
-from smlt.task import check_task, load_task
+from smlt.task import TaskData, check_task, load_task
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -33,7 +34,9 @@ WAIT_S = 20.0  # the bound on every wait for the prefetch thread
 
 @pytest.fixture(scope="module")
 def digits_data() -> tuple[torch.Tensor, ...]:
-    return check_task(load_task(DIGITS)).tensors
+    data = check_task(load_task(DIGITS))
+    assert isinstance(data, TaskData)  # digits is an in-memory data set
+    return data.tensors
 
 
 def _package(store: ObjectStore, job: str) -> ArtifactManifest:
@@ -394,6 +397,17 @@ def test_close_joins_and_is_idempotent(tmp_path: Path) -> None:
         reader.rows(np.array([0]))
     with pytest.raises(ObjectStoreError, match="is closed"):
         reader.prefetch([0])
+
+
+def test_a_reader_dropped_without_close_ends_its_thread(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    readers = [DataReader(store, _package(store, "dropped"), tmp_path / "cache")]
+    readers[0].prefetch([0])
+    _wait_until(lambda: readers[0].statistics()["downloads"] == 1, "one shard prefetched")
+    assert len(_prefetch_threads("dropped")) == 1
+    readers.clear()  # the only reference
+    gc.collect()
+    _wait_until(lambda: not _prefetch_threads("dropped"), "the dropped reader's thread ended")
 
 
 def test_a_shard_evicted_by_another_process_mid_call_still_reads(

@@ -41,6 +41,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import closing, suppress
@@ -106,6 +107,14 @@ def default_cache_bytes(manifest: ArtifactManifest, cache_dir: Path) -> int:
     except OSError:
         disk_half = DEFAULT_CACHE_BYTES
     return max(min(DEFAULT_CACHE_BYTES, disk_half), floor)
+
+
+def _release(cv: threading.Condition, fds: dict[int, int]) -> None:
+    with cv:
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+        cv.notify_all()
 
 
 def _download_timeout_s() -> float:
@@ -181,6 +190,8 @@ class DataReader:
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> open descriptor, LRU order
         self._last_touch_ns = 0
         self._stats = _Stats()
+        # A reader dropped without close(): its descriptors close and its thread wakes and ends.
+        weakref.finalize(self, _release, self._cv, self._fds)
         self._closed = False
         self._thread: threading.Thread | None = None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +294,7 @@ class DataReader:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._prefetch_loop,
+                    args=(weakref.ref(self), self._cv),
                     name=f"smlt-prefetch-{self.manifest.job_id}",
                     daemon=True,  # close() joins it; daemon only so a stuck store call can't
                     # keep a dying process alive
@@ -327,10 +339,7 @@ class DataReader:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
-        with self._cv:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        _release(self._cv, self._fds)
 
     @property
     def closed(self) -> bool:
@@ -438,29 +447,32 @@ class DataReader:
         with self._cv:
             self._stats.peak_cache_bytes = max(self._stats.peak_cache_bytes, self._disk_bytes())
 
-    def _prefetch_loop(self) -> None:
+    @staticmethod
+    def _prefetch_loop(ref: weakref.ref[DataReader], cv: threading.Condition) -> None:
+        """The prefetch thread. It holds the reader only weakly while it waits, so a reader its
+        owner dropped without close() is collected, and the thread ends with it."""
         while True:
-            with self._cv:
-                shard_id = None
-                while not self._closed:
-                    shard_id = self._next_to_prefetch()
-                    if shard_id is not None:
-                        break
-                    self._cv.wait(_IDLE_RECHECK_S)
-                if self._closed:
+            with cv:
+                reader = ref()
+                if reader is None or reader._closed:
                     return
-            assert shard_id is not None
+                shard_id = reader._next_to_prefetch()
+                if shard_id is None:
+                    del reader
+                    cv.wait(_IDLE_RECHECK_S)
+                    continue
             try:
-                self._download(shard_id, time.monotonic() + self.download_timeout_s)
+                reader._download(shard_id, time.monotonic() + reader.download_timeout_s)
             except _Closed:
                 return
             except Exception as exc:  # kept for the rows() that needs the shard
-                with self._cv:
-                    self._failed[shard_id] = exc
+                with cv:
+                    reader._failed[shard_id] = exc
             finally:
-                with self._cv:
-                    self._flights.discard(shard_id)
-                    self._cv.notify_all()
+                with cv:
+                    reader._flights.discard(shard_id)
+                    cv.notify_all()
+            del reader
 
     def _next_to_prefetch(self) -> int | None:
         """(Under the lock.) The first planned shard to download now, marked in flight, or None:
