@@ -232,7 +232,8 @@ def _one(
         command="smlt train "
         + " ".join(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a for a in train)
         + f" --object-store {store_url if store_url.startswith('s3://') else 'DIR'}",
-        code=OLD_COMMIT if which == "old" else _head(),
+        code=_head(tree),
+        uncommitted_changes=_dirty(tree),
         smlt_imported_from=_imported_from(tree, cwd),
         shards=len(manifest["shards"]),
         shard_bytes_max=max(int(s["num_bytes"]) for s in manifest["shards"]),
@@ -242,13 +243,24 @@ def _one(
     return figures, manifest
 
 
-def _head() -> str:
+def _head(tree: Path) -> str:
     return subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def _dirty(tree: Path) -> list[str]:
+    """Files under smlt/ that differ from the tree's commit (others edit the main tree)."""
+    done = subprocess.run(
+        ["git", "-C", str(tree), "status", "--porcelain", "--", "smlt"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line[3:] for line in done.stdout.splitlines()]
 
 
 def measure(
@@ -272,7 +284,7 @@ def measure(
     )
     out: dict[str, Any] = {"dataset": dataset}
     for which, tree, iterations in (
-        ("new", ROOT, args.new_iterations),
+        ("new", args.new_tree, args.new_iterations),
         ("old", tree_old, args.old_iterations),
     ):
         if which not in args.which:
@@ -490,6 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--file-bytes", type=int, default=FILE_BYTES, help="bytes per generated file pair"
+    )
+    parser.add_argument(
+        "--new-tree", type=Path, default=ROOT, help="the new code (default: this tree)"
     )
     parser.add_argument(
         "--old-tree", type=Path, default=None, help=f"an existing worktree of {OLD_COMMIT}"
