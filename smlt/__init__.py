@@ -16,9 +16,9 @@ from smlt import errors
 if TYPE_CHECKING:
     from smlt.client.callbacks import Callback
     from smlt.client.driver import TrainResult, resume, train
+    from smlt.sample_random import SampleRandom
     from smlt.task import StreamData, Task, TaskData, check_task
     from smlt.worker.sampler import global_batches, iteration_seed
-    from smlt.worker.transform import SampleRandom
 
 __all__ = [
     "Callback",
@@ -60,7 +60,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(sampler, name)
     if name == "SampleRandom":
-        from smlt.worker.transform import SampleRandom
+        from smlt.sample_random import SampleRandom
 
         return SampleRandom
     raise AttributeError(f"module 'smlt' has no attribute {name!r}")

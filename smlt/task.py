@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_co
 from smlt.errors import TaskError
 
 if TYPE_CHECKING:
-    from smlt.worker.transform import SampleRandom
+    from smlt.sample_random import SampleRandom
 
 __all__ = [
     "HEAD_SAMPLES",
@@ -948,7 +948,7 @@ def check_transform(task: Task, head: Batch, seed: int) -> Batch:
     other checks should feed the loss). Nothing is checked when the task has no transform."""
     if not overrides_transform(task):
         return head
-    from smlt.worker.transform import SampleRandom
+    from smlt.sample_random import SampleRandom
 
     where = _where(task, "transform")
     k = min(4, len(head[0]))

@@ -1,11 +1,12 @@
 """The package's layers, checked on the source: a lower layer never imports a higher one.
 
 storage -> sync -> protocol (the scheduler-worker contract) -> worker, actors, backends -> client
--> cli. ``smlt.errors`` and ``smlt.task`` (the user's contract) sit below all of them. Worker,
-actors and backends are peers that talk only through the protocol: the scheduler never reaches
-into the worker's package, and the worker knows nothing of who invoked it (actors may use the
-backend contract, which is how they invoke). The emulator is a tool beside the backends that
-imports none of its peers: it runs the worker only by name, in its subprocess containers.
+-> cli. ``smlt.errors``, ``smlt.task`` and ``smlt.sample_random`` (the user's contract) sit
+below all of them. Worker, actors and backends are peers that talk only through the protocol:
+the scheduler never reaches into the worker's package, and the worker knows nothing of who
+invoked it (actors may use the backend contract, which is how they invoke). The emulator is a
+tool beside the backends that imports none of its peers: it runs the worker only by name, in
+its subprocess containers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ RANK = {
     "__version__": 0,  # a constant of the package itself (``smlt --version`` reads it)
     "errors": 0,
     "task": 0,
+    "sample_random": 0,  # SampleRandom, what Task.transform is given: part of the contract
     "storage": 1,
     "sync": 2,
     "protocol": 3,

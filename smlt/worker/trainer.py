@@ -6,7 +6,7 @@ One invocation runs iterations ``[start, end)`` of one generation. Each iteratio
    whose shard-aware order keeps each rank on a few shards at a time), read from the shards the
    reader fetched ahead (:class:`~smlt.storage.reader.DataReader`, told which shards come next),
    then the task's ``transform`` with draws keyed by (seed, epoch, sample index)
-   (:class:`~smlt.worker.transform.SampleRandom`);
+   (:class:`~smlt.sample_random.SampleRandom`);
 2. **compute**: the user's loss on them and its gradient, flattened and scaled by ``n * b_r / B``
    (``n`` for a ``loss_reduction = "sum"`` task) so that the exchange's plain mean over workers
    is the global batch's gradient even when B is not divisible by n; plus this worker's side of
@@ -67,6 +67,7 @@ from smlt.protocol.state import (
     side_buffers,
     side_grad_norms,
 )
+from smlt.sample_random import SampleRandom
 from smlt.storage.checkpoint import CheckpointStore
 from smlt.storage.reader import DataReader
 from smlt.sync import codec
@@ -90,7 +91,6 @@ from smlt.worker.optim import ShardOptimizer, is_shardable
 from smlt.worker.precision import check_precision
 from smlt.worker.sampler import GlobalBatchSampler, iteration_seed
 from smlt.worker.schedule import Schedule, apply_hyperparameters
-from smlt.worker.transform import SampleRandom
 
 __all__ = ["MIN_MARGIN_S", "PROGRESS_MAXLEN", "PROGRESS_TTL_S", "Trainer"]
 
