@@ -14,7 +14,9 @@ store; one runs through moto's S3 over HTTP. What is shown:
   equal the reference;
 - a worker SIGKILLed mid-epoch, after uploading its gradient, is replaced and the run ends bit for
   bit as the run without the kill: the replacement reads and transforms the same samples;
-- the transform really runs: the reference without it ends elsewhere;
+- the transform really runs: the reference without it ends elsewhere; one may change a sample's
+  shape (a crop), and the client's checks run the loss on what it returns; one that draws from
+  torch's global generator is refused before anything starts;
 - S3 gives the local folder's parameters.
 """
 
@@ -32,7 +34,7 @@ import pytest
 import torch
 
 import smlt
-from smlt.errors import CallbackError
+from smlt.errors import CallbackError, TaskError
 from tests.reference import ReferenceRun, reference_run
 from tests.test_exactness import _load, assert_same_state
 from tests.test_logging import StopOnceCheckpointed, _committed, _wait_for_stopped_scheduler
@@ -90,6 +92,28 @@ TASK = textwrap.dedent(
 
         def transform(self, batch, epoch, rng):
             return batch
+
+
+    class GlobalNoise(Augmented):
+        """Draws its noise from torch's global generator: refused before anything starts."""
+
+        def transform(self, batch, epoch, rng):
+            x, y = batch
+            return x + torch.randn(x.shape), y
+
+
+    class Cropped(Augmented):
+        """Keeps 4 of the 6 features, at a random offset per sample; the model takes 4."""
+
+        def model(self):
+            torch.manual_seed(1)
+            return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+        def transform(self, batch, epoch, rng):
+            x, y = batch
+            offset = rng.integers(0, 3)
+            columns = offset[:, None] + torch.arange(4)
+            return torch.gather(x, 1, columns), y
     '''
 )
 
@@ -166,6 +190,37 @@ def test_the_transform_changes_what_is_trained(in_process_runs: Path, task_file:
     """Without it the reference ends elsewhere, so the matches above cover the transform."""
     augmented, plain = _expected(task_file).state, _expected(task_file, "Plain").state
     assert any(not torch.allclose(augmented[k], plain[k], atol=1e-3) for k in augmented)
+
+
+def test_a_transform_that_breaks_its_rules_is_refused_before_anything_starts(
+    in_process_runs: Path, task_file: Path
+) -> None:
+    output = in_process_runs / "global-noise"
+    with pytest.raises(TaskError, match=r"GlobalNoise.transform\(\).*draw all randomness"):
+        smlt.train(f"{task_file}:GlobalNoise", epochs=1, batch_size=BATCH_SIZE, output=output)
+    assert not output.exists()
+
+
+def test_a_transform_may_change_the_samples_shape(in_process_runs: Path, task_file: Path) -> None:
+    """The client's checks run the loss on transformed samples (6 features cropped to the 4 the
+    model takes), and 2 workers train the reference's crops."""
+    result = smlt.train(
+        f"{task_file}:Cropped",
+        epochs=1,
+        batch_size=BATCH_SIZE,
+        workers=2,
+        seed=SEED,
+        shard_bytes=SHARD_BYTES,
+        output=in_process_runs / "cropped",
+    )
+    expected = reference_run(
+        _load(task_file, "Cropped"),
+        epochs=1,
+        batch_size=BATCH_SIZE,
+        seed=SEED,
+        shard_sizes=[50] * 12,
+    )
+    assert_same_state(_state(result), expected.state, workers=2)
 
 
 def test_a_worker_killed_mid_epoch_changes_nothing(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from smlt.errors import ConfigError, SmltWarning
+from smlt.sample_random import SampleRandom
 from smlt.storage.artifacts import (
     DEFAULT_SHARD_BYTES,
     ArtifactManifest,
@@ -37,7 +38,10 @@ from smlt.task import (
     check_model,
     check_optimizer,
     check_task,
+    check_transform,
     load_task,
+    overrides_transform,
+    run_transform,
 )
 from smlt.worker.memory import measure_memory
 from smlt.worker.selfcheck import check_update
@@ -81,13 +85,14 @@ def package_task(
     head = data.head
     memory_profile = None
     if check:
+        seen = _transformed(task, head)  # what loss() gets on the workers
         model = check_model(task)
         check_optimizer(task, model)
-        tiny = head.rows(0, min(2, head.num_samples))
+        tiny = seen.rows(0, min(2, seen.num_samples))
         check_loss(task, model, tiny)
-        check_loss_reduction(task, model, head)
+        check_loss_reduction(task, model, seen)
         check_update(task, tiny, precision=precision)
-        memory_profile = _memory_profile(task, head, precision)
+        memory_profile = _memory_profile(task, seen, precision)
     source_path = Path(spec.rpartition(":")[0]).expanduser().resolve()
     source = source_path.read_bytes()
 
@@ -188,6 +193,17 @@ class _ShardWriter:
         self._pending = 0
         if self._on_shard is not None:
             self._on_shard(shard)
+
+
+def _transformed(task: Task, head: TaskData) -> TaskData:
+    """The head as the workers' ``loss()`` will see it: through the task's ``transform`` (after
+    :func:`~smlt.task.check_transform` has held it to its rules), so the loss, update and
+    memory checks run on samples of the right shapes. Unchanged for a task without one."""
+    if not overrides_transform(task):
+        return head
+    check_transform(task, head.tensors, seed=0)
+    rng = SampleRandom(0, 0, range(head.num_samples))
+    return TaskData(run_transform(task, head.tensors, 0, rng), head.num_samples)
 
 
 def _memory_profile(task: Task, data: TaskData, precision: str) -> dict[str, Any] | None:
