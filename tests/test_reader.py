@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,11 @@ def _package(store: ObjectStore, job: str) -> ArtifactManifest:
 def _shard_files(cache: Path) -> dict[str, int]:
     """Name -> size of every file in the reader's shards folder (temporaries included)."""
     folder = cache / "shards"
-    return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.is_dir() else {}
+    files = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        with suppress(FileNotFoundError):  # renamed or evicted by the prefetch thread meanwhile
+            files[path.name] = path.stat().st_size
+    return files
 
 
 def _wait_until(condition: Callable[[], bool], what: str) -> None:

@@ -80,8 +80,8 @@ MAX_OPEN_SHARDS = 16
 
 _DOWNLOAD_CHUNK_BYTES = 8 * 2**20
 _TMP_SUFFIX = ".smlt-tmp"
-# The prefetch thread re-checks its plan this often even if nobody notifies it (a file another
-# process evicted, a clock-based budget change): a bound on its wait, not a busy loop.
+# The prefetch thread re-checks its plan this often even if nobody in this process notifies it
+# (another process on the machine evicted a planned shard): a bound on its wait, not a poll.
 _IDLE_RECHECK_S = 5.0
 
 
@@ -178,7 +178,7 @@ class DataReader:
         self.cache_bytes = cache_bytes
         self.download_timeout_s = _download_timeout_s()
         self._starts = np.array([s.start for s in manifest.shards], dtype=np.int64)
-        # Per tensor: bytes of one row, and the product of the sample shape.
+        # Per tensor: the bytes of one sample's row in its section of a shard.
         self._row_bytes = [spec.bytes_per_sample for spec in manifest.tensors]
         self._paths = [self.cache_dir / f"{s.sha256}.bin" for s in manifest.shards]
         self._cv = threading.Condition()
@@ -194,7 +194,12 @@ class DataReader:
         weakref.finalize(self, _release, self._cv, self._fds)
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ObjectStoreError(
+                f"cannot create the data cache folder {self.cache_dir}: {exc.strerror or exc}"
+            ) from exc
         self._remove_stale_temporaries()
 
     @classmethod
@@ -417,8 +422,13 @@ class DataReader:
                         if size > shard.num_bytes:
                             break  # already wrong; don't fill the disk with the rest
                 intact = size == shard.num_bytes and digest.hexdigest() == shard.sha256
-                if intact:
-                    os.replace(tmp, path)  # only now does the shard exist under its trusted name
+                # Renamed and counted at once: whoever can open the file sees it counted.
+                with self._cv:
+                    if intact:
+                        os.replace(tmp, path)  # only now does it exist under its trusted name
+                    self._stats.downloads += 1
+                    self._stats.bytes_downloaded += size
+                    self._stats.hash_checks += 1
             except ObjectNotFoundError as exc:
                 raise ObjectNotFoundError(
                     f"data shard {shard.key} (samples [{shard.start}, {shard.stop})) of job "
@@ -430,10 +440,6 @@ class DataReader:
                     f"cannot write data shard {self._describe(shard_id)} to {tmp}: "
                     f"{exc.strerror or exc}"
                 ) from exc
-            with self._cv:  # counted once the file is in place: whoever sees it can open it
-                self._stats.downloads += 1
-                self._stats.bytes_downloaded += size
-                self._stats.hash_checks += 1
             if not intact:
                 raise ObjectStoreError(
                     f"data shard {shard.key} of job {self.manifest.job_id!r} in {self.store.url} "

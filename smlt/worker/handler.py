@@ -3,8 +3,8 @@
 Lambda calls it with its context object, OpenWhisk and the emulator with a dict, the Ray backend
 with None. Everything a worker needs comes from the payload: the task code and data from the
 object store, the parameters from Redis. A warm container (or a reused Ray worker process) keeps
-the imported task and the decoded data shards of a job, so only the first invocation pays for
-them (cold start amortized, as the paper does).
+the imported task and the data reader of a job (with its verified local shards), so only the
+first invocation pays for them (cold start amortized, as the paper does).
 
 **The local cache.** A job's code and data shards are downloaded into ``<cache root>/<job>/``
 (:func:`~smlt.storage.artifacts.default_cache_dir`; ``/tmp`` on Lambda, whose disk is small and
