@@ -38,6 +38,7 @@ from smlt.errors import ConfigError, SmltWarning
 from smlt.protocol.model import FlatModel
 from smlt.storage.artifacts import ArtifactManifest, manifest_key
 from smlt.storage.objects import LocalObjectStore
+from smlt.storage.reader import RESIDENT_BYTES
 from smlt.storage.redis_server import RedisServer
 from smlt.task import check_task, load_task
 from smlt.worker.contribution import snapshot
@@ -47,7 +48,6 @@ from smlt.worker.memory import (
     check_micro_batch,
     measure_memory,
     plan_micro_batch,
-    resident_data_bytes,
     worker_bytes,
 )
 from smlt.worker.microbatch import accumulate, micro_ranges
@@ -224,7 +224,7 @@ def test_a_slice_that_does_not_fit_is_split_by_itself(in_process_runs: Path) -> 
     task = load_task(f"{path}:Wide")
     data = check_task(task)
     profile = measure_memory(task, data)
-    data_bytes = resident_data_bytes([data.num_samples * data.bytes_per_sample], 2)
+    data_bytes = RESIDENT_BYTES  # what a worker's reader holds beside its batch
     plan = {
         memory_mb: plan_micro_batch(
             requested=None,

@@ -62,12 +62,13 @@ __all__ = [
     "DEFAULT_DOWNLOAD_TIMEOUT_S",
     "DOWNLOAD_TIMEOUT_ENV",
     "MAX_OPEN_SHARDS",
+    "RESIDENT_BYTES",
     "DataReader",
     "default_cache_bytes",
 ]
 
-#: The disk cache's budget unless the caller or ``$SMLT_CACHE_BYTES`` says otherwise: eight
-#: shards of the paper's 250 MB, room for a worker's shards of an epoch plus the next epoch's.
+#: The disk cache's budget unless the caller or ``$SMLT_CACHE_BYTES`` says otherwise: 32 shards
+#: of 64 MiB (or 8 of the paper's 250 MB), room for the windows a worker reads and the next.
 DEFAULT_CACHE_BYTES = 2 * 2**30
 CACHE_BYTES_ENV = "SMLT_CACHE_BYTES"
 #: How long one shard download may take before it is an error (250 MB at under 1 MB/s: stuck).
@@ -79,6 +80,8 @@ DEFAULT_CLOSE_TIMEOUT_S = 30.0
 MAX_OPEN_SHARDS = 16
 
 _DOWNLOAD_CHUNK_BYTES = 8 * 2**20
+#: Data bytes a reader holds in process memory beyond the batch it returns (``resident_bytes``).
+RESIDENT_BYTES = 2 * _DOWNLOAD_CHUNK_BYTES
 _TMP_SUFFIX = ".smlt-tmp"
 # The prefetch thread re-checks its plan this often even if nobody in this process notifies it
 # (another process on the machine evicted a planned shard): a bound on its wait, not a poll.
@@ -217,7 +220,7 @@ class DataReader:
         returns: one download chunk for the prefetch thread and one for a download ``rows()``
         makes itself. During a ``rows()`` call it also holds a scratch copy of the rows it
         reads (at most the size of the batch it returns), which is the caller's to count."""
-        return 2 * _DOWNLOAD_CHUNK_BYTES
+        return RESIDENT_BYTES
 
     def shard_ids(self, indices: np.ndarray) -> np.ndarray:
         """Which shard holds each global index (after checking the indices are in range)."""

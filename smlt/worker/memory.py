@@ -23,7 +23,6 @@ sample times a headroom for the backward pass's transients.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -44,7 +43,6 @@ __all__ = [
     "check_micro_batch",
     "measure_memory",
     "plan_micro_batch",
-    "resident_data_bytes",
     "samples_that_fit",
     "worker_bytes",
 ]
@@ -180,7 +178,7 @@ def worker_bytes(
     profile: MemoryProfile, *, micro_batch: int, slice_samples: int, workers: int, data_bytes: int
 ) -> int:
     """A worker's predicted peak memory, in bytes, going through a slice of ``slice_samples``
-    in micro-batches of ``micro_batch``, with ``data_bytes`` of data shards held in memory."""
+    in micro-batches of ``micro_batch``, with ``data_bytes`` of data held by its reader."""
     state = profile.optimizer_state_bytes
     if profile.sharded:
         state = -(-state // workers)
@@ -242,9 +240,3 @@ def plan_micro_batch(
         data_bytes=data_bytes,
     )
     return max(1, min(fits, whole))
-
-
-def resident_data_bytes(shard_sizes: Sequence[int], kept: int) -> int:
-    """Bytes of the ``kept`` largest of the data shards' sizes: the most a worker's data reader
-    holds in memory at once (it keeps the ``kept`` most recently used shards)."""
-    return sum(sorted(shard_sizes)[-kept:]) if kept > 0 else 0
