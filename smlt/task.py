@@ -344,20 +344,12 @@ def check_task(task: Task) -> TaskData | StreamData:
             "with equal first dimension (e.g. 'return x, y' or 'return (x,)'), a torch "
             "Dataset, or an iterator (generator) of such tuples, one chunk of rows each."
         )
-    if not raw:
-        raise TaskError(f"{where} returned an empty tuple; expected at least one tensor.")
-    tensors = tuple(_as_tensor(item, i, where) for i, item in enumerate(raw))
-    lengths = [t.shape[0] for t in tensors]
-    if len(set(lengths)) != 1:
-        raise TaskError(
-            f"{where} returned tensors of unequal length {lengths} along the first dimension; "
-            "every tensor must hold one row per sample."
-        )
-    if lengths[0] == 0:
+    data = _chunk(raw, where, returned=True)
+    if data.num_samples == 0:
         raise TaskError(
             f"{where} returned no samples (first dimension 0); there is nothing to train on."
         )
-    return TaskData(tensors=tensors, num_samples=lengths[0])
+    return data
 
 
 def check_model(task: Task) -> torch.nn.Module:
@@ -711,21 +703,23 @@ def _chunks_of(
         number += 1
 
 
-def _chunk(item: object, name: str) -> TaskData:
-    """One chunk of a stream as tensors of equal length (no rows at all is allowed)."""
+def _chunk(item: object, name: str, *, returned: bool = False) -> TaskData:
+    """One chunk of a stream (or, ``returned``, what ``data()`` returned) as tensors of equal
+    length; no rows at all is allowed here."""
+    is_, holds = ("returned", "returned") if returned else ("is", "holds")
     if isinstance(item, torch.Tensor | np.ndarray) or not isinstance(item, tuple | list):
         raise TaskError(
-            f"{name} is {_describe(item)}; expected a tuple of tensors or numpy arrays with "
+            f"{name} {is_} {_describe(item)}; expected a tuple of tensors or numpy arrays with "
             "equal first dimension (e.g. 'yield x, y' or 'yield (x,)')."
         )
     if not item:
-        raise TaskError(f"{name} is an empty tuple; expected at least one tensor.")
+        raise TaskError(f"{name} {is_} an empty tuple; expected at least one tensor.")
     tensors = tuple(_as_tensor(t, i, name) for i, t in enumerate(item))
     lengths = [t.shape[0] for t in tensors]
     if len(set(lengths)) != 1:
         raise TaskError(
-            f"{name} holds tensors of unequal length {lengths} along the first dimension; "
-            "every tensor of a chunk must hold one row per sample."
+            f"{name} {holds} tensors of unequal length {lengths} along the first dimension; "
+            "every tensor must hold one row per sample."
         )
     return TaskData(tensors=tensors, num_samples=lengths[0])
 
