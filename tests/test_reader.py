@@ -464,3 +464,32 @@ def test_default_cache_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SMLT_DOWNLOAD_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError, match="SMLT_DOWNLOAD_TIMEOUT_S must be a positive number"):
         DataReader(store, manifest, tmp_path / "c")
+
+
+def test_reserve_raises_the_budget_never_lowers_it_and_stays_within_the_disk(
+    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    """What the worker does when its sample order reads more shards at once than the budget
+    holds: with the budget raised, a pass that re-reads the same shards downloads each once;
+    at the old budget the same pass downloads them again and again."""
+    import shutil
+
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = _package(store, "reserve")
+    batches = [np.arange(0, DIGITS_TRAIN_SAMPLES, 3) + k for k in range(3)]  # all shards, 3x
+
+    small = DataReader(store, manifest, tmp_path / "small", cache_bytes=2 * SHARD_BYTES)
+    for batch in batches:
+        small.rows(batch)
+    assert small.statistics()["downloads"] > 2 * NUM_SHARDS  # evicted and fetched again
+
+    reader = DataReader(store, manifest, tmp_path / "big", cache_bytes=2 * SHARD_BYTES)
+    needed = sum(s.num_bytes for s in manifest.shards)
+    assert reader.reserve(needed) == needed
+    assert reader.reserve(SHARD_BYTES) == needed  # never lowered
+    for batch in batches:
+        x, _ = reader.rows(batch)
+        assert torch.equal(x, digits_data[0][batch])
+    assert reader.statistics()["downloads"] == NUM_SHARDS
+    disk = shutil.disk_usage(tmp_path)
+    assert reader.reserve(10 * disk.total) <= disk.free + needed  # no more than the disk has

@@ -1,7 +1,10 @@
 """The data reader: rows of a packaged training set by global sample index, for one worker.
 
-A shard (up to 250 MB, format in :mod:`smlt.storage.artifacts`) is downloaded once into a local
-cache folder and then read row by row; process memory holds the batch, never whole shards.
+A shard (64 MiB by default, format in :mod:`smlt.storage.artifacts`) is downloaded once into a
+local cache folder and then read row by row; process memory holds the batch, never whole shards.
+The worker handler gives each worker process a folder of its own (as Lambda gives each container
+its own ``/tmp``), so one worker's budget is not spent on its neighbours' shards; the reader still
+tolerates another process in its folder.
 
 **Verify once.** A shard is hashed while it streams from the store to a temporary file, and
 renamed to ``<sha256>.bin`` only when the hash and length match the manifest. A file under its
@@ -14,9 +17,8 @@ into the cache folder).
 **Read rows, not shards.** :meth:`DataReader.rows` sorts the wanted rows of each shard and reads
 each run of consecutive rows with one positioned read (``os.preadv``) per tensor, straight into a
 buffer the size of those rows. Each cached shard this reader uses keeps an open file descriptor
-(at most :data:`MAX_OPEN_SHARDS`), so another process on the machine that evicts the file (Ray
-workers of one job share its cache folder) cannot break a read in progress: the bytes stay
-readable until we close the descriptor.
+(at most :data:`MAX_OPEN_SHARDS`), so another process on the machine that evicts the file cannot
+break a read in progress: the bytes stay readable until we close the descriptor.
 
 **Prefetch.** The sampler knows, an epoch ahead, which shards a worker will need and in which
 order; :meth:`DataReader.prefetch` hands that plan over, and a background thread downloads the
@@ -30,6 +32,8 @@ disk is what is bounded. To make room, the least recently used files (by modific
 every reader bumps when it uses a shard, so recency is shared between processes) that are not in
 this reader's remaining plan and not being read are deleted. A single ``rows()`` call that needs
 more shards than fit still works: it keeps them all until it returns, over budget for that long.
+The worker raises the budget to what its sample order needs (:meth:`DataReader.reserve`): a
+budget below the shards one iteration reads would download them again every iteration.
 """
 
 from __future__ import annotations
@@ -221,6 +225,25 @@ class DataReader:
         makes itself. During a ``rows()`` call it also holds a scratch copy of the rows it
         reads (at most the size of the batch it returns), which is the caller's to count."""
         return RESIDENT_BYTES
+
+    def reserve(self, nbytes: int) -> int:
+        """Raise the cache budget to at least ``nbytes`` (it is never lowered), as far as the
+        cache folder's file system allows: its free space plus what the folder holds already,
+        less 10 % of the file system for everything else. Returns the budget now in force; a
+        caller that asked for more than it got will see it in ``downloads`` (shards fetched
+        again after an eviction)."""
+        with self._cv:
+            if nbytes <= self.cache_bytes:
+                return self.cache_bytes
+            try:
+                usage = shutil.disk_usage(self.cache_dir)
+                held = sum(size for _, _, size in self._cached_files())
+                room = usage.free + held - usage.total // 10
+            except OSError:
+                room = self.cache_bytes
+            self.cache_bytes = max(self.cache_bytes, min(nbytes, room))
+            self._cv.notify_all()
+            return self.cache_bytes
 
     def shard_ids(self, indices: np.ndarray) -> np.ndarray:
         """Which shard holds each global index (after checking the indices are in range)."""

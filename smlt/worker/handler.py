@@ -96,7 +96,8 @@ def _warm(payload: WorkerPayload) -> tuple[Task, DataReader]:
         objects = open_object_store(payload.object_store_url)
         manifest = ArtifactManifest.load(objects, payload.job_id)
         task = load_packaged_task(objects, manifest, cache_dir)
-        reader = DataReader(objects, manifest, cache_dir)
+        # A folder per process: local Ray workers of a job must not spend each other's budget.
+        reader = DataReader(objects, manifest, cache_dir / f"worker-{os.getpid()}")
     except BaseException:
         lease.release()
         raise

@@ -265,8 +265,7 @@ class Trainer:
         t = p.start_iteration
         while t < p.end_iteration:
             if (t - p.start_iteration) % PLAN_EVERY == 0:
-                stop = min(p.end_iteration, t + PLAN_ITERATIONS)
-                self.reader.prefetch(self.sampler.worker_shards(t, stop, p.rank, p.workers))
+                self._plan_reads(t)
             short_of_time = False
             if self.remaining_s is not None:
                 # Room for this iteration and one more, plus the boundary checkpoint.
@@ -567,6 +566,18 @@ class Trainer:
         p = self.payload
         event = fault_event(fault, t, phase, generation=p.generation, attempt=p.attempt)
         self.store.client(0).xadd(self.keys.progress(), cast(dict[Any, Any], event))
+
+    def _plan_reads(self, t: int) -> None:
+        """Tell the reader the shards of the next :data:`PLAN_ITERATIONS` iterations, and make
+        its disk budget hold twice the shards of the next :data:`PLAN_EVERY` (what this rank
+        reads at once, and as much again fetched ahead): a smaller budget would evict shards
+        still being read and download them again every iteration."""
+        p = self.payload
+        stop = min(p.end_iteration, t + PLAN_ITERATIONS)
+        soon = self.sampler.worker_shards(t, min(stop, t + PLAN_EVERY), p.rank, p.workers)
+        shards = self.reader.manifest.shards
+        self.reader.reserve(2 * sum(shards[s].num_bytes for s in soon))
+        self.reader.prefetch(self.sampler.worker_shards(t, stop, p.rank, p.workers))
 
     def _reader_deltas(self) -> dict[str, float]:
         """What the reader did since the previous report (shard loads, bytes downloaded, seconds
