@@ -17,7 +17,8 @@ store; one runs through moto's S3 over HTTP. What is shown:
 - the transform really runs: the reference without it ends elsewhere; one may change a sample's
   shape (a crop), and the client's checks run the loss on what it returns; one that draws from
   torch's global generator is refused before anything starts;
-- S3 gives the local folder's parameters.
+- S3 gives the local folder's parameters;
+- a run whose data phase takes most of the iterations' time is warned, and result.json says so.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import pytest
 import torch
 
 import smlt
-from smlt.errors import CallbackError, TaskError
+from smlt.errors import CallbackError, SmltWarning, TaskError
 from tests.reference import ReferenceRun, reference_run
 from tests.test_exactness import _load, assert_same_state
 from tests.test_logging import StopOnceCheckpointed, _committed, _wait_for_stopped_scheduler
@@ -100,6 +101,16 @@ TASK = textwrap.dedent(
         def transform(self, batch, epoch, rng):
             x, y = batch
             return x + torch.randn(x.shape), y
+
+
+    class SlowTransform(Augmented):
+        """A transform that takes 50 ms a call: the data phase dominates the iteration."""
+
+        def transform(self, batch, epoch, rng):
+            import time
+
+            time.sleep(0.05)
+            return batch
 
 
     class Cropped(Augmented):
@@ -221,6 +232,26 @@ def test_a_transform_may_change_the_samples_shape(in_process_runs: Path, task_fi
         shard_sizes=[50] * 12,
     )
     assert_same_state(_state(result), expected.state, workers=2)
+
+
+def test_a_run_whose_data_phase_dominates_is_warned(in_process_runs: Path, task_file: Path) -> None:
+    with pytest.warns(SmltWarning, match=r"the data phase took \d+% of the iterations' time"):
+        result = smlt.train(
+            f"{task_file}:SlowTransform",
+            epochs=1,
+            batch_size=BATCH_SIZE,
+            seed=SEED,
+            shard_bytes=SHARD_BYTES,
+            output=in_process_runs / "slow-transform",
+        )
+    data = result.data
+    assert data["data_share"] > 0.5, data
+    assert data["data_s"] >= 0.05 * ITERATIONS / EPOCHS  # 15 calls of 50 ms at least
+    assert any("data phase took" in w for w in result.warnings)
+    saved = json.loads((result.output_dir / "result.json").read_text())
+    assert saved["data"] == data and saved["warnings"] == result.warnings
+    quick = _train(in_process_runs, task_file, 2)
+    assert quick.data["data_share"] < 0.5 and not any("data phase" in w for w in quick.warnings)
 
 
 def test_a_worker_killed_mid_epoch_changes_nothing(
