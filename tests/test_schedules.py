@@ -48,7 +48,7 @@ SEED = 3
 BATCH_SIZE = 50  # 230 samples: five iterations per epoch, slices of 13/13/12/12 at 4 workers
 EPOCHS = 4
 ITERATIONS = 20
-#: The gradient norm exceeds it on 16 of the 20 iterations of OneCycleClipped and 19 of
+#: The gradient norm exceeds it on 18 of the 20 iterations of OneCycleClipped and all 20 of
 #: WarmupCosineReplicated (before clipping, in the reference).
 MAX_NORM = 0.35
 
@@ -228,13 +228,16 @@ def _assert_norms(got: list[float], want: list[float], workers: int) -> None:
 
 def test_the_reference_clips_on_most_iterations(tmp_path: Path) -> None:
     """The clip norm bites: without it the reference's gradient norm exceeds it on most
-    iterations (not all, so the unclipped branch runs too), and its schedule moves."""
+    iterations (not all in both modes, so the unclipped branch runs too), and its schedule moves."""
+    unclipped = 0
     for name in MODES:
         run = _reference(tmp_path, name)
         assert len(run.grad_norms) == len(run.lrs) == ITERATIONS
         clipped = sum(norm > MAX_NORM for norm in run.grad_norms)
-        assert ITERATIONS * 3 // 4 <= clipped < ITERATIONS, (name, run.grad_norms)
+        assert ITERATIONS * 3 // 4 <= clipped <= ITERATIONS, (name, run.grad_norms)
+        unclipped += ITERATIONS - clipped
         assert len(set(run.lrs)) > ITERATIONS // 2, (name, run.lrs)
+    assert unclipped > 0, "no iteration of any mode runs the unclipped branch"
 
 
 @pytest.mark.parametrize("workers", [1, 4])
