@@ -276,6 +276,7 @@ def measure(
     root: Path,
     args: argparse.Namespace,
     thrash_iterations: int = 0,
+    on_run: Any = None,
 ) -> dict[str, Any]:
     """Generate ``data_gb`` and run new and old on it (and, for ``thrash_iterations``, new with
     the reader's default cache budget); the section of the JSON for ``label``."""
@@ -369,6 +370,8 @@ def measure(
         figures["bytes_read_per_worker_over_dataset"] = read / dataset["bytes"] if read else None
         out[which] = figures
         print(f"[{label}] {which}: " + _summary(figures), flush=True)
+        if on_run is not None:
+            on_run(label, out)
         shutil.rmtree(scratch / f"cache-{which}", ignore_errors=True)
     shutil.rmtree(scratch / "dataset", ignore_errors=True)
     return out
@@ -435,6 +438,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": METHOD,
     }
     began = time.perf_counter()
+
+    def save_partial(label: str, section: dict[str, Any]) -> None:
+        # A late failure (the S3 part, a replay) must not lose the runs measured before it.
+        if args.json:
+            partial = args.json.with_suffix(".partial.json")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({**data, label: section}, indent=2))
+
     with (
         tempfile.TemporaryDirectory(prefix="smlt-bench-data-") as tmp,
         old_tree(args.old_tree) as tree,
@@ -449,6 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             root,
             args,
             thrash_iterations=args.default_cache_iterations,
+            on_run=save_partial,
         )
         data["dataset_bytes"] = local["dataset"]["bytes"]
         data["dataset_over_ram"] = data["dataset_bytes"] / data["ram_bytes"]
@@ -462,7 +474,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.s3_gb > 0:
             with moto_s3() as (bucket, env):
                 data["s3"] = measure(
-                    "s3", args.s3_gb, lambda which: f"s3://{bucket}/{which}", env, tree, root, args
+                    "s3",
+                    args.s3_gb,
+                    lambda which: f"s3://{bucket}/{which}",
+                    env,
+                    tree,
+                    root,
+                    args,
+                    on_run=save_partial,
                 )
     data["load_average_end"] = _load()
     data["took_s"] = time.perf_counter() - began

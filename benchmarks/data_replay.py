@@ -5,11 +5,12 @@ This script, run with that commit's tree first on ``PYTHONPATH`` (by path, so th
 sits in, not the current tree, is ``sys.path[0]``), builds the old
 ``smlt.storage.artifacts.DataReader`` over the old run's manifest and drives it exactly as the
 old worker does (``GlobalBatchSampler(num_samples, batch_size, seed).worker_indices(t, rank,
-workers)`` then ``reader.rows(indices)`` every iteration), with only its I/O replaced: a shard
-"loaded" from the disk cache is counted and decoded into zero-stride tensors of the right shape,
-so the reader's own in-memory cache (``shards_in_memory`` decoded shards, LRU) decides what is a
-load and what a hit, as in the run. Output (stdout, JSON): per rank, the cumulative loads after
-every iteration.
+workers)``, then what ``reader.rows(indices)`` does to shards: ``_shard(s)`` for every shard s
+the indices fall in, in ascending order), with its I/O and row copies left out: a shard "loaded"
+from the disk cache is counted, so the reader's own in-memory cache (``shards_in_memory``
+decoded shards, LRU, in its ``_shard``) decides what is a load and what a hit, as in the run.
+The script refuses to run if the old ``rows`` no longer walks shards that way. Output (stdout,
+JSON): per rank, the cumulative loads after every iteration.
 
     PYTHONPATH=/tmp/smlt-old python benchmarks/data_replay.py --store DIR --job JOB \\
         --batch-size 4096 --workers 4 --seed 0 --iterations 555
@@ -18,10 +19,12 @@ every iteration.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # The old commit's modules (its tree is first on PYTHONPATH): DataReader lived in artifacts.py.
@@ -31,20 +34,30 @@ from smlt.worker.sampler import GlobalBatchSampler
 
 
 class _CountingReader(DataReader):
-    """The old reader with its disk reads and hashing replaced by a counter."""
+    """The old reader with its disk reads, hashing and row copies replaced by a counter."""
 
     def _local_copy(self, shard_id: int) -> bytearray:
         self._disk_loads += 1
         return bytearray()
 
     def _decode(self, shard: Any, data: bytearray) -> tuple[torch.Tensor, ...]:
-        rows = shard.stop - shard.start
-        return tuple(
-            torch.zeros((1, *spec.sample_shape), dtype=spec.torch_dtype).expand(
-                rows, *spec.sample_shape
-            )
-            for spec in self.manifest.tensors
-        )
+        return ()
+
+    def touch(self, indices: np.ndarray) -> None:
+        """What ``rows(indices)`` does to the shards, without copying rows: the same shards in
+        the same order through the same ``_shard`` (its LRU and counters)."""
+        for shard_id in np.unique(self.shard_ids(indices)):
+            self._shard(int(shard_id))
+
+
+def _check_rows_walks_shards_as_touch_does() -> None:
+    """``touch`` mirrors the old ``rows``: refuse to replay a reader whose ``rows`` differs."""
+    source = inspect.getsource(DataReader.rows)
+    for line in ("owners = self.shard_ids(indices)", "for shard_id in np.unique(owners):"):
+        if line not in source:
+            raise SystemExit(f"the old DataReader.rows no longer has {line!r}: update touch()")
+    if "self._shard(int(shard_id))" not in source:
+        raise SystemExit("the old DataReader.rows no longer calls self._shard: update touch()")
 
 
 def main() -> None:
@@ -56,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, required=True)
     args = parser.parse_args()
+    _check_rows_walks_shards_as_touch_does()
     store = open_object_store(args.store)
     manifest = ArtifactManifest.load(store, args.job)
     sampler = GlobalBatchSampler(manifest.num_samples, args.batch_size, args.seed)
@@ -73,7 +87,7 @@ def main() -> None:
         cumulative = []
         for t in range(args.iterations):
             indices, _ = sampler.worker_indices(t, rank, args.workers)
-            reader.rows(indices)
+            reader.touch(indices)
             stats = reader.statistics()
             cumulative.append(stats["disk_loads"] + stats["downloads"])
         out["loads"][str(rank)] = cumulative
