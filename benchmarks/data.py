@@ -54,7 +54,6 @@ import numpy as np
 from benchmarks._output import command_line, write_outputs
 from benchmarks.data_figures import METHOD, planned_shard_loads, run_figures, shuffle_quality
 from benchmarks.data_run import run_train
-from smlt.storage.reader import DEFAULT_CACHE_BYTES
 
 __all__ = ["OLD_COMMIT", "generate", "main", "run"]
 
@@ -189,12 +188,11 @@ def _one(
     args: argparse.Namespace,
     iterations: int | None,
     env: dict[str, str],
-    cache_env: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One watched run: its figures (without the old code's shard loads) and its manifest."""
     from smlt.storage.redis_server import RedisServer
 
-    new = which.startswith("new")
+    new = which == "new"
     task = f"{TASK_FILE}:{'StreamingImages' if new else 'InMemoryImages'}"
     train = [
         task,
@@ -211,7 +209,6 @@ def _one(
         train += ["--shard-mb", str(args.shard_mb)]
     run_env = {
         **env,
-        **cache_env,
         "SMLT_BENCH_DATA_DIR": str(data_dir),
         "SMLT_CACHE_DIR": str(scratch / f"cache-{which}"),
     }
@@ -275,11 +272,9 @@ def measure(
     tree_old: Path,
     root: Path,
     args: argparse.Namespace,
-    thrash_iterations: int = 0,
     on_run: Any = None,
 ) -> dict[str, Any]:
-    """Generate ``data_gb`` and run new and old on it (and, for ``thrash_iterations``, new with
-    the reader's default cache budget); the section of the JSON for ``label``."""
+    """Generate ``data_gb`` and run new and old on it; the section of the JSON for ``label``."""
     scratch = root / label
     scratch.mkdir()
     began = time.perf_counter()
@@ -290,19 +285,8 @@ def measure(
         flush=True,
     )
     out: dict[str, Any] = {"dataset": dataset}
-    # The workers of one job on one machine share its cache folder, and the new reader's budget
-    # (SMLT_CACHE_BYTES, default 2 GiB) counts every file in it while each reader spares only
-    # its own plan: four readers evict each other's planned shards and download them again
-    # (new_default_cache shows it). "new" therefore gets the disk four workers with folders
-    # of their own would have, workers x the default budget, as SMLT_CACHE_BYTES.
-    shared_budget = {"SMLT_CACHE_BYTES": str(args.workers * DEFAULT_CACHE_BYTES)}
-    runs = [
-        ("new", args.new_tree, args.new_iterations, shared_budget),
-        ("old", tree_old, args.old_iterations, {}),
-    ]
-    if thrash_iterations:
-        runs.insert(1, ("new_default_cache", args.new_tree, thrash_iterations, {}))
-    for which, tree, iterations, cache_env in runs:
+    runs = [("new", args.new_tree, args.new_iterations), ("old", tree_old, args.old_iterations)]
+    for which, tree, iterations in runs:
         if which.partition("_")[0] not in args.which:
             continue
         store_url = store_for(which)
@@ -315,17 +299,21 @@ def measure(
             args=args,
             iterations=iterations,
             env=env,
-            cache_env=cache_env,
         )
-        figures["cache_env"] = cache_env
         sizes = [int(s["stop"]) - int(s["start"]) for s in manifest["shards"]]
-        if new := which.startswith("new"):
-            loads = planned_shard_loads(
+        if new := which == "new":
+            # Each worker process caches in a folder of its own: its downloads are its loads.
+            downloads = figures.get("reader_downloads_by_rank")
+            if downloads:
+                ipe, ran = figures["iterations_per_epoch"], figures["iterations_run"]
+                figures["shard_loads_per_worker_per_epoch"] = (
+                    float(np.mean(list(downloads.values()))) * ipe / ran
+                )
+                figures["shard_loads_by_rank"] = downloads
+            figures["planned_shard_loads_by_rank"] = planned_shard_loads(
                 int(manifest["num_samples"]), sizes, args.batch_size, args.workers
             )
-            figures["shard_loads_per_worker_per_epoch"] = float(np.mean(list(loads.values())))
-            figures["shard_loads_by_rank"] = loads
-        if which == "new":
+        if new:
             out["shuffle_quality"] = shuffle_quality(
                 labels_of(scratch / "dataset"), sizes, args.batch_size, classes=CLASSES
             )
@@ -427,7 +415,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         args.dataset_gb, args.s3_gb, args.workers, args.batch_size = 0.008, 0.004, 2, 256
         args.old_iterations, args.new_iterations, args.shard_mb, args.file_bytes = 4, None, 1, 10**6
-        args.default_cache_iterations = 0
     data: dict[str, Any] = {
         "command": command_line("benchmarks.data", args.argv),
         "cpus": os.cpu_count(),
@@ -459,17 +446,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tree,
             root,
             args,
-            thrash_iterations=args.default_cache_iterations,
             on_run=save_partial,
         )
         data["dataset_bytes"] = local["dataset"]["bytes"]
         data["dataset_over_ram"] = data["dataset_bytes"] / data["ram_bytes"]
         data.update(
-            {
-                k: v
-                for k, v in local.items()
-                if k in ("dataset", "new", "new_default_cache", "old", "shuffle_quality")
-            }
+            {k: v for k, v in local.items() if k in ("dataset", "new", "old", "shuffle_quality")}
         )
         if args.s3_gb > 0:
             with moto_s3() as (bucket, env):
@@ -551,12 +533,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--old-tree", type=Path, default=None, help=f"an existing worktree of {OLD_COMMIT}"
-    )
-    parser.add_argument(
-        "--default-cache-iterations",
-        type=int,
-        default=15,
-        help="iterations of a local run of the new code with its default cache budget (0: none)",
     )
     parser.add_argument("--which", default="new,old", help="which code to run: new,old (both)")
     parser.add_argument("--quick", action="store_true", help="a few MB, 2 workers (the test)")

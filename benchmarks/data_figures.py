@@ -32,17 +32,17 @@ METHOD = {
         "bytes_read_per_worker_steady is that scaled figure for every run."
     ),
     "shard_loads_per_worker_per_epoch": (
-        "replay of each code's own sampler for the whole epoch, without I/O. old "
-        "(benchmarks/data_replay.py, run on the old commit's tree): its DataReader and "
-        "GlobalBatchSampler driven exactly as its worker drives them, disk read and hash "
-        "replaced by a counter, so its LRU of decoded shards decides loads and hits as in the "
-        "run (cross-checked against measured bytes: old_loads_check). new: the number of "
-        "distinct shards GlobalBatchSampler.worker_shards(0, iterations_per_epoch, rank, "
-        "workers) names, the plan the worker hands its reader (each is one download, or one "
-        "open of a copy already on disk; rows are then read from it). Mean over ranks. The "
-        "new reader's own counter (reader_downloads_by_rank: downloads summed over the run's "
-        "reports) counts downloads only, and the workers of one job on one machine share "
-        "their cache folder, so a shard another rank fetched is no download of this one."
+        "new: the reader's own counter, shards downloaded into the worker process's cache "
+        "folder (each process has its own; rows are then read from the local copy), as each "
+        "worker reports it per iteration (shard_loads, the change since its previous report), "
+        "summed over the rank's reports of the whole epoch; mean over ranks. Checked against "
+        "the plan (planned_shard_loads_by_rank: the distinct shards "
+        "GlobalBatchSampler.worker_shards(0, iterations_per_epoch, rank, workers) names). old: "
+        "replay (benchmarks/data_replay.py, on the old commit's tree) of its worker's data path "
+        "for the whole epoch: its GlobalBatchSampler, and its DataReader walking shards as its "
+        "rows() does, disk reads, hashing and row copies left out, so its LRU of decoded "
+        "shards decides loads and hits as in the run; cross-checked against the measured bytes "
+        "(old_loads_check)."
     ),
     "worker_peak_rss_mb": (
         "VmHWM (/proc/<pid>/status, the kernel's peak resident set) of each Ray worker process "
