@@ -11,7 +11,7 @@ k-th). :class:`SampleRandom` gives every sample a stream of its own, keyed by
 The streams are counter-based: draw j of call k for sample i is a SplitMix64 hash of
 (key(seed, epoch, i), k, j). Hashing is vectorized over the batch (no per-sample Python), costs
 nothing to set up, and gives the same bits on every machine and numpy version. Floats take the
-top 53 bits (float64, then cast), as numpy's own generators do.
+top 24 bits (float32) or 53 bits (float64, for integers and normals), as numpy's generators do.
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ class SampleRandom:
         return (self._bits(shape) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
     def random(self, *shape: int) -> torch.Tensor:
-        """Uniform floats in [0, 1), float32."""
-        return torch.from_numpy(self._uniform(shape).astype(np.float32))
+        """Uniform floats in [0, 1), float32: the top 24 bits, so no draw rounds up to 1.0 (a
+        53-bit draw cast to float32 would, about once in 2**25)."""
+        top = (self._bits(shape) >> np.uint64(40)).astype(np.float32)
+        return torch.from_numpy(top * np.float32(2.0**-24))
 
     def integers(self, low: int, high: int, *shape: int) -> torch.Tensor:
         """Uniform integers in [low, high), int64."""

@@ -61,6 +61,7 @@ __all__ = [
     "run_evaluate",
     "run_transform",
     "scheduler_interval",
+    "transformed_head",
 ]
 
 #: Methods a Task subclass must override; ``evaluate`` is optional.
@@ -972,3 +973,19 @@ def check_transform(task: Task, head: Batch, seed: int) -> Batch:
                 "each sample on its own (per-sample draws from rng, no batch statistics)."
             )
     return first
+
+
+def transformed_head(task: Task, data: TaskData | StreamData, seed: int = 0) -> TaskData:
+    """The first :data:`HEAD_SAMPLES` samples as the workers' ``loss()`` will see them: through
+    the task's ``transform`` (epoch 0), once :func:`check_transform` has held it to its rules.
+    What every client-side check and timing of the loss runs on, so a transform that changes
+    shapes (a crop) is checked as it will run. Without a transform: the head's first rows."""
+    head = data.head
+    rows = head.rows(0, min(HEAD_SAMPLES, head.num_samples))
+    if not overrides_transform(task):
+        return TaskData(rows, len(rows[0]))
+    from smlt.sample_random import SampleRandom
+
+    check_transform(task, rows, seed)
+    out = run_transform(task, rows, 0, SampleRandom(seed, 0, np.arange(len(rows[0]))))
+    return TaskData(out, len(out[0]))

@@ -171,6 +171,15 @@ def test_a_sample_draws_the_same_whatever_else_is_in_its_batch() -> None:
     assert not torch.equal(whole.random(3), a), "a second call repeats the first"
 
 
+def test_uniform_draws_never_reach_one() -> None:
+    """The largest 64-bit draw there is maps below 1.0 in float32 (a 53-bit float64 rounded to
+    float32 would give 1.0)."""
+    rng = smlt.SampleRandom(0, 0, [0])
+    rng._bits = lambda shape: np.full((1, *shape), np.iinfo(np.uint64).max, dtype=np.uint64)
+    top = rng.random(4)
+    assert top.dtype == torch.float32 and float(top.max()) < 1.0
+
+
 def test_draws_change_with_the_epoch_and_the_seed() -> None:
     base = smlt.SampleRandom(5, 0, range(64)).random()
     assert not torch.equal(base, smlt.SampleRandom(5, 1, range(64)).random())

@@ -36,6 +36,7 @@ import torch
 
 import smlt
 from smlt.errors import CallbackError, SmltWarning, TaskError
+from smlt.worker.sampler import GlobalBatchSampler
 from tests.reference import ReferenceRun, reference_run
 from tests.test_exactness import _load, assert_same_state
 from tests.test_logging import StopOnceCheckpointed, _committed, _wait_for_stopped_scheduler
@@ -111,6 +112,15 @@ TASK = textwrap.dedent(
 
             time.sleep(0.05)
             return batch
+
+
+    class RefusesEmpty(Augmented):
+        """A transform that cannot take an empty batch (as torch.stack of a per-sample list)."""
+
+        def transform(self, batch, epoch, rng):
+            x, y = batch
+            assert len(x) > 0, "transform called on an empty batch"
+            return x + 0.05 * rng.normal(6), y
 
 
     class Cropped(Augmented):
@@ -191,10 +201,14 @@ def test_every_n_trains_the_reference_on_many_shards(
     assert_same_state(_state(result), _expected(task_file).state, workers=workers)
     assert [h["lr"] for h in result.history] == _expected(task_file).lrs
     assert 0 < data["data_share"] < 1 and data["worker_peak_rss_mb"] > 100
-    if workers == 5:
-        # Each worker fetches the shards its streams cover, not the whole set (a shard may be
-        # fetched by several workers, and again in the second epoch if it was evicted).
-        assert data["shard_loads"] < workers * 12 * EPOCHS, data
+    # Each worker downloads exactly the shards its slices fall in, once (the cache holds the
+    # whole small set, so nothing is evicted and fetched again), and no other.
+    sampler = GlobalBatchSampler(SAMPLES, BATCH_SIZE, SEED, shard_sizes=[50] * 12)
+    needed = [set(sampler.worker_shards(0, ITERATIONS, r, workers)) for r in range(workers)]
+    assert data["shard_loads"] == sum(len(s) for s in needed), data
+    assert data["bytes_downloaded"] == data["shard_loads"] * 50 * 32
+    if workers >= 3:
+        assert max(len(s) for s in needed) < 12, "a worker read every shard"
 
 
 def test_the_transform_changes_what_is_trained(in_process_runs: Path, task_file: Path) -> None:
@@ -250,8 +264,49 @@ def test_a_run_whose_data_phase_dominates_is_warned(in_process_runs: Path, task_
     assert any("data phase took" in w for w in result.warnings)
     saved = json.loads((result.output_dir / "result.json").read_text())
     assert saved["data"] == data and saved["warnings"] == result.warnings
-    quick = _train(in_process_runs, task_file, 2)
-    assert quick.data["data_share"] < 0.5 and not any("data phase" in w for w in quick.warnings)
+
+
+def test_what_a_run_is_warned_about_its_input_pipeline() -> None:
+    from smlt.client.driver import data_warnings
+
+    base = {"data_share": 0.9, "data_s": 0.06, "iterations": 30, "shard_loads": 12}
+    base |= {"bytes_downloaded": 2**20, "cache_short_mb": 0.0}
+    assert data_warnings(base) == []  # 2 ms an iteration: dominant, but not worth a word
+    slow = data_warnings(base | {"data_s": 1.5})  # 50 ms an iteration
+    assert len(slow) == 1 and slow[0].startswith("the data phase took 90% of")
+    assert data_warnings(base | {"data_s": 1.5, "data_share": 0.4}) == []
+    short = data_warnings(base | {"cache_short_mb": 96.0})
+    assert len(short) == 1 and "disk cache held 96 MiB less" in short[0]
+
+
+def test_a_rank_with_no_samples_runs_no_transform(in_process_runs: Path, task_file: Path) -> None:
+    """600 samples in batches of 299: the last batch has 2 samples, so 3 of 5 ranks get none;
+    the transform is not asked to handle an empty batch (the reference never asks it)."""
+    result = smlt.train(
+        f"{task_file}:RefusesEmpty",
+        epochs=1,
+        batch_size=299,
+        workers=5,
+        seed=SEED,
+        shard_bytes=SHARD_BYTES,
+        output=in_process_runs / "refuses-empty",
+    )
+    assert [h["samples"] for h in result.history] == [299, 299, 2]
+    expected = reference_run(
+        _load(task_file, "RefusesEmpty"), epochs=1, batch_size=299, seed=SEED, shard_sizes=[50] * 12
+    )
+    assert_same_state(_state(result), expected.state, workers=5)
+
+
+def test_goal_calibration_and_plan_run_the_loss_on_transformed_samples(task_file: Path) -> None:
+    """A crop changes the samples' shape: timing the loss for a goal, and smlt plan's profile,
+    must feed it what the transform returns (the raw samples do not fit the model)."""
+    from smlt.client.goals import calibrate
+    from smlt.client.plan import profile_task
+
+    task = _load(task_file, "Cropped")
+    assert calibrate(task, BATCH_SIZE, SEED).s_per_sample > 0
+    assert profile_task(f"{task_file}:Cropped").num_samples == SAMPLES
 
 
 def test_a_worker_killed_mid_epoch_changes_nothing(
@@ -268,6 +323,7 @@ def test_a_worker_killed_mid_epoch_changes_nothing(
     got, want = _state(result), _state(clean)
     assert all(torch.equal(got[k], want[k]) for k in want), "differs from the run without faults"
     assert [h["loss"] for h in result.history] == [h["loss"] for h in clean.history]
+    assert_same_state(got, _expected(task_file).state, workers=3)
 
 
 def test_a_rescale_mid_epoch_keeps_the_order(in_process_runs: Path, task_file: Path) -> None:

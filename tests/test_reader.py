@@ -276,8 +276,9 @@ def test_prefetch_downloads_ahead(
 def test_prefetch_stays_within_budget_and_eviction_spares_the_plan(
     tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
 ) -> None:
-    """A pass over all shards in plan order with room for three: the prefetcher runs three
-    ahead and no further, and the disk never holds more than the budget."""
+    """A pass over all shards in plan order with room for three, the plan renewed from the
+    current shard on (as the worker renews it): the prefetcher runs three ahead and no further,
+    and the disk never holds more than the budget."""
     store = GatedStore(tmp_path / "objects")
     manifest = _package(store, "budget")
     cache = tmp_path / "cache"
@@ -291,7 +292,8 @@ def test_prefetch_stays_within_budget_and_eviction_spares_the_plan(
     assert reader.statistics()["downloads"] == 3 and len(store.started) == 3
 
     peak_on_disk = 0
-    for shard in manifest.shards:
+    for number, shard in enumerate(manifest.shards):
+        reader.prefetch(range(number, NUM_SHARDS))  # as the worker does: the plan from here on
         indices = np.arange(shard.start, shard.stop)
         x, y = reader.rows(indices)
         assert torch.equal(x, digits_data[0][indices]) and torch.equal(y, digits_data[1][indices])
@@ -340,9 +342,12 @@ def test_a_call_needing_more_than_the_budget_still_works(
     assert sum(_shard_files(cache).values()) <= budget  # ...and back within it after
 
 
-def test_a_prefetch_error_surfaces_in_rows(
+def test_a_failed_prefetch_is_fetched_again_by_rows(
     tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
 ) -> None:
+    """A transient failure in the background (the store dropped a connection) costs the
+    iteration one download of its own, not the iteration; a shard the store does not have is
+    the typed error it always was."""
     store = GatedStore(tmp_path / "objects")
     manifest = _package(store, "err")
     store.fail_once.add(manifest.shards[2].key)
@@ -351,11 +356,34 @@ def test_a_prefetch_error_surfaces_in_rows(
     assert store.failed.wait(WAIT_S)
     _wait_until(lambda: reader.statistics()["downloads"] == 1, "shard 3 prefetched after 2 failed")
     assert reader.rows(np.array([300]))[1].shape == (1,)  # another shard is unaffected
-    with pytest.raises(ObjectStoreError, match=r"injected failure reading .*shards/00002\.bin"):
-        reader.rows(np.array([250]))
-    # Raised once; the next call fetches the shard itself.
     assert torch.equal(reader.rows(np.array([250]))[0], digits_data[0][[250]])
     assert reader.statistics()["downloads"] == 2
+    store.delete_prefix(manifest.shards[5].key)
+    reader.prefetch([5])
+    _wait_until(lambda: 5 in reader._failed, "the prefetch of a missing shard failed")
+    with pytest.raises(ObjectNotFoundError, match=r"shards/00005\.bin"):
+        reader.rows(np.array([5 * SHARD_SAMPLES]))
+    reader.close()
+
+
+def test_shards_in_use_are_not_evicted_for_later_ones(
+    tmp_path: Path, digits_data: tuple[torch.Tensor, ...]
+) -> None:
+    """The worker's pattern: the same two shards read for many iterations while the plan names
+    more shards than the budget holds. Each shard is downloaded once."""
+    store = LocalObjectStore(tmp_path / "objects")
+    manifest = _package(store, "in-use")
+    reader = DataReader(store, manifest, tmp_path / "cache", cache_bytes=3 * SHARD_BYTES)
+    rng = np.random.default_rng(0)
+    for first in range(0, NUM_SHARDS - 2, 2):
+        for _ in range(6):  # a window of two shards, read over several iterations
+            reader.prefetch(list(range(first, NUM_SHARDS)))
+            batch = rng.integers(first * SHARD_SAMPLES, (first + 2) * SHARD_SAMPLES, 24)
+            x, _ = reader.rows(batch)
+            assert torch.equal(x, digits_data[0][batch])
+    stats = reader.statistics()
+    # 12 shards read, and up to the 2 after them prefetched: no shard twice.
+    assert NUM_SHARDS - 2 <= stats["downloads"] <= NUM_SHARDS, stats
     reader.close()
 
 

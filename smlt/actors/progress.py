@@ -245,6 +245,9 @@ class ProgressLog:
             record["data_wait_s"] = max(float(r["data_wait_s"]) for r in reports)
         if all("rss_mb" in r for r in reports):
             record["worker_rss_mb"] = max(float(r["rss_mb"]) for r in reports)
+        short = [float(r["cache_short_mb"]) for r in reports if "cache_short_mb" in r]
+        if short:
+            record["cache_short_mb"] = max(short)
         self.history.append(record)
         snapshot = next((int(r["snapshot"]) for r in reports if "snapshot" in r), None)
         if snapshot is None and (t + 1) % self.iterations_per_epoch:

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from smlt.errors import ConfigError, SmltWarning
-from smlt.sample_random import SampleRandom
 from smlt.storage.artifacts import (
     DEFAULT_SHARD_BYTES,
     ArtifactManifest,
@@ -38,10 +37,8 @@ from smlt.task import (
     check_model,
     check_optimizer,
     check_task,
-    check_transform,
     load_task,
-    overrides_transform,
-    run_transform,
+    transformed_head,
 )
 from smlt.worker.memory import measure_memory
 from smlt.worker.selfcheck import check_update
@@ -85,7 +82,7 @@ def package_task(
     head = data.head
     memory_profile = None
     if check:
-        seen = _transformed(task, head)  # what loss() gets on the workers
+        seen = transformed_head(task, data)  # what loss() gets on the workers
         model = check_model(task)
         check_optimizer(task, model)
         tiny = seen.rows(0, min(2, seen.num_samples))
@@ -193,17 +190,6 @@ class _ShardWriter:
         self._pending = 0
         if self._on_shard is not None:
             self._on_shard(shard)
-
-
-def _transformed(task: Task, head: TaskData) -> TaskData:
-    """The head as the workers' ``loss()`` will see it: through the task's ``transform`` (after
-    :func:`~smlt.task.check_transform` has held it to its rules), so the loss, update and
-    memory checks run on samples of the right shapes. Unchanged for a task without one."""
-    if not overrides_transform(task):
-        return head
-    check_transform(task, head.tensors, seed=0)
-    rng = SampleRandom(0, 0, range(head.num_samples))
-    return TaskData(run_transform(task, head.tensors, 0, rng), head.num_samples)
 
 
 def _memory_profile(task: Task, data: TaskData, precision: str) -> dict[str, Any] | None:

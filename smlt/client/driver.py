@@ -687,8 +687,7 @@ def _execute(
     whole = record.merged(summary)
     data = data_summary(ArtifactManifest.load(objects, plan.job_id), whole["history"])
     run_warnings = list(plan.warnings)
-    if data["data_share"] > DATA_SHARE_WARNING:
-        message = data_share_warning(data)
+    for message in data_warnings(data):
         warnings.warn(message, SmltWarning, stacklevel=2)
         run_warnings.append(message)
     result = TrainResult(
@@ -864,8 +863,11 @@ def _part_summary(part: Part) -> dict[str, Any]:
 
 
 #: Above this share of the iterations' time in the data phase, a run is told that its input
-#: pipeline, not its model, sets its speed (and its bill).
+#: pipeline, not its model, sets its speed (and its bill)...
 DATA_SHARE_WARNING = 0.5
+#: ...if the phase is slow enough to matter: a toy model's 2 ms of data beside 1 ms of compute
+#: is not worth a word.
+DATA_WARNING_MIN_S = 0.02
 
 
 def data_summary(manifest: ArtifactManifest, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -884,20 +886,36 @@ def data_summary(manifest: ArtifactManifest, history: list[dict[str, Any]]) -> d
         "shard_loads": int(sum(h.get("shard_loads", 0) for h in history)),
         "bytes_downloaded": int(sum(h.get("data_bytes", 0) for h in history)),
         "worker_peak_rss_mb": max(rss) if rss else None,
+        # How far a worker's disk cache fell short of what its sample order reads at once.
+        "cache_short_mb": max((float(h.get("cache_short_mb", 0.0)) for h in history), default=0.0),
         "data_s": data_s,
+        "iterations": len(history),
         "data_share": data_s / iter_s if iter_s > 0 else 0.0,
     }
 
 
-def data_share_warning(data: dict[str, Any]) -> str:
-    """What a run whose data phase dominates is told."""
-    return (
-        f"the data phase took {data['data_share']:.0%} of the iterations' time: the input "
-        "pipeline, not the model, sets this run's speed. Give each worker more memory (more "
-        "network and CPU on Lambda), a larger batch per worker, or a cheaper transform(); "
-        f"the workers downloaded {data['bytes_downloaded'] / 2**20:.0f} MiB in "
-        f"{data['shard_loads']} shard loads."
-    )
+def data_warnings(data: dict[str, Any]) -> list[str]:
+    """What a run is told about its input pipeline: a data phase that dominates the iterations
+    (and takes at least :data:`DATA_WARNING_MIN_S` an iteration), and a disk cache too small for
+    the shards a worker reads at once."""
+    told = []
+    per_iteration_s = data["data_s"] / max(data["iterations"], 1)
+    if data["data_share"] > DATA_SHARE_WARNING and per_iteration_s >= DATA_WARNING_MIN_S:
+        told.append(
+            f"the data phase took {data['data_share']:.0%} of the iterations' time: the input "
+            "pipeline, not the model, sets this run's speed. Give each worker more memory (more "
+            "network and CPU on Lambda), a larger batch per worker, or a cheaper transform(); "
+            f"the workers downloaded {data['bytes_downloaded'] / 2**20:.0f} MiB in "
+            f"{data['shard_loads']} shard loads."
+        )
+    if data.get("cache_short_mb", 0) > 0:
+        told.append(
+            f"a worker's disk cache held {data['cache_short_mb']:.0f} MiB less than twice the "
+            "shards its sample order reads at once, so shards were evicted while still in use "
+            "and downloaded again: give the workers more disk (Lambda: ephemeral_storage_mb), "
+            "smaller shards (--shard-mb) or more workers (each reads fewer at once)."
+        )
+    return told
 
 
 def _remove_finished_job(objects: ObjectStore, checkpoints: CheckpointStore, job_id: str) -> None:

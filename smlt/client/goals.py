@@ -38,7 +38,16 @@ from smlt.optimizer.cost import Pricing
 from smlt.optimizer.goals import Goal
 from smlt.optimizer.perf import PerfPrior, Workload
 from smlt.optimizer.problem import SearchSettings
-from smlt.task import HEAD_SAMPLES, Batch, StreamData, Task, TaskData, check_task
+from smlt.task import (
+    HEAD_SAMPLES,
+    Batch,
+    StreamData,
+    Task,
+    TaskData,
+    check_task,
+    overrides_transform,
+    transformed_head,
+)
 
 __all__ = [
     "CALIBRATION_SAMPLES",
@@ -107,7 +116,8 @@ def calibrate(
     data-dependent control flow), so the repeated rows time the same as fresh ones would.
     """
     data = data if data is not None else check_task(task)
-    head = data.head
+    # Through the task's transform: loss() is timed on what it gets on the workers.
+    head = transformed_head(task, data) if overrides_transform(task) else data.head
     # A stream's size is unknown here, unless its head is all of it (shorter than a head).
     known = (
         head.num_samples if isinstance(data, TaskData) or head.num_samples < HEAD_SAMPLES else None

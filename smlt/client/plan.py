@@ -67,6 +67,7 @@ from smlt.task import (
     check_optimizer,
     check_task,
     load_task,
+    transformed_head,
 )
 from smlt.worker.sampler import GlobalBatchSampler
 
@@ -134,10 +135,10 @@ def profile_task(task: Task | str, *, rows: int = PROFILE_ROWS) -> TaskProfile:
     spec = task if isinstance(task, str) else f"{type(task).__module__}:{type(task).__name__}"
     user = load_task(task) if isinstance(task, str) else task
     data = check_task(user)
-    head = data.head
     model = check_model(user)
     check_optimizer(user, model)
-    check_loss(user, model, head.rows(0, min(2, head.num_samples)))
+    seen = transformed_head(user, data)  # what loss() gets on the workers
+    check_loss(user, model, seen.rows(0, min(2, seen.num_samples)))
     num_samples = count_samples(data)
     calibration = calibrate(user, num_samples, data=data, samples=rows, repeats=PROFILE_REPEATS)
     return TaskProfile(

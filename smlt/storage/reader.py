@@ -22,7 +22,8 @@ break a read in progress: the bytes stay readable until we close the descriptor.
 
 **Prefetch.** The sampler knows, an epoch ahead, which shards a worker will need and in which
 order; :meth:`DataReader.prefetch` hands that plan over, and a background thread downloads the
-planned shards in order while the planned-but-not-yet-used ones on disk fit the cache budget.
+planned shards in order while the planned ones on disk fit the cache budget (a shard stays
+planned until the worker's next plan leaves it out).
 ``rows()`` that needs a shard still on its way waits for it (bounded), or fetches it itself if
 nobody is; a failed prefetch is raised by the next ``rows()`` that needs the shard.
 
@@ -197,6 +198,7 @@ class DataReader:
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> open descriptor, LRU order
         self._last_touch_ns = 0
         self._stats = _Stats()
+        self._taken: dict[str, float] = {}  # what take_deltas() last returned totals of
         # A reader dropped without close(): its descriptors close and its thread wakes and ends.
         weakref.finalize(self, _release, self._cv, self._fds)
         self._closed = False
@@ -289,8 +291,8 @@ class DataReader:
                 local = indices[positions].astype(np.int64) - self._starts[shard_id]
                 self._read_rows(shard_id, fd, positions, local, out)
                 with self._cv:
-                    if shard_id in self._plan:
-                        self._plan.remove(shard_id)  # used: no longer protected from eviction
+                    # Still in the plan: a shard is read over many iterations, and only the
+                    # next plan (which starts where the worker is) lets it go.
                     self._touch(shard_id, fd)
         finally:
             with self._cv:
@@ -307,7 +309,9 @@ class DataReader:
         """The shards this worker needs next, in order of first use; replaces the previous plan.
 
         Returns at once; the prefetch thread downloads them in order while the planned shards on
-        disk and not yet used fit ``cache_bytes``. Planned shards are not evicted before use.
+        disk fit ``cache_bytes``. A planned shard is never evicted, also once read (a worker
+        reads a shard over many iterations): renew the plan from where the worker is, and the
+        shards it leaves out become evictable. A failure of an earlier plan is forgotten.
         """
         plan: list[int] = []
         for raw in shard_ids:
@@ -322,6 +326,7 @@ class DataReader:
         with self._cv:
             self._check_open()
             self._plan = plan
+            self._failed.clear()  # a new plan tries again what failed under the last one
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._prefetch_loop,
@@ -332,6 +337,17 @@ class DataReader:
                 )
                 self._thread.start()
             self._cv.notify_all()
+
+    def take_deltas(self, names: Sequence[str]) -> dict[str, float]:
+        """How much each counter of :meth:`statistics` named in ``names`` grew since the last
+        call (since construction, the first time). Kept on the reader, not by its caller, so
+        the work its prefetch thread does between two invocations of a warm worker is counted
+        in the next one's reports, and nothing twice."""
+        stats = self.statistics()
+        with self._cv:
+            deltas = {name: float(stats[name]) - self._taken.get(name, 0.0) for name in names}
+            self._taken.update({name: float(stats[name]) for name in names})
+        return deltas
 
     def statistics(self) -> dict[str, float | int]:
         """Counters since construction.
@@ -387,8 +403,11 @@ class DataReader:
             while True:
                 with self._cv:
                     self._check_open()
-                    if shard_id in self._failed:
-                        raise self._failed.pop(shard_id)
+                    failed = self._failed.pop(shard_id, None)
+                    if isinstance(failed, ObjectNotFoundError):
+                        raise failed  # not there: fetching it again cannot help
+                    # Any other prefetch failure (a dropped connection, a store that timed
+                    # out, a container frozen mid-download): fetch it here, on our deadline.
                     fd = self._open_cached(shard_id)
                     if fd is not None:
                         if not waited:

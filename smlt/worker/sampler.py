@@ -109,6 +109,9 @@ class GlobalBatchSampler:
         self._epoch = -1
         self._order = np.empty(0, dtype=np.int64)
         self._shard_of_order = np.empty(0, dtype=np.int32)
+        # The orders of the two epochs used last: a plan that looks past an epoch's end, and the
+        # iterations before it, alternate between two epochs without working either out again.
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- the order -----------------------------------------------------------------------------
 
@@ -127,6 +130,15 @@ class GlobalBatchSampler:
     def _use_epoch(self, epoch: int) -> None:
         if epoch == self._epoch:
             return
+        if epoch not in self._orders:
+            self._orders[epoch] = self._work_out(epoch)
+            while len(self._orders) > 2:
+                del self._orders[max(self._orders, key=lambda e: abs(e - epoch))]
+        self._order, self._shard_of_order = self._orders[epoch]
+        self._epoch = epoch
+
+    def _work_out(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s order, and the shard of each of its positions."""
         rng = np.random.default_rng([self.seed, epoch])
         shards = rng.permutation(self.shard_sizes.size)
         pieces = []
@@ -136,10 +148,9 @@ class GlobalBatchSampler:
                 [np.arange(self.shard_starts[s], self.shard_starts[s + 1]) for s in window]
             )
             pieces.append(rng.permutation(samples))
-        self._order = np.concatenate(pieces)
+        order = np.concatenate(pieces)
         owner = np.repeat(np.arange(self.shard_sizes.size, dtype=np.int32), self.shard_sizes)
-        self._shard_of_order = owner[self._order]
-        self._epoch = epoch
+        return order, owner[order]
 
     def _positions(self, t: int) -> np.ndarray:
         """Where in the epoch's order the samples of global batch ``t`` sit, in batch order."""

@@ -41,13 +41,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from smlt.errors import CodecError, StaleVersionError
+from smlt.errors import CodecError, ObjectStoreError, StaleVersionError
 from smlt.protocol.control import Heartbeat, should_stop
 from smlt.protocol.faults import Fault, FaultInjector, fault_event
 from smlt.protocol.model import FlatModel
@@ -154,8 +155,8 @@ class Trainer:
             payload.seed,
             shard_sizes=[s.stop - s.start for s in reader.manifest.shards],
         )
-        # A warm worker's reader counts from its first invocation; reports carry changes.
-        self._read_so_far = {k: float(reader.statistics().get(k, 0)) for k in _READER_FIELDS}
+        # Bytes the disk budget fell short of what the sample order reads at once (0: none).
+        self._cache_short_bytes = 0
         self._faults = FaultInjector.from_option(
             str(payload.options.get("faults", "")), r, payload.attempt, on_fire=self._record_fault
         )
@@ -211,7 +212,9 @@ class Trainer:
             memory_mb=int(payload.options.get("generation_memory_mb", payload.memory_mb)),
             workers=n,
             profile=None if profile is None else MemoryProfile.from_dict(profile, "manifest"),
-            data_bytes=reader.resident_bytes,
+            # The reader's own buffers, the slice as read, and the copy rows() assembles it in.
+            data_bytes=reader.resident_bytes
+            + 2 * -(-self.sampler.batch_size // n) * reader.manifest.bytes_per_sample,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -243,6 +246,8 @@ class Trainer:
             if self.checkpoints is not None and t > 0 and t != self._ckpt_written:
                 self._write_checkpoint(t, t - 1)
         finally:
+            with suppress(ObjectStoreError):  # a closed reader: nothing downloads anyway
+                self.reader.prefetch([])  # nothing downloads while a warm worker waits or freezes
             self.exchange.close()
             if heartbeat is not None:
                 heartbeat.stop()
@@ -264,8 +269,6 @@ class Trainer:
         slowest_s = 0.0
         t = p.start_iteration
         while t < p.end_iteration:
-            if (t - p.start_iteration) % PLAN_EVERY == 0:
-                self._plan_reads(t)
             short_of_time = False
             if self.remaining_s is not None:
                 # Room for this iteration and one more, plus the boundary checkpoint.
@@ -285,10 +288,13 @@ class Trainer:
         p = self.payload
         started = time.monotonic()
         self._timing = timing = _Timing()
+        if (t - p.start_iteration) % PLAN_EVERY == 0:
+            self._plan_reads(t)  # the data phase's work, timed with it
         indices, global_batch = self.sampler.worker_indices(t, p.rank, p.workers)
         batch = self.reader.rows(indices)
-        epoch = self.sampler.epoch_of(t)
-        batch = run_transform(self.task, batch, epoch, SampleRandom(p.seed, epoch, indices))
+        if len(indices):  # a rank with no samples this iteration has nothing to transform
+            epoch = self.sampler.epoch_of(t)
+            batch = run_transform(self.task, batch, epoch, SampleRandom(p.seed, epoch, indices))
         timing.data_s = time.monotonic() - started
 
         grad, side, loss_value = self._compute(t, indices, batch, global_batch)
@@ -329,8 +335,11 @@ class Trainer:
         }
         if self._grad_norm is not None:
             fields["grad_norm"] = self._grad_norm
-        fields.update(self._reader_deltas())
+        deltas = self.reader.take_deltas(list(_READER_FIELDS))
+        fields.update({field: deltas[name] for name, field in _READER_FIELDS.items()})
         fields["rss_mb"] = _peak_rss_mb()
+        if self._cache_short_bytes:
+            fields["cache_short_mb"] = self._cache_short_bytes / 2**20
         if self._snapshot_due(t):
             fields["snapshot"] = t + 1
         if self._ckpt_written == t + 1:
@@ -576,20 +585,10 @@ class Trainer:
         stop = min(p.end_iteration, t + PLAN_ITERATIONS)
         soon = self.sampler.worker_shards(t, min(stop, t + PLAN_EVERY), p.rank, p.workers)
         shards = self.reader.manifest.shards
-        self.reader.reserve(2 * sum(shards[s].num_bytes for s in soon))
+        wanted = 2 * sum(shards[s].num_bytes for s in soon)
+        got = self.reader.reserve(wanted)
+        self._cache_short_bytes = max(self._cache_short_bytes, wanted - got)
         self.reader.prefetch(self.sampler.worker_shards(t, stop, p.rank, p.workers))
-
-    def _reader_deltas(self) -> dict[str, float]:
-        """What the reader did since the previous report (shard loads, bytes downloaded, seconds
-        waited on downloads), under the report's names; the background prefetch's work lands in
-        whichever report follows it, so the sums over a run are exact."""
-        stats = self.reader.statistics()
-        deltas = {}
-        for name, field in _READER_FIELDS.items():
-            value = float(stats.get(name, 0))
-            deltas[field] = value - self._read_so_far[name]
-            self._read_so_far[name] = value
-        return deltas
 
 
 def _peak_rss_mb() -> float:
