@@ -11,7 +11,8 @@ tests/test_data_pipeline.py):
   indices fall in, in the order it first needs them;
 - a sampler built at iteration t (a resume, a re-scale, a replacement) gives what one that
   walked from 0 gives;
-- the shuffle's quality on label-sorted shards sits between no shuffle and a global permutation;
+- the shuffle's quality on single-class shards is the README's table, and a worker of a 5 GB set
+  reads the README's number of shards an iteration;
 - ``SampleRandom``'s draws depend on (seed, epoch, index) only: not on the other samples of the
   batch or their order; they change with the epoch and seed; their distributions are right;
 - ``check_transform`` refuses a transform that draws from torch's global generator or mixes
@@ -142,18 +143,44 @@ def _label_distance(batches: list[np.ndarray], labels: np.ndarray, classes: int)
     )
 
 
-def test_the_shuffle_on_label_sorted_shards_lies_between_none_and_a_global_permutation() -> None:
-    """40 shards of 250 samples, each holding a single class of 10 (the worst case for a
-    shard-aware shuffle); B = 256. benchmarks/data.py reports the same figures at scale."""
-    sizes = [250] * 40
-    labels = np.repeat(np.arange(40) % 10, 250)
-    new = smlt.global_batches(10_000, 256, seed=0, epoch=0, shard_sizes=sizes)
-    full = smlt.global_batches(10_000, 256, seed=0, epoch=0)  # one window: a global shuffle
-    none = [np.arange(s, min(s + 256, 10_000)) for s in range(0, 10_000, 256)]
-    d_new, d_full, d_none = (_label_distance(b, labels, 10) for b in (new, full, none))
-    assert d_full < d_new < d_none
-    # Measured: 0.086 (global), 0.113 (shard-aware), 0.81 (none).
-    assert d_none > 0.75 and d_new < 0.2, (d_full, d_new, d_none)
+@pytest.mark.parametrize(
+    ("shards", "classes", "shard_aware", "permutation"),
+    [
+        (32, 10, 0.051, 0.072),
+        (32, 100, 0.099, 0.140),
+        (128, 10, 0.204, 0.075),
+        (128, 100, 0.671, 0.234),
+        (640, 10, 0.206, 0.075),
+        (640, 100, 0.718, 0.250),
+    ],
+)
+def test_the_shuffle_on_single_class_shards_is_the_readmes_table(
+    shards: int, classes: int, shard_aware: float, permutation: float
+) -> None:
+    """The worst case for a shard-aware shuffle: every shard of 250 samples holds one class.
+    Up to C x W = 32 shards the order is as good as a global permutation; beyond, a batch
+    mixes at most 32 shards. The README's table is these figures (seed 0, epoch 0, B = 256)."""
+    n = shards * 250
+    labels = np.repeat(np.arange(shards) % classes, 250)
+    new = smlt.global_batches(n, 256, seed=0, epoch=0, shard_sizes=[250] * shards)
+    full = smlt.global_batches(n, 256, seed=0, epoch=0)  # one shard: a global permutation
+    none = [np.arange(s, min(s + 256, n)) for s in range(0, n, 256)]
+    assert _label_distance(new, labels, classes) == pytest.approx(shard_aware, abs=6e-4)
+    assert _label_distance(full, labels, classes) == pytest.approx(permutation, abs=6e-4)
+    assert _label_distance(none, labels, classes) > 0.75
+
+
+def test_a_worker_of_a_5_gb_set_reads_the_readmes_shards_an_iteration() -> None:
+    """1.7 M samples of 3 KB in shards of 64 MiB (21,845 samples), B = 4,096: at most 10 shards
+    an iteration for a worker of 4, 34 for a worker alone (what its disk cache must hold)."""
+    sizes = [21_845] * 77 + [1_700_000 - 77 * 21_845]
+    sampler = GlobalBatchSampler(1_700_000, 4096, seed=3, shard_sizes=sizes)
+    for workers, most in ((4, 10), (1, 34)):
+        counts = [
+            len(sampler.worker_shards(t, t + 1, 0, workers))
+            for t in range(0, sampler.iterations_per_epoch, 5)
+        ]
+        assert max(counts) == most, (workers, max(counts))
 
 
 # -- SampleRandom ------------------------------------------------------------------------------
