@@ -111,11 +111,15 @@ def test_missing_manifest_is_a_typed_error(store: ObjectStore) -> None:
 def test_corrupt_manifest_is_a_typed_error(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path)
     package_task(DIGITS, store, "m")
-    store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/1", "job_id": "m"}')
+    store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/2", "job_id": "m"}')
     with pytest.raises(ObjectStoreError, match="not a valid artifact manifest"):
         ArtifactManifest.load(store, "m")
     store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/99"}')
     with pytest.raises(ObjectStoreError, match="smlt-artifact/99"):
+        ArtifactManifest.load(store, "m")
+    # A run packaged before the shard-aware order: refused, not continued in another order.
+    store.put_bytes(manifest_key("m"), b'{"format": "smlt-artifact/1", "job_id": "m"}')
+    with pytest.raises(ObjectStoreError, match="smlt-artifact/1.*Package the task again"):
         ArtifactManifest.load(store, "m")
 
 

@@ -55,8 +55,10 @@ __all__ = [
 #: so smaller shards give each worker finer regions and smaller downloads ahead (MosaicML
 #: Streaming settles on about 64 MB too). ``smlt train --shard-mb`` sets another size.
 DEFAULT_SHARD_BYTES = 64 * 2**20
-#: Bumped whenever the manifest or shard layout changes incompatibly.
-MANIFEST_FORMAT = "smlt-artifact/1"
+#: Bumped whenever the manifest or shard layout changes incompatibly, or what workers make of
+#: it: 2 since the sample order became shard-aware (:mod:`smlt.worker.sampler`), so a run packaged
+#: under 1 is refused on resume instead of continuing in another order than it began.
+MANIFEST_FORMAT = "smlt-artifact/2"
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HASH_CHUNK_BYTES = 8 * 2**20

@@ -61,6 +61,8 @@ STREAMS = 16
 #: W, the shards whose samples are shuffled together (the window); a worker reading a stream
 #: holds about one window of shards per stream.
 WINDOW_SHARDS = 2
+# Changing C, W or the rule changes every run's order: bump smlt.storage.artifacts'
+# MANIFEST_FORMAT with it, so that a run packaged before is refused on resume.
 
 
 class GlobalBatchSampler:
