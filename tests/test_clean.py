@@ -264,7 +264,7 @@ def test_a_warm_worker_keeps_its_job_and_recovers_from_its_cache_being_removed(
     _task, reader = handler._warm(_payload(store, job_a))
     assert len(reader.rows(np.arange(4))[0]) == 4  # downloaded again
     assert handler.remove_idle_caches(cache_root, keep={"job-b"}) == []
-    assert (cache_root / job_a / "shards").is_dir()
+    assert reader.cache_dir.is_dir() and reader.cache_dir.is_relative_to(cache_root / job_a)
 
 
 # -- what a run removes itself -----------------------------------------------------------------
