@@ -87,8 +87,9 @@ def test_a_hung_worker_is_noticed_by_its_heartbeat_and_replaced(
     [failure] = result.failures
     assert (failure["rank"], failure["iteration"], failure["attempt"]) == (1, 5, 0)
     assert "heartbeat timeout" in failure["cause"]
-    # Measured, not configured: from the fault's own timestamp to the scheduler noticing.
-    assert 3 <= failure["detection_s"] < 30
+    # Measured, not configured: from the fault's own timestamp to the scheduler noticing. The
+    # 3 s count from the last beat, which can precede the fault by up to one interval (1 s).
+    assert 3 - 1 <= failure["detection_s"] < 30
     assert failure["recovery_s"] is not None and failure["recovery_s"] > 0
     # Every iteration recorded exactly once, in order: nothing before 5 was recomputed.
     assert [h["iteration"] for h in result.history] == list(range(ITERATIONS))
