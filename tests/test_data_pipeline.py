@@ -395,3 +395,9 @@ def test_s3_gives_the_local_folders_parameters(
     local = _state(_train(in_process_runs, task_file, 2))
     got = torch.load(out / "model.pt")
     assert all(torch.equal(got[k], local[k]) for k in local), "S3 and the local folder differ"
+
+
+def test_the_run_summary_names_sizes_in_a_unit_that_reads() -> None:
+    from smlt.cli import _bytes
+
+    assert [_bytes(b) for b in (355_608, 1_422_432, 7e9)] == ["347 KiB", "1.4 MiB", "6.5 GiB"]
