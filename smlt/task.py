@@ -611,21 +611,7 @@ def _materialize(dataset: Dataset[Any], where: str) -> Any:
         ) from exc
     if n == 0:
         raise TaskError(f"{where} returned an empty Dataset; there is nothing to train on.")
-    try:
-        collated = default_collate([dataset[i] for i in range(n)])
-    except Exception as exc:
-        raise TaskError(
-            f"{where} returned a Dataset whose items could not be stacked ({type(exc).__name__}: "
-            f"{exc}); each item must be a tuple of tensors/numbers of the same shape."
-        ) from exc
-    if isinstance(collated, torch.Tensor):
-        return (collated,)
-    if isinstance(collated, tuple | list):
-        return tuple(collated)
-    raise TaskError(
-        f"{where} returned a Dataset whose items collate to {_describe(collated)}; "
-        "expected each item to be a tensor or a tuple of tensors."
-    )
+    return _collate_items([dataset[i] for i in range(n)], where, 0, returned=True)
 
 
 def _stream(chunks: Iterator[TaskData], declared_samples: int | None, where: str) -> StreamData:
@@ -810,23 +796,32 @@ def _collate_samples(
         yield _collate_items(buffer, what, count - len(buffer))
 
 
-def _collate_items(items: list[Any], what: str, first: int) -> tuple[Any, ...]:
-    """``default_collate(items)`` as a tuple, or a TaskError naming the samples."""
-    span = f"samples {first} to {first + len(items) - 1}"
+def _collate_items(
+    items: list[Any], what: str, first: int, *, returned: bool = False
+) -> tuple[Any, ...]:
+    """``default_collate(items)`` as a tuple, or a TaskError naming the samples (a stream's
+    span of them, or, ``returned``, the items of the Dataset ``data()`` returned)."""
+    if returned:
+        these, each = f"{what} returned a Dataset whose items", "each item"
+    else:
+        these, each = (
+            f"{what} yielded samples {first} to {first + len(items) - 1}, which",
+            ("each sample"),
+        )
     try:
         collated = default_collate(items)
     except Exception as exc:
         raise TaskError(
-            f"{what} yielded {span}, which could not be stacked ({type(exc).__name__}: {exc}); "
-            "each sample must be a tensor or a tuple of tensors/numbers of one shape."
+            f"{these} could not be stacked ({type(exc).__name__}: {exc}); {each} must be a "
+            "tensor or a tuple of tensors/numbers of one shape."
         ) from exc
     if isinstance(collated, torch.Tensor):
         return (collated,)
     if isinstance(collated, tuple | list):
         return tuple(collated)
     raise TaskError(
-        f"{what} yielded {span}, which collate to {_describe(collated)}; expected each "
-        "sample to be a tensor or a tuple of tensors."
+        f"{these} collate to {_describe(collated)}; expected {each} to be a tensor or a tuple "
+        "of tensors."
     )
 
 
