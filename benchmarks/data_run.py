@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -83,9 +83,44 @@ def _read_proc(pid: int) -> tuple[str, int, int, int] | None:
     return title, hwm, rss, rchar
 
 
+#: How long stopping a poller waits for its thread: one poll may be blocked in a Redis or store
+#: call that the run's end makes fail.
+JOIN_TIMEOUT_S = 30.0
+
+
+class _Poller:
+    """A daemon thread running ``_run`` between :meth:`start` and :meth:`stop` (or as a context
+    manager); ``_run`` returns soon after ``self._stop`` is set."""
+
+    _name = "poller"
+
+    def _arm(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(JOIN_TIMEOUT_S)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class TreeWatch:
+class TreeWatch(_Poller):
     """Polls the process tree under ``root`` until :meth:`stop`."""
+
+    _name = "tree-watch"
 
     root: int
     interval_s: float = 0.2
@@ -104,15 +139,7 @@ class TreeWatch:
     polls: int = 0
 
     def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._arm()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -144,24 +171,17 @@ class TreeWatch:
         return float(np.interp(unix_s, times, values))
 
 
-class StreamCopy:
+class StreamCopy(_Poller):
     """Copies the job's progress stream out of Redis while the run goes: the driver deletes the
     job's keys, stream and all, when the run ends."""
+
+    _name = "stream-copy"
 
     def __init__(self, redis_url: str, interval_s: float = 0.2) -> None:
         self.redis_url = redis_url
         self.interval_s = interval_s
         self.entries: dict[str, list[tuple[str, dict[str, str]]]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stream-copy", daemon=True)
-
-    def __enter__(self) -> StreamCopy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._arm()
 
     def _run(self) -> None:
         from smlt.storage.redis_server import connect
@@ -200,24 +220,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class ManifestGrab:
+class ManifestGrab(_Poller):
     """Copies the job's artifact manifest out of the store as soon as it appears: a finished
     run deletes its packaged data, manifest and all, and the figures need its shard layout."""
+
+    _name = "manifest-grab"
 
     def __init__(self, store_url: str, interval_s: float = 0.5) -> None:
         self.store_url = store_url
         self.interval_s = interval_s
         self.manifest: bytes | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="manifest-grab", daemon=True)
-
-    def __enter__(self) -> ManifestGrab:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._arm()
 
     def _run(self) -> None:
         from smlt.storage.objects import open_object_store

@@ -1059,14 +1059,6 @@ class _ProgressDisplay:
         self.progress.update(self._task, completed=done, description=description)
 
 
-def _bytes(count: float) -> str:
-    """``340 KiB``, ``12.5 MiB``, ``7.0 GiB``: a size in the unit that reads best."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count / 2**10:.0f} KiB"
-
-
 def _print_summary(result: Any) -> None:
     table = Table(title=f"smlt run {result.job_id}", show_header=False)
     for name, value in result.final_metrics.items():
@@ -1099,7 +1091,7 @@ def _print_summary(result: Any) -> None:
         table.add_row(
             "input pipeline",
             f"{data['data_share']:.0%} of the iterations' time; {data['shard_loads']} shard "
-            f"loads, {_bytes(data['bytes_downloaded'])} downloaded of {_bytes(data['bytes'])} "
+            f"loads, {_size(data['bytes_downloaded'])} downloaded of {_size(data['bytes'])} "
             f"in {_plural(data['shards'], 'shard')}",
         )
     table.add_row("wall time", f"{result.wall_s:.1f} s")

@@ -398,6 +398,6 @@ def test_s3_gives_the_local_folders_parameters(
 
 
 def test_the_run_summary_names_sizes_in_a_unit_that_reads() -> None:
-    from smlt.cli import _bytes
+    from smlt.cli import _size
 
-    assert [_bytes(b) for b in (355_608, 1_422_432, 7e9)] == ["347 KiB", "1.4 MiB", "6.5 GiB"]
+    assert [_size(b) for b in (355_608, 1_422_432, 7e9)] == ["355.6 KB", "1.4 MB", "7.0 GB"]

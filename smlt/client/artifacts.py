@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from smlt.errors import ConfigError, SmltWarning
+from smlt.errors import SmltWarning
 from smlt.storage.artifacts import (
     DEFAULT_SHARD_BYTES,
     ArtifactManifest,
     Shard,
     TensorSpec,
     artifact_prefix,
+    check_shard_bytes,
     manifest_key,
 )
 from smlt.storage.objects import ObjectStore
@@ -74,8 +75,7 @@ def package_task(
     way the data came. The manifest is written last, once the number of samples is known; a
     chunk that fails its check deletes what was written, so no partial artifact is left.
     """
-    if shard_bytes < 1:
-        raise ConfigError(f"shard_bytes must be at least 1, got {shard_bytes}")
+    check_shard_bytes(shard_bytes)
     prefix = artifact_prefix(job_id)
     task = load_task(spec)
     data = check_task(task)

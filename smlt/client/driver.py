@@ -96,6 +96,7 @@ from smlt.storage.artifacts import (
     DEFAULT_SHARD_BYTES,
     ArtifactManifest,
     artifact_prefix,
+    check_shard_bytes,
     default_cache_dir,
     load_packaged_task,
 )
@@ -342,8 +343,7 @@ def train(
     smaller downloads ahead, larger ones fewer requests.
     """
     began_unix_s = time.time()
-    if shard_bytes < 1:
-        raise ConfigError(f"--shard-mb must be > 0 (shard_bytes >= 1), got {shard_bytes} bytes")
+    check_shard_bytes(shard_bytes)  # before anything starts, not when packaging
     spec = _task_spec(task)
     goal = goal_from_options(
         deadline=None if deadline is None else str(deadline),
@@ -882,7 +882,7 @@ def data_summary(manifest: ArtifactManifest, history: list[dict[str, Any]]) -> d
         "samples": manifest.num_samples,
         "bytes": manifest.total_bytes,
         "shards": len(manifest.shards),
-        "shard_sizes": [s.stop - s.start for s in manifest.shards],
+        "shard_sizes": manifest.shard_sizes,
         "shard_loads": int(sum(h.get("shard_loads", 0) for h in history)),
         "bytes_downloaded": int(sum(h.get("data_bytes", 0) for h in history)),
         "worker_peak_rss_mb": max(rss) if rss else None,

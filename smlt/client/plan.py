@@ -55,7 +55,7 @@ from smlt.optimizer.goals import Fastest, Goal, Override
 from smlt.optimizer.perf import PerfPrior, Trial, Workload
 from smlt.optimizer.problem import Decision, Probe, Problem, SearchSettings
 from smlt.optimizer.space import SearchSpace
-from smlt.storage.artifacts import DEFAULT_SHARD_BYTES
+from smlt.storage.artifacts import DEFAULT_SHARD_BYTES, check_shard_bytes
 from smlt.storage.redis_server import RedisServer
 from smlt.task import (
     HEAD_SAMPLES,
@@ -556,8 +556,7 @@ def plan_task(
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if shard_bytes < 1:
-        raise ConfigError(f"shard_bytes must be at least 1, got {shard_bytes}")
+    check_shard_bytes(shard_bytes)
     override = Override(workers, memory_mb)
     if goal is None:
         goal = Fastest()

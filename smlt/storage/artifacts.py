@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -45,6 +46,7 @@ __all__ = [
     "Shard",
     "TensorSpec",
     "artifact_prefix",
+    "check_shard_bytes",
     "default_cache_dir",
     "file_sha256",
     "load_packaged_task",
@@ -65,6 +67,16 @@ _HASH_CHUNK_BYTES = 8 * 2**20
 
 if sys.byteorder != "little":  # pragma: no cover - every platform smlt targets is little-endian
     raise ImportError("smlt shards are little-endian; this machine is not")
+
+
+def check_shard_bytes(shard_bytes: int) -> int:
+    """The most bytes of samples in one shard, checked: a whole number of at least 1."""
+    integral = isinstance(shard_bytes, numbers.Integral) and not isinstance(shard_bytes, bool)
+    if not integral or shard_bytes < 1:
+        raise ConfigError(
+            f"shard_bytes must be at least 1 (--shard-mb must be > 0), got {shard_bytes!r}"
+        )
+    return int(shard_bytes)
 
 
 def artifact_prefix(job_id: str) -> str:
@@ -134,6 +146,11 @@ class ArtifactManifest:
     @property
     def bytes_per_sample(self) -> int:
         return sum(spec.bytes_per_sample for spec in self.tensors)
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard, in index order: the layout the sample order is drawn over."""
+        return [shard.stop - shard.start for shard in self.shards]
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

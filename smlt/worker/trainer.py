@@ -75,7 +75,14 @@ from smlt.sync import codec
 from smlt.sync.keys import JobKeys
 from smlt.sync.scatter_reduce import ScatterReduce, ShardUpdate
 from smlt.sync.store import DEFAULT_PARAM_TTL_S, ParameterStore
-from smlt.task import Task, clip_grad_norm, loss_reduction, overrides_evaluate, run_transform
+from smlt.task import (
+    Task,
+    clip_grad_norm,
+    loss_reduction,
+    overrides_evaluate,
+    overrides_transform,
+    run_transform,
+)
 from smlt.worker.clipping import clip_, norm_pieces, piece_norms, total_norm
 from smlt.worker.contribution import (
     Before,
@@ -153,7 +160,7 @@ class Trainer:
             reader.manifest.num_samples,
             payload.batch_size,
             payload.seed,
-            shard_sizes=[s.stop - s.start for s in reader.manifest.shards],
+            shard_sizes=reader.manifest.shard_sizes,
         )
         # Bytes the disk budget fell short of what the sample order reads at once (0: none).
         self._cache_short_bytes = 0
@@ -173,6 +180,7 @@ class Trainer:
         )
         self.slice = self.exchange.slices[r]
         self._evaluates = payload.eval_every_epoch and overrides_evaluate(task)
+        self._transforms = overrides_transform(task)
         self._before: Before | None = None
         self._timing = _Timing()
         self.sharded = is_shardable(user_optimizer)
@@ -292,7 +300,7 @@ class Trainer:
             self._plan_reads(t)  # the data phase's work, timed with it
         indices, global_batch = self.sampler.worker_indices(t, p.rank, p.workers)
         batch = self.reader.rows(indices)
-        if len(indices):  # a rank with no samples this iteration has nothing to transform
+        if self._transforms and len(indices):  # no samples this iteration: nothing to transform
             epoch = self.sampler.epoch_of(t)
             batch = run_transform(self.task, batch, epoch, SampleRandom(p.seed, epoch, indices))
         timing.data_s = time.monotonic() - started
